@@ -1,1 +1,150 @@
-fn main(){}
+//! `fewshot`: the command line of the few-shot workspace.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+mod bench;
+mod config;
+mod datasets;
+mod inspect;
+
+use config::{DataConfig, DatasetKind, ExperimentConfig};
+
+// glibc malloc costs ~1.8x in candle-heavy loops here (page faults on every
+// large temporary); mimalloc keeps freed pages around.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser)]
+#[command(name = "fewshot", version, about = "Few-shot meta-learning on candle")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Look at a dataset.
+    Data {
+        #[command(subcommand)]
+        command: DataCommand,
+    },
+    /// Check an experiment config and print it with every default filled in.
+    Config {
+        /// The JSON config; omit it with --defaults.
+        config: Option<PathBuf>,
+        /// Print the default config.
+        #[arg(long)]
+        defaults: bool,
+    },
+    /// Run a benchmark suite.
+    Bench {
+        #[arg(long, value_enum, default_value = "data")]
+        suite: bench::Suite,
+        #[command(flatten)]
+        data: DataArgs,
+        /// Episodes to sample for the sampling rate.
+        #[arg(long, default_value_t = 20_000)]
+        episodes: usize,
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum DataCommand {
+    /// Counts of alphabets, classes and images per split, and the load time.
+    Inspect {
+        #[command(flatten)]
+        data: DataArgs,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Which dataset, where, at what size.
+#[derive(clap::Args)]
+struct DataArgs {
+    #[arg(long, value_enum, default_value = "synthetic")]
+    dataset: DatasetArg,
+    /// The dataset folder (default: $FEWSHOT_DATA_DIR/<dataset>).
+    #[arg(long)]
+    root: Option<PathBuf>,
+    /// Side of the square images (default 28; 84 for miniImageNet).
+    #[arg(long)]
+    image_size: Option<usize>,
+    /// Decode every image again instead of using the cache.
+    #[arg(long)]
+    no_cache: bool,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum DatasetArg {
+    Omniglot,
+    MiniImagenet,
+    Folder,
+    Synthetic,
+}
+
+impl DataArgs {
+    fn to_config(&self) -> DataConfig {
+        DataConfig {
+            dataset: match self.dataset {
+                DatasetArg::Omniglot => DatasetKind::Omniglot,
+                DatasetArg::MiniImagenet => DatasetKind::MiniImagenet,
+                DatasetArg::Folder => DatasetKind::Folder,
+                DatasetArg::Synthetic => DatasetKind::Synthetic,
+            },
+            root: self.root.clone(),
+            image_size: self.image_size,
+            cache: !self.no_cache,
+            ..DataConfig::default()
+        }
+    }
+}
+
+fn main() {
+    // candle reads this once per thread, so it must be set before any thread
+    // starts: without it second-order gradients are silently zero.
+    if std::env::var_os(fewshot_backbone::second_order::ENV_VAR).is_none() {
+        std::env::set_var(fewshot_backbone::second_order::ENV_VAR, "1");
+    }
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(error) = run(Cli::parse()) {
+        eprintln!("error: {error:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Data {
+            command: DataCommand::Inspect { data, json },
+        } => inspect::run(&data.to_config(), json),
+        Command::Config { config, defaults } => {
+            let config = match (config, defaults) {
+                (_, true) => ExperimentConfig::default(),
+                (Some(path), false) => ExperimentConfig::from_file(&path)?,
+                (None, false) => anyhow::bail!("give a config file, or --defaults"),
+            };
+            println!("{}", serde_json::to_string_pretty(&config)?);
+            Ok(())
+        }
+        Command::Bench {
+            suite,
+            data,
+            episodes,
+            json,
+        } => bench::run(suite, &data.to_config(), episodes, json),
+    }
+}

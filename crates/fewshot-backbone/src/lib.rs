@@ -1,1 +1,20 @@
-pub fn _x(){}
+//! The shared backbone of the few-shot learners: device selection, the op
+//! module every model goes through, conv-4 networks with a functional forward,
+//! named parameter sets, checkpoints, the second-order check, and the
+//! [`Learner`] trait that evaluation and the runner drive.
+
+pub mod checkpoint;
+pub mod conv4;
+pub mod device;
+pub mod error;
+pub mod learner;
+pub mod ops;
+pub mod params;
+pub mod second_order;
+
+pub use checkpoint::{write_atomic, Checkpoint};
+pub use conv4::{Conv4, Conv4Config, Downsample, FeatureHead};
+pub use device::DeviceChoice;
+pub use error::{BackboneError, Result};
+pub use learner::{EpisodeTensors, Learner, StepStats, OPTIMIZER_PREFIX};
+pub use params::{ParamSet, Probes, VarSet};

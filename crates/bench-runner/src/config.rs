@@ -1,0 +1,314 @@
+//! Experiment configs: one JSON file per experiment.
+//!
+//! Every section rejects unknown (misspelt) fields with the field's path, and
+//! every missing field takes the default documented here and in
+//! `docs/CONFIG.md`; `fewshot config --defaults` prints them all.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use fewshot_backbone::DeviceChoice;
+use fewshot_data::SplitName;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ExperimentConfig {
+    /// Names the run directory. Default `"experiment"`.
+    pub name: String,
+    /// Seeds weights, class splits and training episodes. Default 0.
+    pub seed: u64,
+    /// `auto | cpu | cuda[:N] | metal`. Default `auto`.
+    pub device: String,
+    pub data: DataConfig,
+    /// Episodes for meta-training. Default 5-way 1-shot 15-query.
+    pub train_episodes: EpisodeConfig,
+    /// Episodes for validation and test; ways and shots may differ from training.
+    /// Default 5-way 1-shot 15-query.
+    pub test_episodes: EpisodeConfig,
+    pub training: TrainingConfig,
+    pub evaluation: EvaluationConfig,
+    /// The learner's own section: `{"name": "...", ...hyperparameters}`, checked
+    /// by the learner's crate. Default `{}` (no learner: data-only commands).
+    pub algorithm: serde_json::Map<String, serde_json::Value>,
+}
+
+impl Default for ExperimentConfig {
+    fn default() -> Self {
+        Self {
+            name: "experiment".into(),
+            seed: 0,
+            device: "auto".into(),
+            data: DataConfig::default(),
+            train_episodes: EpisodeConfig::default(),
+            test_episodes: EpisodeConfig::default(),
+            training: TrainingConfig::default(),
+            evaluation: EvaluationConfig::default(),
+            algorithm: Default::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DatasetKind {
+    Omniglot,
+    MiniImagenet,
+    /// `root` holds `train/`, `val/`, `test/`, each with one folder per class.
+    Folder,
+    /// Built-in procedurally drawn glyphs: needs no files.
+    Synthetic,
+}
+
+impl DatasetKind {
+    pub fn default_image_size(self) -> usize {
+        match self {
+            Self::MiniImagenet => 84,
+            Self::Omniglot | Self::Folder | Self::Synthetic => 28,
+        }
+    }
+}
+
+/// Omniglot's class split conventions (see `../shared/SPEC.md`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OmniglotSplit {
+    /// Vinyals et al.: split files, every rotation of a character a class.
+    Vinyals,
+    /// Finn et al.: seeded 1100/100/423 characters, random rotations per task.
+    Maml,
+    /// Lake et al.: background set to train, evaluation set to test.
+    Lake,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataConfig {
+    /// Default `synthetic`.
+    pub dataset: DatasetKind,
+    /// The dataset folder. Default: `$FEWSHOT_DATA_DIR/<dataset>`.
+    pub root: Option<PathBuf>,
+    /// Omniglot only. Default `vinyals`.
+    pub split: OmniglotSplit,
+    /// Side of the square images. Default 28 (84 for miniImageNet).
+    pub image_size: Option<usize>,
+    /// Keep decoded images in a cache for fast reloads. Default true.
+    pub cache: bool,
+    /// Default: `$FEWSHOT_CACHE_DIR`, else the user's cache folder.
+    pub cache_dir: Option<PathBuf>,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        Self {
+            dataset: DatasetKind::Synthetic,
+            root: None,
+            split: OmniglotSplit::Vinyals,
+            image_size: None,
+            cache: true,
+            cache_dir: None,
+        }
+    }
+}
+
+impl DataConfig {
+    pub fn image_size(&self) -> usize {
+        self.image_size
+            .unwrap_or_else(|| self.dataset.default_image_size())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EpisodeConfig {
+    pub ways: usize,
+    pub shots: usize,
+    pub queries: usize,
+    /// Draw all classes of an episode from one alphabet (Lake's protocol).
+    pub same_group: bool,
+}
+
+impl Default for EpisodeConfig {
+    fn default() -> Self {
+        Self {
+            ways: 5,
+            shots: 1,
+            queries: 15,
+            same_group: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainingConfig {
+    /// Meta-training steps. Default 10,000.
+    pub steps: u64,
+    /// Episodes per step. Default 4.
+    pub meta_batch: usize,
+    /// Validate every this many steps. Default 500.
+    pub validate_every: u64,
+    /// Validation episodes each time. Default 200.
+    pub validation_episodes: usize,
+}
+
+impl Default for TrainingConfig {
+    fn default() -> Self {
+        Self {
+            steps: 10_000,
+            meta_batch: 4,
+            validate_every: 500,
+            validation_episodes: 200,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EvaluationConfig {
+    /// Test episodes. Default 1,000 (ProtoNets' protocol; MAML's is 600).
+    pub episodes: usize,
+    /// Seeds the test episodes, the same for every learner. Default 1234.
+    pub seed: u64,
+    /// Default `test`.
+    pub split: SplitName,
+}
+
+impl Default for EvaluationConfig {
+    fn default() -> Self {
+        Self {
+            episodes: 1000,
+            seed: 1234,
+            split: SplitName::Test,
+        }
+    }
+}
+
+impl ExperimentConfig {
+    /// Reads and checks a config; errors name the file and the field.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config {}", path.display()))?;
+        Self::from_json(&text).with_context(|| format!("config {}", path.display()))
+    }
+
+    pub fn from_json(text: &str) -> Result<Self> {
+        let mut deserializer = serde_json::Deserializer::from_str(text);
+        let config: Self = serde_path_to_error::deserialize(&mut deserializer).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            if path == "." {
+                anyhow::anyhow!("{inner}")
+            } else {
+                anyhow::anyhow!("field `{path}`: {inner}")
+            }
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        self.device_choice()?;
+        for (section, episodes) in [
+            ("train_episodes", &self.train_episodes),
+            ("test_episodes", &self.test_episodes),
+        ] {
+            if episodes.ways < 2 {
+                bail!(
+                    "field `{section}.ways`: {} is too few; an episode needs at least 2 classes",
+                    episodes.ways
+                );
+            }
+            if episodes.shots < 1 {
+                bail!("field `{section}.shots`: must be at least 1");
+            }
+            if episodes.queries < 1 {
+                bail!("field `{section}.queries`: must be at least 1");
+            }
+        }
+        if self.data.image_size() == 0 {
+            bail!("field `data.image_size`: must be at least 1");
+        }
+        if self.training.meta_batch == 0 {
+            bail!("field `training.meta_batch`: must be at least 1");
+        }
+        if self.training.validate_every == 0 {
+            bail!("field `training.validate_every`: must be at least 1");
+        }
+        if self.evaluation.episodes == 0 {
+            bail!("field `evaluation.episodes`: must be at least 1");
+        }
+        if !self.algorithm.is_empty() && !self.algorithm.contains_key("name") {
+            bail!("field `algorithm.name`: missing; the algorithm section must name its learner");
+        }
+        Ok(())
+    }
+
+    pub fn device_choice(&self) -> Result<DeviceChoice> {
+        self.device
+            .parse()
+            .with_context(|| "field `device`".to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_config_takes_documented_defaults() {
+        let config = ExperimentConfig::from_json("{}").unwrap();
+        assert_eq!(config, ExperimentConfig::default());
+        assert_eq!(config.data.dataset, DatasetKind::Synthetic);
+        assert_eq!(config.data.image_size(), 28);
+        assert_eq!(config.train_episodes.ways, 5);
+        assert_eq!(config.evaluation.episodes, 1000);
+    }
+
+    #[test]
+    fn partial_sections_keep_other_defaults() {
+        let config = ExperimentConfig::from_json(
+            r#"{"data": {"dataset": "mini-imagenet"}, "training": {"steps": 7}}"#,
+        )
+        .unwrap();
+        assert_eq!(config.data.image_size(), 84);
+        assert_eq!(config.training.steps, 7);
+        assert_eq!(config.training.meta_batch, 4);
+    }
+
+    #[test]
+    fn misspelt_fields_are_named_with_their_path() {
+        let err = ExperimentConfig::from_json(r#"{"training": {"stpes": 7}}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("training.stpes") && err.contains("steps"),
+            "{err}"
+        );
+        let err = ExperimentConfig::from_json(r#"{"seeed": 1}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("seeed"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let err = ExperimentConfig::from_json(r#"{"data": {"dataset": "imagenet"}}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("data.dataset") && err.contains("imagenet"),
+            "{err}"
+        );
+        let err = ExperimentConfig::from_json(r#"{"device": "gpu"}"#).unwrap_err();
+        assert!(format!("{err:#}").contains("gpu"), "{err:#}");
+        let err = ExperimentConfig::from_json(r#"{"test_episodes": {"ways": 1}}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("test_episodes.ways"), "{err}");
+        let err = ExperimentConfig::from_json(r#"{"algorithm": {"lr": 1}}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("algorithm.name"), "{err}");
+    }
+}

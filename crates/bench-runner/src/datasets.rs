@@ -1,0 +1,81 @@
+//! Turns a config's data section into a loaded dataset.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use fewshot_data::{
+    dataset_root, mini_imagenet, synthetic, CacheOptions, CacheStatus, FewShotDataset,
+    ImageFolderDataset, Omniglot, OmniglotOptions, Preprocess,
+};
+
+use crate::config::{DataConfig, DatasetKind, OmniglotSplit};
+
+/// A dataset with its class splits, and how long loading took.
+pub struct Loaded {
+    pub dataset: FewShotDataset,
+    /// Omniglot's characters, for the per-convention counts of `data inspect`.
+    pub omniglot: Option<Omniglot>,
+    /// What the load did with the decoded-image cache; `None` where there is none.
+    pub cache: Option<CacheStatus>,
+    pub load_time: Duration,
+}
+
+pub fn cache_options(config: &DataConfig) -> CacheOptions {
+    match (&config.cache, &config.cache_dir) {
+        (false, _) => CacheOptions::disabled(),
+        (true, Some(dir)) => CacheOptions::in_dir(dir),
+        (true, None) => CacheOptions::default(),
+    }
+}
+
+/// Loads the dataset of `config`; `seed` picks MAML's character split.
+pub fn load(config: &DataConfig, seed: u64) -> Result<Loaded> {
+    let start = Instant::now();
+    let image_size = config.image_size();
+    let cache = cache_options(config);
+    let (dataset, omniglot, cache) = match config.dataset {
+        DatasetKind::Omniglot => {
+            let root = dataset_root("omniglot", config.root.as_deref())?;
+            let omniglot = Omniglot::load(&root, &OmniglotOptions { image_size, cache })?;
+            let dataset = match config.split {
+                OmniglotSplit::Vinyals => omniglot.vinyals()?,
+                OmniglotSplit::Maml => omniglot.maml(seed),
+                OmniglotSplit::Lake => omniglot.lake(),
+            };
+            let status = omniglot.cache;
+            (dataset, Some(omniglot), Some(status))
+        }
+        DatasetKind::MiniImagenet => {
+            let root = dataset_root("mini-imagenet", config.root.as_deref())?;
+            let options = mini_imagenet::MiniImageNetOptions { image_size, cache };
+            let (dataset, status) = mini_imagenet::load_with_status(&root, &options)?;
+            (dataset, None, Some(status))
+        }
+        DatasetKind::Folder => {
+            let root = config
+                .root
+                .as_deref()
+                .context("field `data.root`: the folder dataset needs its folder")?;
+            let preprocess = Preprocess {
+                size: image_size,
+                channels: 1,
+                invert: false,
+            };
+            (ImageFolderDataset::load(root, &preprocess)?, None, None)
+        }
+        DatasetKind::Synthetic => {
+            let options = synthetic::SyntheticOptions {
+                image_size,
+                seed,
+                ..Default::default()
+            };
+            (synthetic::generate(&options)?, None, None)
+        }
+    };
+    Ok(Loaded {
+        dataset,
+        omniglot,
+        cache,
+        load_time: start.elapsed(),
+    })
+}

@@ -1,0 +1,198 @@
+//! Checkpoints: a parameter set in a safetensors file, with the algorithm name
+//! and its config embedded as metadata so the file alone rebuilds the learner.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use candle_core::Device;
+use safetensors::SafeTensors;
+
+use crate::error::{BackboneError, Result};
+use crate::params::ParamSet;
+
+/// Version of the metadata layout below.
+pub const CHECKPOINT_FORMAT: &str = "fewshot-checkpoint/1";
+
+const KEY_FORMAT: &str = "format";
+const KEY_ALGORITHM: &str = "algorithm";
+const KEY_CONFIG: &str = "config";
+
+#[derive(Debug, Clone)]
+pub struct Checkpoint {
+    /// The config name of the algorithm, e.g. `"maml"`.
+    pub algorithm: String,
+    /// The learner's full config, enough to rebuild it.
+    pub config: serde_json::Value,
+    pub tensors: ParamSet,
+    /// Any other string metadata (training step, metrics, ...).
+    pub extra: BTreeMap<String, String>,
+}
+
+impl Checkpoint {
+    /// Writes the checkpoint atomically: a killed process leaves either the old
+    /// file or the new one, never half of one.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let mut metadata: HashMap<String, String> = self.extra.clone().into_iter().collect();
+        metadata.insert(KEY_FORMAT.into(), CHECKPOINT_FORMAT.into());
+        metadata.insert(KEY_ALGORITHM.into(), self.algorithm.clone());
+        metadata.insert(KEY_CONFIG.into(), self.config.to_string());
+        let tensors: Vec<(&str, candle_core::Tensor)> = self
+            .tensors
+            .iter()
+            .map(|(name, t)| Ok((name, t.contiguous()?)))
+            .collect::<Result<_>>()?;
+        let bytes = safetensors::serialize(tensors, Some(metadata)).map_err(|e| {
+            BackboneError::Checkpoint {
+                path: path.to_path_buf(),
+                message: e.to_string(),
+            }
+        })?;
+        write_atomic(path, &bytes)
+    }
+
+    pub fn load(path: &Path, device: &Device) -> Result<Self> {
+        let bad = |message: String| BackboneError::Checkpoint {
+            path: path.to_path_buf(),
+            message,
+        };
+        let bytes = std::fs::read(path).map_err(|source| BackboneError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let (_, header) = SafeTensors::read_metadata(&bytes)
+            .map_err(|e| bad(format!("not a safetensors file ({e})")))?;
+        let mut extra: BTreeMap<String, String> = header
+            .metadata()
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
+        match extra.remove(KEY_FORMAT) {
+            Some(f) if f == CHECKPOINT_FORMAT => {}
+            other => {
+                return Err(bad(format!(
+                    "metadata `{KEY_FORMAT}` is {other:?}, expected {CHECKPOINT_FORMAT:?}: \
+                     not a checkpoint written by this project"
+                )))
+            }
+        }
+        let algorithm = extra
+            .remove(KEY_ALGORITHM)
+            .ok_or_else(|| bad(format!("metadata `{KEY_ALGORITHM}` is missing")))?;
+        let config_text = extra
+            .remove(KEY_CONFIG)
+            .ok_or_else(|| bad(format!("metadata `{KEY_CONFIG}` is missing")))?;
+        let config = serde_json::from_str(&config_text)
+            .map_err(|e| bad(format!("metadata `{KEY_CONFIG}` is not JSON: {e}")))?;
+        let loaded = candle_core::safetensors::load_buffer(&bytes, device)?;
+        let mut names: Vec<&String> = loaded.keys().collect();
+        names.sort();
+        let mut tensors = ParamSet::new();
+        for name in names {
+            tensors.insert(name.clone(), loaded[name].clone())?;
+        }
+        Ok(Self {
+            algorithm,
+            config,
+            tensors,
+            extra,
+        })
+    }
+}
+
+/// Writes `bytes` to a temporary file beside `path`, syncs it, then renames it
+/// over `path`, so readers see the old or the new content, never a torn file.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| BackboneError::Io { path, source }
+    };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+    }
+    let tmp = temp_path(path);
+    let mut file = std::fs::File::create(&tmp).map_err(io(&tmp))?;
+    file.write_all(bytes).map_err(io(&tmp))?;
+    file.sync_all().map_err(io(&tmp))?;
+    drop(file);
+    std::fs::rename(&tmp, path).map_err(io(path))
+}
+
+fn temp_path(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".{}.tmp", std::process::id()));
+    path.with_file_name(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Tensor;
+
+    #[test]
+    fn round_trips_tensors_config_and_metadata() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/model.safetensors");
+        let mut tensors = ParamSet::new();
+        tensors
+            .insert(
+                "conv0.weight",
+                Tensor::new(&[1f32, 2., 3.], &Device::Cpu).unwrap(),
+            )
+            .unwrap();
+        tensors
+            .insert("head.bias", Tensor::new(&[0.5f64], &Device::Cpu).unwrap())
+            .unwrap();
+        let ckpt = Checkpoint {
+            algorithm: "maml".into(),
+            config: serde_json::json!({"ways": 5, "inner_lr": 0.4}),
+            tensors,
+            extra: BTreeMap::from([("step".to_string(), "42".to_string())]),
+        };
+        ckpt.save(&path).unwrap();
+        let back = Checkpoint::load(&path, &Device::Cpu).unwrap();
+        assert_eq!(back.algorithm, "maml");
+        assert_eq!(back.config, ckpt.config);
+        assert_eq!(back.extra.get("step").map(String::as_str), Some("42"));
+        let w: Vec<f32> = back.tensors.get("conv0.weight").unwrap().to_vec1().unwrap();
+        assert_eq!(w, vec![1., 2., 3.]);
+        assert_eq!(
+            back.tensors.get("head.bias").unwrap().dtype(),
+            candle_core::DType::F64
+        );
+        // No temporary file is left behind.
+        assert_eq!(
+            std::fs::read_dir(path.parent().unwrap()).unwrap().count(),
+            1
+        );
+    }
+
+    #[test]
+    fn foreign_and_garbage_files_are_named_in_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let garbage = dir.path().join("garbage.safetensors");
+        std::fs::write(&garbage, b"not at all").unwrap();
+        let err = Checkpoint::load(&garbage, &Device::Cpu)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("garbage.safetensors"), "{err}");
+
+        let foreign = dir.path().join("foreign.safetensors");
+        let t = Tensor::new(&[1f32], &Device::Cpu).unwrap();
+        candle_core::safetensors::save(&HashMap::from([("x", t)]), &foreign).unwrap();
+        let err = Checkpoint::load(&foreign, &Device::Cpu)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("foreign.safetensors") && err.contains("format"),
+            "{err}"
+        );
+
+        let missing = dir.path().join("missing.safetensors");
+        let err = Checkpoint::load(&missing, &Device::Cpu)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("missing.safetensors"), "{err}");
+    }
+}

@@ -1,0 +1,359 @@
+//! The conv-4 backbone of MAML, Prototypical Networks and most few-shot papers:
+//! blocks of [3x3 conv, batch norm, ReLU, downsampling], then a feature head
+//! and an optional linear classifier.
+//!
+//! The forward pass is functional: it reads its weights from a [`ParamSet`], so
+//! an inner loop can run the same network on adapted weights.
+
+use candle_core::{DType, Device, Tensor};
+use fewshot_data::Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{BackboneError, Result};
+use crate::ops;
+use crate::params::ParamSet;
+
+/// How each block halves the image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Downsample {
+    /// 3x3 convolution with stride 2 (MAML on Omniglot: 28 -> 14 -> 7 -> 4 -> 2).
+    Stride2,
+    /// Stride-1 convolution then 2x2 max-pooling (84 -> 42 -> 21 -> 10 -> 5).
+    MaxPool,
+}
+
+/// How the last feature map becomes a vector.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FeatureHead {
+    /// Mean over the spatial axes: `filters` features.
+    SpatialMean,
+    /// All of the last feature map: `filters * side * side` features.
+    Flatten,
+}
+
+/// The shape of a conv-4 network. `Default` is MAML's Omniglot network.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Conv4Config {
+    /// Image channels: 1 for Omniglot, 3 for miniImageNet.
+    pub in_channels: usize,
+    /// Side of the square input image in pixels.
+    pub image_size: usize,
+    /// Filters in every block.
+    pub filters: usize,
+    /// Number of blocks.
+    pub blocks: usize,
+    pub downsample: Downsample,
+    /// Batch norm after each convolution, with the statistics of the batch.
+    pub batch_norm: bool,
+    pub batch_norm_eps: f64,
+    pub feature_head: FeatureHead,
+    /// Width of a linear classifier on the features (`None`: output features).
+    pub classifier_outputs: Option<usize>,
+}
+
+impl Default for Conv4Config {
+    fn default() -> Self {
+        Self::omniglot()
+    }
+}
+
+impl Conv4Config {
+    /// MAML's Omniglot network: 64 filters, stride-2 convs, spatial mean.
+    pub fn omniglot() -> Self {
+        Self {
+            in_channels: 1,
+            image_size: 28,
+            filters: 64,
+            blocks: 4,
+            downsample: Downsample::Stride2,
+            batch_norm: true,
+            batch_norm_eps: 1e-5,
+            feature_head: FeatureHead::SpatialMean,
+            classifier_outputs: None,
+        }
+    }
+
+    /// MAML's miniImageNet network: 32 filters, max-pooling, flattened 5x5 map.
+    pub fn mini_imagenet() -> Self {
+        Self {
+            in_channels: 3,
+            image_size: 84,
+            filters: 32,
+            downsample: Downsample::MaxPool,
+            feature_head: FeatureHead::Flatten,
+            ..Self::omniglot()
+        }
+    }
+
+    /// Side of the feature map after each block.
+    pub fn sides(&self) -> Vec<usize> {
+        let mut side = self.image_size;
+        (0..self.blocks)
+            .map(|_| {
+                side = match self.downsample {
+                    Downsample::Stride2 => (side + 1) / 2,
+                    Downsample::MaxPool => side / 2,
+                };
+                side
+            })
+            .collect()
+    }
+
+    /// Length of the feature vector before the classifier.
+    pub fn feature_dim(&self) -> usize {
+        let side = self.sides().last().copied().unwrap_or(self.image_size);
+        match self.feature_head {
+            FeatureHead::SpatialMean => self.filters,
+            FeatureHead::Flatten => self.filters * side * side,
+        }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let invalid = |field, value: String, reason: &str| {
+            Err(BackboneError::InvalidConfig {
+                field,
+                value,
+                reason: reason.to_string(),
+            })
+        };
+        for (field, value) in [
+            ("in_channels", self.in_channels),
+            ("image_size", self.image_size),
+            ("filters", self.filters),
+            ("blocks", self.blocks),
+        ] {
+            if value == 0 {
+                return invalid(field, "0".into(), "must be at least 1");
+            }
+        }
+        if self.sides().contains(&0) {
+            return invalid(
+                "image_size",
+                self.image_size.to_string(),
+                &format!("too small for {} max-pooling blocks", self.blocks),
+            );
+        }
+        if self.classifier_outputs == Some(0) {
+            return invalid("classifier_outputs", "0".into(), "must be at least 1");
+        }
+        if !(self.batch_norm_eps > 0.0) {
+            return invalid(
+                "batch_norm_eps",
+                self.batch_norm_eps.to_string(),
+                "must be positive",
+            );
+        }
+        Ok(())
+    }
+}
+
+/// A conv-4 network: a validated config and the functional forward pass.
+#[derive(Debug, Clone)]
+pub struct Conv4 {
+    config: Conv4Config,
+}
+
+impl Conv4 {
+    pub fn new(config: Conv4Config) -> Result<Self> {
+        config.validate()?;
+        Ok(Self { config })
+    }
+
+    pub fn config(&self) -> &Conv4Config {
+        &self.config
+    }
+
+    /// Names and shapes of every parameter, in forward order.
+    pub fn param_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let c = &self.config;
+        let mut shapes = Vec::new();
+        for block in 0..c.blocks {
+            let cin = if block == 0 { c.in_channels } else { c.filters };
+            shapes.push((conv_name(block), vec![c.filters, cin, 3, 3]));
+            if c.batch_norm {
+                shapes.push((bn_gamma_name(block), vec![c.filters]));
+                shapes.push((bn_beta_name(block), vec![c.filters]));
+            }
+        }
+        if let Some(outputs) = c.classifier_outputs {
+            shapes.push((HEAD_WEIGHT.into(), vec![outputs, c.feature_dim()]));
+            shapes.push((HEAD_BIAS.into(), vec![outputs]));
+        }
+        shapes
+    }
+
+    /// Fresh weights: Glorot-uniform convolutions and classifier (as the MAML
+    /// reference), batch norm scale 1 and shift 0, zero classifier bias.
+    pub fn init(&self, seed: u64, dtype: DType, device: &Device) -> Result<ParamSet> {
+        let mut rng = Rng::seed_from(seed, 0);
+        let mut params = ParamSet::new();
+        for (name, shape) in self.param_shapes() {
+            let count: usize = shape.iter().product();
+            let values: Vec<f64> = if name.ends_with("bn.weight") {
+                vec![1.0; count]
+            } else if name.ends_with(".bias") {
+                vec![0.0; count]
+            } else {
+                let receptive: usize = shape[2..].iter().product();
+                let fan_in = shape[1] * receptive;
+                let fan_out = shape[0] * receptive;
+                let bound = (6.0 / (fan_in + fan_out) as f64).sqrt();
+                (0..count)
+                    .map(|_| (2.0 * rng.uniform() - 1.0) * bound)
+                    .collect()
+            };
+            let tensor = Tensor::from_vec(values, shape, device)?.to_dtype(dtype)?;
+            params.insert(name, tensor)?;
+        }
+        Ok(params)
+    }
+
+    /// Images (N, C, H, W) -> features (N, feature_dim), or logits
+    /// (N, classifier_outputs) when the config has a classifier.
+    pub fn forward(&self, params: &ParamSet, images: &Tensor) -> Result<Tensor> {
+        let features = self.features(params, images)?;
+        match self.config.classifier_outputs {
+            Some(_) => ops::linear(
+                &features,
+                params.get(HEAD_WEIGHT)?,
+                Some(params.get(HEAD_BIAS)?),
+            ),
+            None => Ok(features),
+        }
+    }
+
+    /// The feature vector, ignoring any classifier.
+    pub fn features(&self, params: &ParamSet, images: &Tensor) -> Result<Tensor> {
+        let c = &self.config;
+        let (_, channels, h, w) = images.dims4()?;
+        if channels != c.in_channels || h != c.image_size || w != c.image_size {
+            return Err(BackboneError::InvalidConfig {
+                field: "input images",
+                value: format!("{channels}x{h}x{w}"),
+                reason: format!(
+                    "the network expects {}x{}x{}",
+                    c.in_channels, c.image_size, c.image_size
+                ),
+            });
+        }
+        let mut x = images.clone();
+        for block in 0..c.blocks {
+            let weight = params.get(&conv_name(block))?;
+            x = match c.downsample {
+                Downsample::Stride2 => ops::conv2d(&x, weight, 2, 1)?,
+                Downsample::MaxPool => ops::conv2d(&x, weight, 1, 1)?,
+            };
+            if c.batch_norm {
+                let gamma = params.get(&bn_gamma_name(block))?;
+                let beta = params.get(&bn_beta_name(block))?;
+                x = ops::batch_norm(&x, gamma, beta, c.batch_norm_eps)?;
+            }
+            x = ops::relu(&x)?;
+            if c.downsample == Downsample::MaxPool {
+                x = ops::max_pool2x2(&x)?;
+            }
+        }
+        match c.feature_head {
+            FeatureHead::SpatialMean => ops::spatial_mean(&x),
+            FeatureHead::Flatten => ops::flatten(&x),
+        }
+    }
+}
+
+pub const HEAD_WEIGHT: &str = "head.weight";
+pub const HEAD_BIAS: &str = "head.bias";
+
+fn conv_name(block: usize) -> String {
+    format!("block{block}.conv.weight")
+}
+
+fn bn_gamma_name(block: usize) -> String {
+    format!("block{block}.bn.weight")
+}
+
+fn bn_beta_name(block: usize) -> String {
+    format!("block{block}.bn.bias")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn literature_shapes() {
+        let omniglot = Conv4Config::omniglot();
+        assert_eq!(omniglot.sides(), vec![14, 7, 4, 2]);
+        assert_eq!(omniglot.feature_dim(), 64);
+        let mini = Conv4Config::mini_imagenet();
+        assert_eq!(mini.sides(), vec![42, 21, 10, 5]);
+        assert_eq!(mini.feature_dim(), 800);
+    }
+
+    #[test]
+    fn forward_gives_features_or_logits() {
+        let config = Conv4Config {
+            filters: 8,
+            classifier_outputs: Some(5),
+            ..Conv4Config::omniglot()
+        };
+        let net = Conv4::new(config).unwrap();
+        let params = net.init(7, DType::F32, &Device::Cpu).unwrap();
+        let x = Tensor::rand(0f32, 1., (3, 1, 28, 28), &Device::Cpu).unwrap();
+        assert_eq!(net.forward(&params, &x).unwrap().dims(), [3, 5]);
+        assert_eq!(net.features(&params, &x).unwrap().dims(), [3, 8]);
+
+        let mini = Conv4::new(Conv4Config {
+            filters: 4,
+            ..Conv4Config::mini_imagenet()
+        })
+        .unwrap();
+        let params = mini.init(7, DType::F32, &Device::Cpu).unwrap();
+        let x = Tensor::rand(0f32, 1., (2, 3, 84, 84), &Device::Cpu).unwrap();
+        assert_eq!(mini.forward(&params, &x).unwrap().dims(), [2, 100]);
+    }
+
+    #[test]
+    fn init_is_seeded() {
+        let net = Conv4::new(Conv4Config::omniglot()).unwrap();
+        let a = net.init(1, DType::F32, &Device::Cpu).unwrap();
+        let b = net.init(1, DType::F32, &Device::Cpu).unwrap();
+        let c = net.init(2, DType::F32, &Device::Cpu).unwrap();
+        let first = |p: &ParamSet| -> Vec<f32> {
+            p.get("block0.conv.weight")
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        };
+        assert_eq!(first(&a), first(&b));
+        assert_ne!(first(&a), first(&c));
+    }
+
+    #[test]
+    fn bad_configs_and_inputs_are_named() {
+        let err = Conv4::new(Conv4Config {
+            image_size: 8,
+            ..Conv4Config::mini_imagenet()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("image_size") && err.contains('8'), "{err}");
+        let err = Conv4::new(Conv4Config {
+            filters: 0,
+            ..Conv4Config::omniglot()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("filters"), "{err}");
+
+        let net = Conv4::new(Conv4Config::omniglot()).unwrap();
+        let params = net.init(0, DType::F32, &Device::Cpu).unwrap();
+        let x = Tensor::zeros((1, 1, 32, 32), DType::F32, &Device::Cpu).unwrap();
+        let err = net.forward(&params, &x).unwrap_err().to_string();
+        assert!(err.contains("1x32x32") && err.contains("1x28x28"), "{err}");
+    }
+}

@@ -1,0 +1,96 @@
+//! The one trait every few-shot learner implements, and the episode tensors it
+//! consumes. Evaluation, the runner, checkpoints and `predict` use nothing else,
+//! so they never need to know which algorithm they drive.
+
+use candle_core::{DType, Device, Tensor};
+use fewshot_data::Episode;
+
+use crate::checkpoint::Checkpoint;
+use crate::error::{BackboneError, Result};
+use crate::params::ParamSet;
+
+/// An episode on a device: images scaled to [0, 1], labels 0..ways-1.
+#[derive(Debug, Clone)]
+pub struct EpisodeTensors {
+    pub ways: usize,
+    /// (ways * shots, C, H, W), class-major.
+    pub support: Tensor,
+    /// (ways * shots) u32.
+    pub support_labels: Tensor,
+    /// (queries, C, H, W).
+    pub query: Tensor,
+    /// (queries) u32; `None` when the queries are unlabelled (`predict`).
+    pub query_labels: Option<Tensor>,
+}
+
+impl EpisodeTensors {
+    pub fn from_episode(episode: &Episode, device: &Device, dtype: DType) -> Result<Self> {
+        let (c, h, w) = episode.image_shape;
+        let images = |pixels: &[u8], count: usize| -> Result<Tensor> {
+            let t = Tensor::from_slice(pixels, (count, c, h, w), device)?;
+            Ok((t.to_dtype(dtype)? / 255.0)?)
+        };
+        let labels = |labels: &[u32]| Tensor::from_slice(labels, labels.len(), device);
+        Ok(Self {
+            ways: episode.spec.ways,
+            support: images(&episode.support, episode.support_labels.len())?,
+            support_labels: labels(&episode.support_labels)?,
+            query: images(&episode.query, episode.query_labels.len())?,
+            query_labels: Some(labels(&episode.query_labels)?),
+        })
+    }
+
+    /// The query labels, or an error naming `purpose` when there are none.
+    pub fn labels_for(&self, purpose: &str) -> Result<&Tensor> {
+        self.query_labels
+            .as_ref()
+            .ok_or_else(|| BackboneError::InvalidConfig {
+                field: "query_labels",
+                value: "none".into(),
+                reason: format!("{purpose} needs labelled queries"),
+            })
+    }
+}
+
+/// Loss and accuracy of one meta-training step, averaged over its episodes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepStats {
+    pub loss: f64,
+    pub accuracy: f64,
+}
+
+/// A few-shot learner.
+pub trait Learner: Send {
+    /// The algorithm's config name, e.g. `"maml"`.
+    fn algorithm(&self) -> &'static str;
+
+    /// The learner's full config; with [`Learner::state`] it rebuilds the learner.
+    fn config(&self) -> serde_json::Value;
+
+    /// One meta-training step on a meta-batch of episodes (updates the weights).
+    fn meta_train(&mut self, batch: &[EpisodeTensors]) -> Result<StepStats>;
+
+    /// Logits (queries x ways) for the episode's queries after adapting to its
+    /// support set. Leaves the learner unchanged.
+    fn predict(&self, episode: &EpisodeTensors) -> Result<Tensor>;
+
+    /// Everything needed to resume: weights, and optimiser state under names
+    /// starting with [`OPTIMIZER_PREFIX`].
+    fn state(&self) -> Result<ParamSet>;
+
+    /// Restores [`Learner::state`]; without optimiser entries the optimiser starts fresh.
+    fn load_state(&mut self, state: &ParamSet) -> Result<()>;
+
+    fn checkpoint(&self) -> Result<Checkpoint> {
+        Ok(Checkpoint {
+            algorithm: self.algorithm().to_string(),
+            config: self.config(),
+            tensors: self.state()?,
+            extra: Default::default(),
+        })
+    }
+}
+
+/// Names in [`Learner::state`] that start with this are optimiser state, which
+/// a published model may leave out.
+pub const OPTIMIZER_PREFIX: &str = "optimizer.";

@@ -1,0 +1,221 @@
+//! Every differentiable op the backbones and learners use, in one place.
+//!
+//! Learners call these functions instead of candle's tensor methods so that a
+//! faster kernel can later replace one op without touching any learner. Each op
+//! here is built only from candle ops whose backward is correct to second order
+//! (see the gradient tests in `tests/gradients.rs`); in particular it avoids
+//! candle's `max_pool2d` (its gradient is scaled by 1/(k*k)) and
+//! `softmax_last_dim` (no backward).
+
+use candle_core::{DType, Tensor, D};
+
+use crate::error::{BackboneError, Result};
+
+/// 2-D convolution without bias (a bias before batch norm is cancelled by it).
+/// `x`: (N, Cin, H, W), `weight`: (Cout, Cin, K, K).
+pub fn conv2d(x: &Tensor, weight: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
+    Ok(x.conv2d(weight, padding, stride, 1, 1)?)
+}
+
+/// Batch normalisation with the statistics of this batch (transductive, as MAML
+/// uses it at meta-test time too): per channel over N, H and W, biased variance.
+pub fn batch_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Tensor> {
+    let channels = x.dim(1)?;
+    let mean = x.mean_keepdim((0, 2, 3))?;
+    let centred = x.broadcast_sub(&mean)?;
+    let var = centred.sqr()?.mean_keepdim((0, 2, 3))?;
+    let normalised = centred.broadcast_div(&(var + eps)?.sqrt()?)?;
+    let gamma = gamma.reshape((1, channels, 1, 1))?;
+    let beta = beta.reshape((1, channels, 1, 1))?;
+    Ok(normalised.broadcast_mul(&gamma)?.broadcast_add(&beta)?)
+}
+
+pub fn relu(x: &Tensor) -> Result<Tensor> {
+    Ok(x.relu()?)
+}
+
+/// 2x2 max-pooling with stride 2, floor mode (an odd last row or column is
+/// dropped, as PyTorch's default). Written as a reshape and two max reductions
+/// because candle's `max_pool2d` gradient is wrong.
+pub fn max_pool2x2(x: &Tensor) -> Result<Tensor> {
+    let (n, c, h, w) = x.dims4()?;
+    let (oh, ow) = (h / 2, w / 2);
+    if oh == 0 || ow == 0 {
+        return Err(BackboneError::InvalidConfig {
+            field: "max_pool2x2 input",
+            value: format!("{h}x{w}"),
+            reason: "needs at least 2x2 pixels".to_string(),
+        });
+    }
+    let x = x.narrow(2, 0, oh * 2)?.narrow(3, 0, ow * 2)?;
+    let windows = x.reshape((n, c, oh, 2, ow, 2))?;
+    Ok(windows.max(5)?.max(3)?)
+}
+
+/// Mean over the spatial axes: (N, C, H, W) -> (N, C).
+pub fn spatial_mean(x: &Tensor) -> Result<Tensor> {
+    Ok(x.mean((2, 3))?)
+}
+
+/// (N, C, H, W) -> (N, C*H*W).
+pub fn flatten(x: &Tensor) -> Result<Tensor> {
+    Ok(x.flatten_from(1)?)
+}
+
+/// `x W^T + b` with `weight`: (out, in) and `bias`: (out).
+pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let y = x.matmul(&weight.t()?)?;
+    match bias {
+        Some(b) => Ok(y.broadcast_add(b)?),
+        None => Ok(y),
+    }
+}
+
+/// Log-softmax over the last axis. The max is subtracted for stability and
+/// detached: the result does not depend on it, so neither does its gradient.
+pub fn log_softmax(logits: &Tensor) -> Result<Tensor> {
+    let shifted = logits.broadcast_sub(&logits.max_keepdim(D::Minus1)?.detach())?;
+    let log_norm = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    Ok(shifted.broadcast_sub(&log_norm)?)
+}
+
+/// Softmax over the last axis, differentiable (unlike candle's `softmax_last_dim`).
+pub fn softmax(logits: &Tensor) -> Result<Tensor> {
+    Ok(log_softmax(logits)?.exp()?)
+}
+
+/// One-hot rows for integer `labels` (N) -> (N, classes) of `dtype`.
+pub fn one_hot(labels: &Tensor, classes: usize, dtype: DType) -> Result<Tensor> {
+    let labels = labels.to_dtype(DType::U32)?;
+    let class_ids = Tensor::arange(0u32, classes as u32, labels.device())?;
+    let hits = labels
+        .unsqueeze(1)?
+        .broadcast_eq(&class_ids.unsqueeze(0)?)?;
+    Ok(hits.to_dtype(dtype)?)
+}
+
+/// Mean cross-entropy of `logits` (N, classes) against integer `labels` (N).
+/// Uses a one-hot product rather than `gather`, whose backward goes through
+/// scatter and is not needed here.
+pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
+    let (rows, classes) = logits.dims2()?;
+    if labels.dims() != [rows] {
+        return Err(BackboneError::InvalidConfig {
+            field: "labels",
+            value: format!("{:?}", labels.dims()),
+            reason: format!("expected one label per logit row ({rows})"),
+        });
+    }
+    let targets = one_hot(labels, classes, logits.dtype())?;
+    let picked = (log_softmax(logits)? * targets)?.sum(1)?;
+    Ok(picked.mean(0)?.neg()?)
+}
+
+/// Fraction of rows whose largest logit is at the label.
+pub fn accuracy(logits: &Tensor, labels: &Tensor) -> Result<f64> {
+    let predicted = logits.argmax(D::Minus1)?;
+    let correct = predicted
+        .eq(&labels.to_dtype(DType::U32)?)?
+        .to_dtype(DType::F64)?
+        .mean_all()?
+        .to_scalar::<f64>()?;
+    Ok(correct)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn max_pool_takes_window_maxima_in_floor_mode() {
+        let x = Tensor::arange(0f32, 30., &Device::Cpu)
+            .unwrap()
+            .reshape((1, 1, 5, 6))
+            .unwrap();
+        let y = max_pool2x2(&x).unwrap();
+        assert_eq!(y.dims(), [1, 1, 2, 3]);
+        let y: Vec<f32> = y.flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(y, vec![7., 9., 11., 19., 21., 23.]);
+    }
+
+    #[test]
+    fn max_pool_gradient_goes_to_the_maximum_unscaled() {
+        // candle's own max_pool2d gives [0, 0, 0, 0.25] here.
+        let x = candle_core::Var::new(&[[[[1f32, 2.], [3., 4.]]]], &Device::Cpu).unwrap();
+        let grads = max_pool2x2(&x)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let g: Vec<f32> = grads
+            .get(&x)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(g, vec![0., 0., 0., 1.]);
+    }
+
+    #[test]
+    fn cross_entropy_matches_hand_computation() {
+        let logits = Tensor::new(&[[1f64, 2., 3.], [1., 1., 1.]], &Device::Cpu).unwrap();
+        let labels = Tensor::new(&[2u32, 0], &Device::Cpu).unwrap();
+        let loss = cross_entropy(&logits, &labels)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        let first = -(3f64 - (1f64.exp() + 2f64.exp() + 3f64.exp()).ln());
+        let second = 3f64.ln();
+        assert!((loss - (first + second) / 2.).abs() < 1e-12, "{loss}");
+    }
+
+    #[test]
+    fn cross_entropy_rejects_mismatched_labels() {
+        let logits = Tensor::zeros((3, 2), DType::F32, &Device::Cpu).unwrap();
+        let labels = Tensor::new(&[0u32, 1], &Device::Cpu).unwrap();
+        let err = cross_entropy(&logits, &labels).unwrap_err().to_string();
+        assert!(err.contains("labels"), "{err}");
+    }
+
+    #[test]
+    fn batch_norm_normalises_each_channel() {
+        let x = Tensor::arange(0f64, 16., &Device::Cpu)
+            .unwrap()
+            .reshape((2, 2, 2, 2))
+            .unwrap();
+        let gamma = Tensor::new(&[1f64, 2.], &Device::Cpu).unwrap();
+        let beta = Tensor::new(&[0f64, 1.], &Device::Cpu).unwrap();
+        let y = batch_norm(&x, &gamma, &beta, 0.).unwrap();
+        let per_channel = y.transpose(0, 1).unwrap().flatten_from(1).unwrap();
+        let mean: Vec<f64> = per_channel.mean(1).unwrap().to_vec1().unwrap();
+        let std: Vec<f64> = per_channel
+            .broadcast_sub(&per_channel.mean_keepdim(1).unwrap())
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .mean(1)
+            .unwrap()
+            .sqrt()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert!(
+            (mean[0]).abs() < 1e-12 && (mean[1] - 1.).abs() < 1e-12,
+            "{mean:?}"
+        );
+        assert!(
+            (std[0] - 1.).abs() < 1e-12 && (std[1] - 2.).abs() < 1e-12,
+            "{std:?}"
+        );
+    }
+
+    #[test]
+    fn accuracy_counts_argmax_hits() {
+        let logits = Tensor::new(&[[0f32, 1.], [2., 1.], [0., 5.]], &Device::Cpu).unwrap();
+        let labels = Tensor::new(&[1u32, 1, 1], &Device::Cpu).unwrap();
+        assert!((accuracy(&logits, &labels).unwrap() - 2. / 3.).abs() < 1e-12);
+    }
+}

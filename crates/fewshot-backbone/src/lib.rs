@@ -9,6 +9,7 @@ pub mod device;
 pub mod error;
 pub mod learner;
 pub mod ops;
+pub mod optim;
 pub mod params;
 pub mod second_order;
 
@@ -17,4 +18,5 @@ pub use conv4::{Conv4, Conv4Config, Downsample, FeatureHead};
 pub use device::DeviceChoice;
 pub use error::{BackboneError, Result};
 pub use learner::{EpisodeTensors, Learner, StepStats, OPTIMIZER_PREFIX};
+pub use optim::{Adam, AdamConfig};
 pub use params::{ParamSet, Probes, VarSet};

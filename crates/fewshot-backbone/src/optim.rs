@@ -1,0 +1,294 @@
+//! Adam with optional global gradient-norm clipping: the meta-optimiser of
+//! every learner here. Its moments are part of a learner's state, so a resumed
+//! run continues exactly where it stopped.
+
+use candle_core::{DType, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{BackboneError, Result};
+use crate::learner::OPTIMIZER_PREFIX;
+use crate::params::{ParamSet, VarSet};
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdamConfig {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    /// Rescale the gradients so their global L2 norm is at most this.
+    pub max_grad_norm: Option<f64>,
+}
+
+impl Default for AdamConfig {
+    fn default() -> Self {
+        Self {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            max_grad_norm: None,
+        }
+    }
+}
+
+impl AdamConfig {
+    pub fn validate(&self) -> Result<()> {
+        let checks = [
+            ("lr", self.lr, self.lr > 0.0),
+            ("beta1", self.beta1, (0.0..1.0).contains(&self.beta1)),
+            ("beta2", self.beta2, (0.0..1.0).contains(&self.beta2)),
+            ("eps", self.eps, self.eps > 0.0),
+            (
+                "max_grad_norm",
+                self.max_grad_norm.unwrap_or(1.0),
+                self.max_grad_norm.is_none_or(|n| n > 0.0),
+            ),
+        ];
+        for (field, value, ok) in checks {
+            if !ok || value.is_nan() {
+                return Err(BackboneError::InvalidConfig {
+                    field,
+                    value: value.to_string(),
+                    reason: "out of range (lr, eps, max_grad_norm > 0; betas in [0, 1))".into(),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug)]
+pub struct Adam {
+    config: AdamConfig,
+    steps: u64,
+    first_moments: ParamSet,
+    second_moments: ParamSet,
+}
+
+const STEPS: &str = "steps";
+const FIRST: &str = "m.";
+const SECOND: &str = "v.";
+
+impl Adam {
+    pub fn new(config: AdamConfig, weights: &VarSet) -> Result<Self> {
+        config.validate()?;
+        let zeros = |params: &ParamSet| -> Result<ParamSet> {
+            let mut out = ParamSet::new();
+            for (name, t) in params.iter() {
+                out.insert(name, t.zeros_like()?.detach())?;
+            }
+            Ok(out)
+        };
+        let params = weights.as_params();
+        Ok(Self {
+            config,
+            steps: 0,
+            first_moments: zeros(&params)?,
+            second_moments: zeros(&params)?,
+        })
+    }
+
+    pub fn steps(&self) -> u64 {
+        self.steps
+    }
+
+    /// One update of `weights` with `grads` (same names). Returns the global
+    /// gradient norm before clipping.
+    pub fn step(&mut self, weights: &VarSet, grads: &ParamSet) -> Result<f64> {
+        // Gradients may carry their own graph (second-order mode): cut it, or
+        // the moments would chain every step's graph together.
+        let grads = grads.detach();
+        let norm = global_norm(&grads)?;
+        if !norm.is_finite() {
+            return Err(BackboneError::Parameter {
+                name: "gradients".into(),
+                problem: format!("have a non-finite norm ({norm}); training diverged"),
+            });
+        }
+        let scale = match self.config.max_grad_norm {
+            Some(max) if norm > max => max / norm,
+            _ => 1.0,
+        };
+        self.steps += 1;
+        let c = &self.config;
+        let bias1 = 1.0 - c.beta1.powi(self.steps as i32);
+        let bias2 = 1.0 - c.beta2.powi(self.steps as i32);
+        let mut first = ParamSet::new();
+        let mut second = ParamSet::new();
+        let mut updated = ParamSet::new();
+        for (name, weight) in weights.as_params().iter() {
+            let g = (grads.get(name)? * scale)?;
+            let m = ((self.first_moments.get(name)? * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
+            let v = ((self.second_moments.get(name)? * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
+            let step = ((&m / bias1)? / ((&v / bias2)?.sqrt()? + c.eps)?)?;
+            updated.insert(name, (weight.detach() - (step * c.lr)?)?)?;
+            first.insert(name, m)?;
+            second.insert(name, v)?;
+        }
+        weights.set(&updated)?;
+        self.first_moments = first;
+        self.second_moments = second;
+        Ok(norm)
+    }
+
+    /// The moments and step count, under [`OPTIMIZER_PREFIX`].
+    pub fn state(&self) -> Result<ParamSet> {
+        let device = self
+            .first_moments
+            .tensors()
+            .first()
+            .map(|t| t.device().clone());
+        let device = device.unwrap_or(candle_core::Device::Cpu);
+        let mut state = ParamSet::new();
+        state.insert(STEPS, Tensor::new(self.steps as f64, &device)?)?;
+        state.extend(&self.first_moments.with_prefix(FIRST))?;
+        state.extend(&self.second_moments.with_prefix(SECOND))?;
+        Ok(state.with_prefix(OPTIMIZER_PREFIX))
+    }
+
+    /// Restores [`Adam::state`]; a state without optimiser entries keeps the
+    /// fresh optimiser (a published model carries weights only).
+    pub fn load_state(&mut self, state: &ParamSet) -> Result<()> {
+        let state = state.strip_prefix(OPTIMIZER_PREFIX);
+        if state.is_empty() {
+            return Ok(());
+        }
+        let steps = state.get(STEPS)?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let restore = |current: &ParamSet, prefix: &str| -> Result<ParamSet> {
+            let saved = state.strip_prefix(prefix);
+            let mut out = ParamSet::new();
+            for (name, t) in current.iter() {
+                let value = saved.get(name)?;
+                if value.dims() != t.dims() {
+                    return Err(BackboneError::Parameter {
+                        name: format!("{OPTIMIZER_PREFIX}{prefix}{name}"),
+                        problem: format!("has shape {:?}, expected {:?}", value.dims(), t.dims()),
+                    });
+                }
+                out.insert(name, value.to_dtype(t.dtype())?.to_device(t.device())?)?;
+            }
+            Ok(out)
+        };
+        self.first_moments = restore(&self.first_moments, FIRST)?;
+        self.second_moments = restore(&self.second_moments, SECOND)?;
+        self.steps = steps as u64;
+        Ok(())
+    }
+}
+
+/// L2 norm of all the tensors together.
+pub fn global_norm(tensors: &ParamSet) -> Result<f64> {
+    let mut total = 0.0;
+    for t in tensors.tensors() {
+        total += t
+            .sqr()?
+            .sum_all()?
+            .to_dtype(DType::F64)?
+            .to_scalar::<f64>()?;
+    }
+    Ok(total.sqrt())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn weights(values: &[f64]) -> VarSet {
+        let mut p = ParamSet::new();
+        p.insert("w", Tensor::new(values, &Device::Cpu).unwrap())
+            .unwrap();
+        p.to_vars().unwrap()
+    }
+
+    fn grads(values: &[f64]) -> ParamSet {
+        let mut g = ParamSet::new();
+        g.insert("w", Tensor::new(values, &Device::Cpu).unwrap())
+            .unwrap();
+        g
+    }
+
+    fn value(w: &VarSet) -> Vec<f64> {
+        w.as_params().get("w").unwrap().to_vec1().unwrap()
+    }
+
+    #[test]
+    fn first_step_moves_each_weight_by_lr_against_the_gradient_sign() {
+        let w = weights(&[1.0, 1.0]);
+        let mut adam = Adam::new(
+            AdamConfig {
+                lr: 0.1,
+                ..Default::default()
+            },
+            &w,
+        )
+        .unwrap();
+        adam.step(&w, &grads(&[3.0, -0.5])).unwrap();
+        let v = value(&w);
+        assert!(
+            (v[0] - 0.9).abs() < 1e-6 && (v[1] - 1.1).abs() < 1e-6,
+            "{v:?}"
+        );
+    }
+
+    #[test]
+    fn clipping_rescales_to_the_maximum_norm() {
+        let w = weights(&[0.0, 0.0]);
+        let config = AdamConfig {
+            max_grad_norm: Some(1.0),
+            ..Default::default()
+        };
+        let mut adam = Adam::new(config, &w).unwrap();
+        let norm = adam.step(&w, &grads(&[3.0, 4.0])).unwrap();
+        assert!((norm - 5.0).abs() < 1e-12);
+        // The stored first moment is (1 - beta1) times the clipped gradient.
+        let m: Vec<f64> = adam
+            .state()
+            .unwrap()
+            .get("optimizer.m.w")
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert!(
+            (m[0] - 0.1 * 0.6).abs() < 1e-12 && (m[1] - 0.1 * 0.8).abs() < 1e-12,
+            "{m:?}"
+        );
+    }
+
+    #[test]
+    fn state_round_trip_continues_identically() {
+        let run = |restore_midway: bool| -> Vec<f64> {
+            let w = weights(&[0.5, -0.5]);
+            let mut adam = Adam::new(AdamConfig::default(), &w).unwrap();
+            for step in 0..6 {
+                if restore_midway && step == 3 {
+                    let saved = adam.state().unwrap();
+                    adam = Adam::new(AdamConfig::default(), &w).unwrap();
+                    adam.load_state(&saved).unwrap();
+                }
+                let g = value(&w).iter().map(|x| 2.0 * x).collect::<Vec<_>>();
+                adam.step(&w, &grads(&g)).unwrap();
+            }
+            value(&w)
+        };
+        assert_eq!(run(false), run(true));
+    }
+
+    #[test]
+    fn bad_settings_and_divergence_are_named() {
+        let w = weights(&[0.0]);
+        let err = Adam::new(
+            AdamConfig {
+                lr: 0.0,
+                ..Default::default()
+            },
+            &w,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("lr"), "{err}");
+        let mut adam = Adam::new(AdamConfig::default(), &w).unwrap();
+        let err = adam.step(&w, &grads(&[f64::NAN])).unwrap_err();
+        assert!(err.to_string().contains("non-finite"), "{err}");
+    }
+}

@@ -1,0 +1,6 @@
+//! The loaders on small datasets generated in temporary folders.
+
+mod fixtures;
+mod folder;
+mod mini_imagenet;
+mod omniglot;

@@ -94,7 +94,7 @@ impl Conv4Config {
         (0..self.blocks)
             .map(|_| {
                 side = match self.downsample {
-                    Downsample::Stride2 => (side + 1) / 2,
+                    Downsample::Stride2 => side.div_ceil(2),
                     Downsample::MaxPool => side / 2,
                 };
                 side
@@ -139,7 +139,7 @@ impl Conv4Config {
         if self.classifier_outputs == Some(0) {
             return invalid("classifier_outputs", "0".into(), "must be at least 1");
         }
-        if !(self.batch_norm_eps > 0.0) {
+        if self.batch_norm_eps.is_nan() || self.batch_norm_eps <= 0.0 {
             return invalid(
                 "batch_norm_eps",
                 self.batch_norm_eps.to_string(),

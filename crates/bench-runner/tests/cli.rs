@@ -1,0 +1,118 @@
+//! The `fewshot` binary as a user runs it.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+fn fewshot(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_fewshot"))
+        .args(args)
+        .env(
+            "FEWSHOT_CACHE_DIR",
+            std::env::temp_dir().join("fewshot-cli-test-cache"),
+        )
+        .output()
+        .unwrap()
+}
+
+fn omniglot_root() -> Option<PathBuf> {
+    let root = match std::env::var_os("FEWSHOT_DATA_DIR") {
+        Some(dir) => PathBuf::from(dir).join("omniglot"),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/datasets/omniglot"),
+    };
+    root.join("images_background").is_dir().then_some(root)
+}
+
+#[test]
+fn inspect_reports_real_omniglot_counts() {
+    let Some(root) = omniglot_root() else {
+        println!("skipped: Omniglot not found (set FEWSHOT_DATA_DIR)");
+        return;
+    };
+    let out = fewshot(&[
+        "data",
+        "inspect",
+        "--dataset",
+        "omniglot",
+        "--root",
+        root.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["characters"], 1623);
+    assert_eq!(report["images"], 32460);
+    assert_eq!(report["alphabets"], 50);
+    let vinyals = &report["splits"]["vinyals"];
+    assert_eq!(
+        (
+            vinyals["train"].as_u64(),
+            vinyals["val"].as_u64(),
+            vinyals["test"].as_u64()
+        ),
+        (Some(4112), Some(688), Some(1692))
+    );
+    assert_eq!(report["splits"]["maml"]["train"], 1100);
+    assert_eq!(report["splits"]["lake"]["test"], 659);
+}
+
+#[test]
+fn inspect_runs_on_the_built_in_dataset() {
+    let out = fewshot(&["data", "inspect", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["dataset"], "synthetic");
+    assert_eq!(report["splits"]["default"]["train"], 400);
+}
+
+#[test]
+fn a_missing_dataset_says_how_to_get_it() {
+    let out = fewshot(&[
+        "data",
+        "inspect",
+        "--dataset",
+        "omniglot",
+        "--root",
+        "/nonexistent/omniglot",
+    ]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("/nonexistent/omniglot") && stderr.contains("images_background.zip"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_misspelt_config_field_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.json");
+    std::fs::write(&path, r#"{"training": {"stpes": 3}}"#).unwrap();
+    let out = fewshot(&["config", path.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("bad.json") && stderr.contains("training.stpes"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn the_data_benchmark_reports_its_figures() {
+    let out = fewshot(&["bench", "--suite", "data", "--episodes", "500", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["episodes"], 500);
+    assert!(report["episodes_per_second"].as_f64().unwrap() > 0.0);
+}

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use fewshot_backbone::DeviceChoice;
-use fewshot_data::SplitName;
+use fewshot_data::{EpisodeSpec, SplitName};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -135,6 +135,17 @@ impl Default for EpisodeConfig {
             shots: 1,
             queries: 15,
             same_group: false,
+        }
+    }
+}
+
+impl EpisodeConfig {
+    pub fn spec(&self) -> EpisodeSpec {
+        EpisodeSpec {
+            ways: self.ways,
+            shots: self.shots,
+            queries: self.queries,
+            same_group: self.same_group,
         }
     }
 }

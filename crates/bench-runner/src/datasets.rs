@@ -56,12 +56,11 @@ pub fn load(config: &DataConfig, seed: u64) -> Result<Loaded> {
                 .root
                 .as_deref()
                 .context("field `data.root`: the folder dataset needs its folder")?;
-            let preprocess = Preprocess {
-                size: image_size,
-                channels: 1,
-                invert: false,
-            };
-            (ImageFolderDataset::load(root, &preprocess)?, None, None)
+            (
+                ImageFolderDataset::load(root, &preprocess(config))?,
+                None,
+                None,
+            )
         }
         DatasetKind::Synthetic => {
             let options = synthetic::SyntheticOptions {
@@ -78,4 +77,18 @@ pub fn load(config: &DataConfig, seed: u64) -> Result<Loaded> {
         cache,
         load_time: start.elapsed(),
     })
+}
+
+/// How images of this data config are decoded: also what `predict` applies to
+/// a user's own images, so they match what the model was trained on.
+pub fn preprocess(config: &DataConfig) -> Preprocess {
+    Preprocess {
+        size: config.image_size(),
+        channels: match config.dataset {
+            DatasetKind::MiniImagenet => 3,
+            _ => 1,
+        },
+        // Omniglot files are black ink on white; the loader turns ink to 1.
+        invert: config.dataset == DatasetKind::Omniglot,
+    }
 }

@@ -8,7 +8,13 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod config;
 mod datasets;
+mod evaluation;
 mod inspect;
+mod learners;
+mod predict;
+mod progress;
+mod run_dir;
+mod train;
 
 use config::{DataConfig, DatasetKind, ExperimentConfig};
 
@@ -30,6 +36,56 @@ enum Command {
     Data {
         #[command(subcommand)]
         command: DataCommand,
+    },
+    /// Meta-train a learner from a JSON experiment config, then evaluate it.
+    Train {
+        config: PathBuf,
+        /// The run directory (default: runs/<config name>).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Continue a stopped or killed run from its last checkpoint.
+        #[arg(long)]
+        resume: bool,
+        /// Stop after this many steps in all (resume later with --resume).
+        #[arg(long)]
+        stop_after: Option<u64>,
+    },
+    /// Evaluate a run directory or a checkpoint on its experiment's test episodes.
+    Eval {
+        target: PathBuf,
+        /// Number of test episodes (default: the experiment's).
+        #[arg(long)]
+        episodes: Option<usize>,
+        /// Seed of the test episodes (default: the experiment's).
+        #[arg(long)]
+        seed: Option<u64>,
+        #[arg(long, default_value = "auto")]
+        device: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Paired comparison of two evaluations on the same episodes.
+    Compare {
+        /// A run directory, or a JSON file from `fewshot eval --json`.
+        a: PathBuf,
+        b: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Classify query images given labelled support images.
+    Predict {
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// One sub-folder per class, holding that class's images.
+        #[arg(long)]
+        support: PathBuf,
+        /// The images to classify.
+        #[arg(long)]
+        query: PathBuf,
+        #[arg(long, default_value = "auto")]
+        device: String,
+        #[arg(long)]
+        json: bool,
     },
     /// Check an experiment config and print it with every default filled in.
     Config {
@@ -131,6 +187,36 @@ fn run(cli: Cli) -> Result<()> {
         Command::Data {
             command: DataCommand::Inspect { data, json },
         } => inspect::run(&data.to_config(), json),
+        Command::Train {
+            config,
+            out,
+            resume,
+            stop_after,
+        } => train::run(&train::TrainOptions {
+            config,
+            out,
+            resume,
+            stop_after,
+        }),
+        Command::Eval {
+            target,
+            episodes,
+            seed,
+            device,
+            json,
+        } => {
+            let device = open_device(&device)?;
+            let overrides = evaluation::Overrides { episodes, seed };
+            evaluation::run_eval(&target, &device, overrides, json)
+        }
+        Command::Compare { a, b, json } => evaluation::run_compare(&a, &b, json),
+        Command::Predict {
+            checkpoint,
+            support,
+            query,
+            device,
+            json,
+        } => predict::run(&checkpoint, &support, &query, &open_device(&device)?, json),
         Command::Config { config, defaults } => {
             let config = match (config, defaults) {
                 (_, true) => ExperimentConfig::default(),
@@ -147,4 +233,9 @@ fn run(cli: Cli) -> Result<()> {
             json,
         } => bench::run(suite, &data.to_config(), episodes, json),
     }
+}
+
+fn open_device(choice: &str) -> Result<candle_core::Device> {
+    let choice: fewshot_backbone::DeviceChoice = choice.parse()?;
+    Ok(choice.open()?)
 }

@@ -93,6 +93,11 @@ impl Adam {
         self.steps
     }
 
+    /// Changes the learning rate, for schedules.
+    pub fn set_lr(&mut self, lr: f64) {
+        self.config.lr = lr;
+    }
+
     /// One update of `weights` with `grads` (same names). Returns the global
     /// gradient norm before clipping.
     pub fn step(&mut self, weights: &VarSet, grads: &ParamSet) -> Result<f64> {

@@ -1,0 +1,186 @@
+//! `fewshot eval` and the evaluation at the end of `fewshot train`: the fixed,
+//! seeded test episodes of the experiment's protocol, the same for every
+//! learner, so that runs can be compared episode by episode.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use candle_core::Device;
+use fewshot_backbone::Checkpoint;
+use fewshot_eval::{EvalProtocol, Evaluation, ReportInput};
+use serde::{Deserialize, Serialize};
+
+use crate::config::ExperimentConfig;
+use crate::run_dir::{experiment_of, Progress, RunDir};
+use crate::{datasets, learners, progress};
+
+/// What `results.json` holds, and what `fewshot eval --json` prints.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Results {
+    pub checkpoint: PathBuf,
+    pub algorithm: String,
+    pub training_steps: u64,
+    pub training_seconds: f64,
+    pub best_val_accuracy: Option<f64>,
+    pub evaluation: Evaluation,
+}
+
+/// Changes to the experiment's own evaluation protocol.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Overrides {
+    pub episodes: Option<usize>,
+    pub seed: Option<u64>,
+}
+
+pub fn evaluate_checkpoint(
+    path: &Path,
+    device: &Device,
+    overrides: Overrides,
+) -> Result<(Results, ExperimentConfig)> {
+    let checkpoint = Checkpoint::load(path, device)?;
+    let experiment = experiment_of(&checkpoint, path)?;
+    let progress = Progress::from_checkpoint(&checkpoint, path)?;
+    let learner = learners::from_checkpoint(&checkpoint, device)?;
+    let loaded = datasets::load(&experiment.data, experiment.seed)?;
+    let protocol = EvalProtocol {
+        episodes: overrides.episodes.unwrap_or(experiment.evaluation.episodes),
+        seed: overrides.seed.unwrap_or(experiment.evaluation.seed),
+        spec: experiment.test_episodes.spec(),
+        split: experiment.evaluation.split,
+    };
+    let bar = progress::bar(protocol.episodes as u64, "eval");
+    let data = &loaded.dataset;
+    let evaluation = fewshot_eval::evaluate(
+        &*learner,
+        data.store.clone(),
+        data.split(protocol.split),
+        &protocol,
+        device,
+        &mut |done| bar.set_position(done as u64),
+    )?;
+    bar.finish_and_clear();
+    let results = Results {
+        checkpoint: path.to_path_buf(),
+        algorithm: checkpoint.algorithm.clone(),
+        training_steps: progress.step,
+        training_seconds: progress.training_seconds,
+        best_val_accuracy: progress.best_val_accuracy,
+        evaluation,
+    };
+    Ok((results, experiment))
+}
+
+/// Evaluates a finished run's best checkpoint and writes `results.json` and the report.
+pub fn evaluate_run(run: &RunDir, device: &Device) -> Result<()> {
+    let (results, experiment) =
+        evaluate_checkpoint(&run.checkpoint_to_evaluate(), device, Overrides::default())?;
+    fewshot_backbone::write_atomic(
+        &run.results(),
+        serde_json::to_string_pretty(&results)?.as_bytes(),
+    )?;
+    let training = run.read_metrics()?;
+    let notes = vec![format!(
+        "Evaluated checkpoint `{}` after {} training steps ({:.0} s of training).",
+        results.checkpoint.display(),
+        results.training_steps,
+        results.training_seconds
+    )];
+    let config = serde_json::to_value(&experiment)?;
+    let report = fewshot_eval::write_report(
+        &run.root,
+        &ReportInput {
+            title: &experiment.name,
+            config: &config,
+            training: &training,
+            evaluation: Some(&results.evaluation),
+            notes: &notes,
+        },
+    )?;
+    println!("{}", summary_line(&results));
+    println!("report: {}", report.display());
+    Ok(())
+}
+
+pub fn summary_line(results: &Results) -> String {
+    let e = &results.evaluation;
+    let s = e.protocol.spec;
+    format!(
+        "{}: accuracy {:.2}% ± {:.2}% (95% CI, {} episodes, {}-way {}-shot {}-query, split {}, seed {})",
+        results.algorithm,
+        100.0 * e.accuracy.mean,
+        100.0 * e.accuracy.ci95,
+        e.accuracy.n,
+        s.ways,
+        s.shots,
+        s.queries,
+        e.protocol.split,
+        e.protocol.seed
+    )
+}
+
+/// A run directory's checkpoint to evaluate, or the checkpoint file itself.
+pub fn resolve_checkpoint(target: &Path) -> Result<PathBuf> {
+    if target.is_dir() {
+        let path = RunDir::new(target.to_path_buf()).checkpoint_to_evaluate();
+        if !path.exists() {
+            anyhow::bail!(
+                "{} holds no checkpoint (looked for {})",
+                target.display(),
+                path.display()
+            );
+        }
+        Ok(path)
+    } else if target.exists() {
+        Ok(target.to_path_buf())
+    } else {
+        anyhow::bail!(
+            "{} does not exist: give a run directory or a .safetensors checkpoint",
+            target.display()
+        )
+    }
+}
+
+pub fn run_eval(target: &Path, device: &Device, overrides: Overrides, as_json: bool) -> Result<()> {
+    let path = resolve_checkpoint(target)?;
+    let (results, _) = evaluate_checkpoint(&path, device, overrides)?;
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&results)?);
+    } else {
+        println!("{}", summary_line(&results));
+    }
+    Ok(())
+}
+
+/// Reads evaluation results: a run directory's `results.json`, or a file
+/// written by `fewshot eval --json`.
+pub fn read_results(target: &Path) -> Result<Results> {
+    let path = if target.is_dir() {
+        RunDir::new(target.to_path_buf()).results()
+    } else {
+        target.to_path_buf()
+    };
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read results {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{}: not a results file", path.display()))
+}
+
+pub fn run_compare(a: &Path, b: &Path, as_json: bool) -> Result<()> {
+    let (ra, rb) = (read_results(a)?, read_results(b)?);
+    let comparison = fewshot_eval::compare(&ra.evaluation, &rb.evaluation)
+        .with_context(|| format!("comparing {} with {}", a.display(), b.display()))?;
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&comparison)?);
+        return Ok(());
+    }
+    println!("A  {}", summary_line(&ra));
+    println!("B  {}", summary_line(&rb));
+    println!(
+        "A - B = {:+.2}% ± {:.2}% (95% CI, paired over {} episodes), t = {:.3}, p = {:.4}",
+        100.0 * comparison.mean_difference,
+        100.0 * comparison.ci95,
+        comparison.n,
+        comparison.t_statistic,
+        comparison.p_value
+    );
+    Ok(())
+}

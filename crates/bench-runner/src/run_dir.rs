@@ -1,0 +1,148 @@
+//! The run directory a training run writes, and the checkpoint metadata that
+//! lets a run resume exactly where it stopped.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use fewshot_backbone::{write_atomic, Checkpoint};
+use fewshot_eval::TrainingRecord;
+
+use crate::config::ExperimentConfig;
+
+/// Paths inside a run directory.
+pub struct RunDir {
+    pub root: PathBuf,
+}
+
+impl RunDir {
+    pub fn new(root: PathBuf) -> Self {
+        Self { root }
+    }
+
+    pub fn config(&self) -> PathBuf {
+        self.root.join("config.json")
+    }
+    pub fn metrics(&self) -> PathBuf {
+        self.root.join("metrics.jsonl")
+    }
+    pub fn last_checkpoint(&self) -> PathBuf {
+        self.root.join("checkpoints").join("last.safetensors")
+    }
+    pub fn best_checkpoint(&self) -> PathBuf {
+        self.root.join("checkpoints").join("best.safetensors")
+    }
+    pub fn results(&self) -> PathBuf {
+        self.root.join("results.json")
+    }
+
+    /// The checkpoint to evaluate: the best by validation, else the last.
+    pub fn checkpoint_to_evaluate(&self) -> PathBuf {
+        let best = self.best_checkpoint();
+        if best.exists() {
+            best
+        } else {
+            self.last_checkpoint()
+        }
+    }
+
+    pub fn read_metrics(&self) -> Result<Vec<TrainingRecord>> {
+        let path = self.metrics();
+        if !path.exists() {
+            return Ok(Vec::new());
+        }
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        text.lines()
+            .enumerate()
+            .filter(|(_, line)| !line.trim().is_empty())
+            .map(|(i, line)| {
+                serde_json::from_str(line)
+                    .with_context(|| format!("{}:{}: not a metrics record", path.display(), i + 1))
+            })
+            .collect()
+    }
+
+    /// Keeps only the records up to `step`: what a resumed run has not lost.
+    pub fn truncate_metrics(&self, step: u64) -> Result<()> {
+        let kept: Vec<TrainingRecord> = self
+            .read_metrics()?
+            .into_iter()
+            .filter(|r| r.step <= step)
+            .collect();
+        let mut text = String::new();
+        for record in &kept {
+            text.push_str(&serde_json::to_string(record)?);
+            text.push('\n');
+        }
+        write_atomic(&self.metrics(), text.as_bytes())?;
+        Ok(())
+    }
+
+    pub fn append_metrics(&self, record: &TrainingRecord) -> Result<()> {
+        let path = self.metrics();
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        writeln!(file, "{}", serde_json::to_string(record)?)
+            .with_context(|| format!("cannot write {}", path.display()))
+    }
+}
+
+/// Where a run stands; stored in every checkpoint's metadata.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Progress {
+    /// Meta-training steps done.
+    pub step: u64,
+    pub best_val_accuracy: Option<f64>,
+    pub training_seconds: f64,
+}
+
+const EXPERIMENT: &str = "experiment";
+const STEP: &str = "step";
+const BEST_VAL: &str = "best_val_accuracy";
+const SECONDS: &str = "training_seconds";
+
+impl Progress {
+    pub fn to_metadata(&self, experiment: &ExperimentConfig) -> Result<BTreeMap<String, String>> {
+        let mut extra = BTreeMap::new();
+        extra.insert(EXPERIMENT.into(), serde_json::to_string(experiment)?);
+        extra.insert(STEP.into(), self.step.to_string());
+        if let Some(best) = self.best_val_accuracy {
+            extra.insert(BEST_VAL.into(), best.to_string());
+        }
+        extra.insert(SECONDS.into(), self.training_seconds.to_string());
+        Ok(extra)
+    }
+
+    pub fn from_checkpoint(checkpoint: &Checkpoint, path: &Path) -> Result<Self> {
+        let field = |key: &str| -> Result<Option<f64>> {
+            checkpoint
+                .extra
+                .get(key)
+                .map(|v| v.parse::<f64>())
+                .transpose()
+                .with_context(|| format!("{}: metadata `{key}` is not a number", path.display()))
+        };
+        Ok(Self {
+            step: field(STEP)?.unwrap_or(0.0) as u64,
+            best_val_accuracy: field(BEST_VAL)?,
+            training_seconds: field(SECONDS)?.unwrap_or(0.0),
+        })
+    }
+}
+
+/// The experiment a checkpoint was trained in (dataset, episodes, protocol).
+pub fn experiment_of(checkpoint: &Checkpoint, path: &Path) -> Result<ExperimentConfig> {
+    let text = checkpoint.extra.get(EXPERIMENT).with_context(|| {
+        format!(
+            "{}: no `{EXPERIMENT}` metadata: not written by `fewshot train`",
+            path.display()
+        )
+    })?;
+    ExperimentConfig::from_json(text)
+        .with_context(|| format!("{}: metadata `{EXPERIMENT}`", path.display()))
+}

@@ -1,0 +1,249 @@
+//! `fewshot train CONFIG`: meta-training with periodic validation, atomic
+//! checkpoints, exact resume, then the test evaluation and the report.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device};
+use fewshot_backbone::{Checkpoint, EpisodeTensors, Learner};
+use fewshot_data::{EpisodeSampler, SplitName};
+use fewshot_eval::{EvalProtocol, TrainingRecord};
+
+use crate::config::ExperimentConfig;
+use crate::datasets;
+use crate::evaluation;
+use crate::learners;
+use crate::progress;
+use crate::run_dir::{Progress, RunDir};
+
+/// Training records are the mean over this many steps.
+const LOG_EVERY: u64 = 20;
+
+/// Validation episodes come from their own seed stream, fixed for the run.
+const VALIDATION_SEED_OFFSET: u64 = 0x5EED;
+
+pub struct TrainOptions {
+    pub config: PathBuf,
+    pub out: Option<PathBuf>,
+    pub resume: bool,
+    /// Stop (with a checkpoint) after this many steps in total, to continue
+    /// later with `--resume`.
+    pub stop_after: Option<u64>,
+}
+
+pub fn run(options: &TrainOptions) -> Result<()> {
+    let config = ExperimentConfig::from_file(&options.config)?;
+    if config.algorithm.is_empty() {
+        bail!(
+            "config {}: no `algorithm` section: nothing to train (known: {})",
+            options.config.display(),
+            learners::ALGORITHMS.join(", ")
+        );
+    }
+    let run = RunDir::new(
+        options
+            .out
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("runs").join(&config.name)),
+    );
+    prepare_run_dir(&run, &config, options.resume)?;
+
+    let device = config.device_choice()?.open()?;
+    let loaded = datasets::load(&config.data, config.seed)?;
+    let data = &loaded.dataset;
+    tracing::info!(
+        dataset = %data.name,
+        images = data.store.len(),
+        seconds = loaded.load_time.as_secs_f64(),
+        "data loaded"
+    );
+    let mut learner = learners::build(
+        &serde_json::Value::Object(config.algorithm.clone()),
+        &device,
+    )?;
+
+    let mut progress = Progress::default();
+    if options.resume {
+        let path = run.last_checkpoint();
+        let checkpoint = Checkpoint::load(&path, &device)?;
+        learner.load_state(&checkpoint.tensors)?;
+        progress = Progress::from_checkpoint(&checkpoint, &path)?;
+        run.truncate_metrics(progress.step)?;
+        tracing::info!(step = progress.step, "resumed from {}", path.display());
+    }
+
+    let spec = config.train_episodes.spec();
+    let sampler = EpisodeSampler::new(data.store.clone(), data.train.clone(), spec, config.seed)
+        .context("training episodes")?;
+    let validation = (!data.val.classes.is_empty()).then(|| EvalProtocol {
+        episodes: config.training.validation_episodes,
+        seed: config.seed.wrapping_add(VALIDATION_SEED_OFFSET),
+        spec: config.test_episodes.spec(),
+        split: SplitName::Val,
+    });
+
+    let total = config.training.steps;
+    let stop = options.stop_after.unwrap_or(total).min(total);
+    let bar = progress::bar(total, "train");
+    bar.set_position(progress.step);
+    let mut window = Window::default();
+    let mut clock = Instant::now();
+    while progress.step < stop {
+        let first = progress.step * config.training.meta_batch as u64;
+        let batch: Vec<EpisodeTensors> = sampler
+            .episodes(first, config.training.meta_batch)
+            .iter()
+            .map(|e| EpisodeTensors::from_episode(e, &device, DType::F32))
+            .collect::<fewshot_backbone::Result<_>>()?;
+        let stats = learner.meta_train(&batch)?;
+        progress.step += 1;
+        window.add(stats.loss, stats.accuracy);
+        bar.inc(1);
+
+        let validate = progress.step % config.training.validate_every == 0 || progress.step == stop;
+        if progress.step % LOG_EVERY == 0 || validate {
+            progress.training_seconds += clock.elapsed().as_secs_f64();
+            clock = Instant::now();
+            let mut record = window.record(progress.step, progress.training_seconds);
+            if validate {
+                if let Some(protocol) = &validation {
+                    let accuracy = validate_now(&*learner, data, protocol, &device)?;
+                    record.val_accuracy = Some(accuracy);
+                    if progress
+                        .best_val_accuracy
+                        .is_none_or(|best| accuracy > best)
+                    {
+                        progress.best_val_accuracy = Some(accuracy);
+                        save(&*learner, &progress, &config, &run.best_checkpoint())?;
+                    }
+                }
+                save(&*learner, &progress, &config, &run.last_checkpoint())?;
+                // Validation time is not training time.
+                clock = Instant::now();
+            }
+            bar.set_message(record_message(&record, progress.best_val_accuracy));
+            run.append_metrics(&record)?;
+            window = Window::default();
+        }
+    }
+    bar.finish();
+    if progress.step < total {
+        println!(
+            "stopped after step {} of {total}; continue with: fewshot train {} --out {} --resume",
+            progress.step,
+            options.config.display(),
+            run.root.display()
+        );
+        return Ok(());
+    }
+    println!(
+        "trained {total} steps in {:.0} s",
+        progress.training_seconds
+    );
+    evaluation::evaluate_run(&run, &device)
+}
+
+fn prepare_run_dir(run: &RunDir, config: &ExperimentConfig, resume: bool) -> Result<()> {
+    let has_run = run.last_checkpoint().exists();
+    if resume {
+        if !has_run {
+            bail!(
+                "nothing to resume: {} does not exist",
+                run.last_checkpoint().display()
+            );
+        }
+        let saved = ExperimentConfig::from_file(&run.config())?;
+        if &saved != config {
+            bail!(
+                "the config differs from the one {} was started with ({}): resume with the same config",
+                run.root.display(),
+                run.config().display()
+            );
+        }
+        return Ok(());
+    }
+    if has_run {
+        bail!(
+            "{} already holds a run: pass --resume to continue it, or --out DIR for a new one",
+            run.root.display()
+        );
+    }
+    std::fs::create_dir_all(&run.root)
+        .with_context(|| format!("cannot create {}", run.root.display()))?;
+    fewshot_backbone::write_atomic(
+        &run.config(),
+        serde_json::to_string_pretty(config)?.as_bytes(),
+    )?;
+    // A fresh run starts a fresh log.
+    let _ = std::fs::remove_file(run.metrics());
+    Ok(())
+}
+
+fn validate_now(
+    learner: &dyn Learner,
+    data: &fewshot_data::FewShotDataset,
+    protocol: &EvalProtocol,
+    device: &Device,
+) -> Result<f64> {
+    let result = fewshot_eval::evaluate(
+        learner,
+        data.store.clone(),
+        data.split(protocol.split),
+        protocol,
+        device,
+        &mut |_| {},
+    )?;
+    Ok(result.accuracy.mean)
+}
+
+fn save(
+    learner: &dyn Learner,
+    progress: &Progress,
+    config: &ExperimentConfig,
+    path: &std::path::Path,
+) -> Result<()> {
+    let mut checkpoint = learner.checkpoint()?;
+    checkpoint.extra = progress.to_metadata(config)?;
+    checkpoint.save(path)?;
+    Ok(())
+}
+
+fn record_message(record: &TrainingRecord, best: Option<f64>) -> String {
+    let mut message = format!(
+        "loss {:.3} acc {:.1}%",
+        record.loss,
+        100.0 * record.accuracy
+    );
+    if let Some(best) = best {
+        message.push_str(&format!(" best val {:.2}%", 100.0 * best));
+    }
+    message
+}
+
+/// Running means of the steps since the last record.
+#[derive(Default)]
+struct Window {
+    loss: f64,
+    accuracy: f64,
+    steps: u64,
+}
+
+impl Window {
+    fn add(&mut self, loss: f64, accuracy: f64) {
+        self.loss += loss;
+        self.accuracy += accuracy;
+        self.steps += 1;
+    }
+
+    fn record(&self, step: u64, seconds: f64) -> TrainingRecord {
+        let n = self.steps.max(1) as f64;
+        TrainingRecord {
+            step,
+            seconds,
+            loss: self.loss / n,
+            accuracy: self.accuracy / n,
+            val_accuracy: None,
+        }
+    }
+}

@@ -1,0 +1,37 @@
+//! The one error type of this crate.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong while evaluating, comparing or reporting;
+/// each variant names the file, run or value at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum EvalError {
+    /// The learner or the tensor code under it failed.
+    #[error("learner: {0}")]
+    Backbone(#[from] fewshot_backbone::BackboneError),
+
+    /// Episodes could not be sampled (bad spec, too few classes or images).
+    #[error("data: {0}")]
+    Data(#[from] fewshot_data::DataError),
+
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+
+    /// Two things that must agree do not, e.g. two runs evaluated on
+    /// different episodes, or logits of the wrong shape.
+    #[error("mismatch: {what}")]
+    Mismatch { what: String },
+
+    /// Nothing to compute a statistic or an evaluation from.
+    #[error("nothing to evaluate: {what}")]
+    Empty { what: String },
+
+    /// A plot could not be drawn.
+    #[error("{path}: cannot draw plot: {message}")]
+    Plot { path: PathBuf, message: String },
+}
+
+pub type Result<T> = std::result::Result<T, EvalError>;

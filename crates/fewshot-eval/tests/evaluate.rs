@@ -1,0 +1,213 @@
+//! `evaluate` end to end: a nearest-class-mean classifier in pixel space is
+//! scored on synthetic glyphs, then compared with itself and with a run on
+//! other episodes.
+
+use candle_core::{Device, Tensor};
+use fewshot_backbone::{BackboneError, EpisodeTensors, Learner, ParamSet, StepStats};
+use fewshot_data::{synthetic, EpisodeSpec, FewShotDataset, SplitName, SyntheticOptions};
+use fewshot_eval::{check_same_episodes, compare, evaluate, EvalError, EvalProtocol, Evaluation};
+
+/// Classifies each query as the class whose mean support image is nearest.
+/// It has nothing to learn: only `predict` is meant to be called.
+struct NearestMean {
+    /// Returns logits with this many extra columns, to test the shape check.
+    extra_columns: usize,
+}
+
+impl Learner for NearestMean {
+    fn algorithm(&self) -> &'static str {
+        "nearest-mean"
+    }
+
+    fn config(&self) -> serde_json::Value {
+        serde_json::json!({})
+    }
+
+    fn meta_train(&mut self, _batch: &[EpisodeTensors]) -> fewshot_backbone::Result<StepStats> {
+        Err(BackboneError::InvalidConfig {
+            field: "meta_train",
+            value: "nearest-mean".into(),
+            reason: "this test learner has nothing to train".into(),
+        })
+    }
+
+    fn predict(&self, episode: &EpisodeTensors) -> fewshot_backbone::Result<Tensor> {
+        let support = episode.support.flatten_from(1)?;
+        let query = episode.query.flatten_from(1)?;
+        let pixels = support.dim(1)?;
+        let means = support.reshape((episode.ways, (), pixels))?.mean(1)?;
+        let distances = query
+            .unsqueeze(1)?
+            .broadcast_sub(&means.unsqueeze(0)?)?
+            .sqr()?
+            .sum(2)?;
+        let logits = distances.neg()?;
+        if self.extra_columns == 0 {
+            return Ok(logits);
+        }
+        let pad = Tensor::zeros(
+            (logits.dim(0)?, self.extra_columns),
+            logits.dtype(),
+            logits.device(),
+        )?;
+        Ok(Tensor::cat(&[&logits, &pad], 1)?)
+    }
+
+    fn state(&self) -> fewshot_backbone::Result<ParamSet> {
+        Ok(ParamSet::default())
+    }
+
+    fn load_state(&mut self, _state: &ParamSet) -> fewshot_backbone::Result<()> {
+        Ok(())
+    }
+}
+
+const LEARNER: NearestMean = NearestMean { extra_columns: 0 };
+
+fn dataset() -> FewShotDataset {
+    synthetic::generate(&SyntheticOptions {
+        classes_train: 20,
+        classes_val: 10,
+        classes_test: 20,
+        ..Default::default()
+    })
+    .unwrap()
+}
+
+fn protocol(episodes: usize, seed: u64) -> EvalProtocol {
+    EvalProtocol {
+        episodes,
+        seed,
+        spec: EpisodeSpec {
+            ways: 5,
+            shots: 1,
+            queries: 5,
+            same_group: false,
+        },
+        split: SplitName::Test,
+    }
+}
+
+fn run(data: &FewShotDataset, learner: &dyn Learner, protocol: &EvalProtocol) -> Evaluation {
+    evaluate(
+        learner,
+        data.store.clone(),
+        &data.test,
+        protocol,
+        &Device::Cpu,
+        &mut |_| {},
+    )
+    .unwrap()
+}
+
+#[test]
+fn same_seed_gives_the_same_episodes_and_results() {
+    let data = dataset();
+    // 70 episodes: more than two sampling chunks, the last one partial.
+    let protocol = protocol(70, 1234);
+    let mut progress = Vec::new();
+    let first = evaluate(
+        &LEARNER,
+        data.store.clone(),
+        &data.test,
+        &protocol,
+        &Device::Cpu,
+        &mut |done| progress.push(done),
+    )
+    .unwrap();
+    assert_eq!(progress, (1..=70).collect::<Vec<_>>());
+    let indices: Vec<u64> = first.episodes.iter().map(|e| e.index).collect();
+    assert_eq!(indices, (0..70).collect::<Vec<u64>>());
+    assert_eq!(first.accuracy.n, 70);
+    assert!(first.seconds > 0.0);
+
+    let second = run(&data, &LEARNER, &protocol);
+    assert_eq!(first.episodes, second.episodes);
+    assert_eq!(first.accuracy, second.accuracy);
+
+    // Chance is 20%; the generator is tuned so that pixel-space neighbours
+    // do well but not perfectly.
+    assert!(first.accuracy.mean > 0.5, "{:?}", first.accuracy);
+    assert!(first
+        .episodes
+        .iter()
+        .all(|e| e.loss.is_finite() && e.loss > 0.0));
+
+    // An evaluation survives a JSON round trip (it is saved with the run).
+    let json = serde_json::to_string(&first).unwrap();
+    let back: Evaluation = serde_json::from_str(&json).unwrap();
+    assert_eq!(back.episodes, first.episodes);
+    assert_eq!(back.protocol, first.protocol);
+}
+
+#[test]
+fn a_learner_compared_with_itself_differs_by_nothing() {
+    let data = dataset();
+    let evaluation = run(&data, &LEARNER, &protocol(40, 7));
+    let comparison = compare(&evaluation, &evaluation).unwrap();
+    assert_eq!(comparison.n, 40);
+    assert_eq!(comparison.mean_difference, 0.0);
+    assert_eq!(comparison.p_value, 1.0);
+    assert_eq!(comparison.mean_a, evaluation.accuracy.mean);
+}
+
+#[test]
+fn evaluations_of_different_episodes_are_not_compared() {
+    let data = dataset();
+    let base = run(&data, &LEARNER, &protocol(20, 1));
+    let other_seed = run(&data, &LEARNER, &protocol(20, 2));
+    let err = compare(&base, &other_seed).unwrap_err();
+    assert!(matches!(err, EvalError::Mismatch { .. }), "{err}");
+    assert!(err.to_string().contains("seed 1 vs 2"), "{err}");
+
+    let fewer = run(&data, &LEARNER, &protocol(10, 1));
+    let err = check_same_episodes(&base, &fewer).unwrap_err();
+    assert!(err.to_string().contains("episodes 20 vs 10"), "{err}");
+
+    // Same protocol, but the results are of other episodes (e.g. edited by hand).
+    let mut shuffled = base.clone();
+    shuffled.episodes.swap(3, 4);
+    let err = check_same_episodes(&base, &shuffled).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("result 3 is of episode 3 vs episode 4"),
+        "{err}"
+    );
+}
+
+#[test]
+fn unusable_protocols_and_learners_are_refused() {
+    let data = dataset();
+    let try_run = |learner: &dyn Learner, protocol: &EvalProtocol| {
+        evaluate(
+            learner,
+            data.store.clone(),
+            &data.test,
+            protocol,
+            &Device::Cpu,
+            &mut |_| {},
+        )
+        .unwrap_err()
+    };
+
+    let err = try_run(&LEARNER, &protocol(0, 0));
+    assert!(matches!(err, EvalError::Empty { .. }), "{err}");
+
+    let mut no_queries = protocol(5, 0);
+    no_queries.spec.queries = 0;
+    let err = try_run(&LEARNER, &no_queries);
+    assert!(matches!(err, EvalError::Empty { .. }), "{err}");
+
+    // The test split has 20 classes: a 25-way episode cannot be drawn.
+    let mut too_wide = protocol(5, 0);
+    too_wide.spec.ways = 25;
+    let err = try_run(&LEARNER, &too_wide);
+    assert!(matches!(err, EvalError::Data(_)), "{err}");
+
+    let wrong_shape = NearestMean { extra_columns: 2 };
+    let err = try_run(&wrong_shape, &protocol(5, 0));
+    assert!(
+        err.to_string().contains("nearest-mean") && err.to_string().contains("[25, 7]"),
+        "{err}"
+    );
+}

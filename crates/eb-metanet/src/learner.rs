@@ -5,6 +5,7 @@ use candle_core::{Device, Tensor};
 use fewshot_backbone::{
     ops, Adam, BackboneError, EpisodeTensors, Learner, ParamSet, Result, StepStats, VarSet,
 };
+use rayon::prelude::*;
 
 use crate::hyperparams::EbMetaNetConfig;
 use crate::network::MetaNetwork;
@@ -67,31 +68,42 @@ impl Learner for EbMetaNet {
     }
 
     fn meta_train(&mut self, batch: &[EpisodeTensors]) -> Result<StepStats> {
-        if batch.is_empty() {
-            return Err(BackboneError::InvalidConfig {
-                field: "meta_batch",
-                value: "0".into(),
-                reason: "a training step needs at least one episode".into(),
+        // Each episode's forward and backward runs on its own core: candle's
+        // CPU ops use little more than one core on batches this small. The
+        // meta-batch loss is the mean, so its gradient is the mean gradient.
+        let params = self.weights.as_params();
+        let per_episode: Vec<Result<(ParamSet, f64, f64)>> = batch
+            .par_iter()
+            .map(|episode| {
+                let logits = self.network.logits(&params, episode)?;
+                let labels = episode.labels_for("meta-training")?;
+                let loss = ops::cross_entropy(&logits, labels)?;
+                let grads = self.weights.gradients(&loss.backward()?)?.detach();
+                let loss = loss.to_scalar::<f32>()? as f64;
+                Ok((grads, loss, ops::accuracy(&logits, labels)?))
+            })
+            .collect();
+        let scale = 1.0 / batch.len() as f64;
+        let (mut loss, mut accuracy) = (0.0, 0.0);
+        let mut grads: Option<ParamSet> = None;
+        for result in per_episode {
+            let (episode_grads, episode_loss, episode_accuracy) = result?;
+            loss += episode_loss * scale;
+            accuracy += episode_accuracy * scale;
+            grads = Some(match grads {
+                None => episode_grads.scale(scale)?,
+                Some(sum) => sum.add_scaled(&episode_grads, scale)?,
             });
         }
-        let params = self.weights.as_params();
-        let mut losses = Vec::with_capacity(batch.len());
-        let mut accuracy = 0.0;
-        for episode in batch {
-            let logits = self.network.logits(&params, episode)?;
-            let labels = episode.labels_for("meta-training")?;
-            losses.push(ops::cross_entropy(&logits, labels)?);
-            accuracy += ops::accuracy(&logits, labels)?;
-        }
-        let loss = (Tensor::stack(&losses, 0)?.mean(0))?;
-        let grads = self.weights.gradients(&loss.backward()?)?;
+        let grads = grads.ok_or_else(|| BackboneError::InvalidConfig {
+            field: "meta_batch",
+            value: "0".into(),
+            reason: "a training step needs at least one episode".into(),
+        })?;
         self.optimizer
             .set_lr(self.config.lr_at(self.optimizer.steps()));
         self.optimizer.step(&self.weights, &grads)?;
-        Ok(StepStats {
-            loss: loss.to_scalar::<f32>()? as f64,
-            accuracy: accuracy / batch.len() as f64,
-        })
+        Ok(StepStats { loss, accuracy })
     }
 
     fn predict(&self, episode: &EpisodeTensors) -> Result<Tensor> {

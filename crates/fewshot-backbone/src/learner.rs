@@ -60,7 +60,7 @@ pub struct StepStats {
 }
 
 /// A few-shot learner.
-pub trait Learner: Send {
+pub trait Learner: Send + Sync {
     /// The algorithm's config name, e.g. `"maml"`.
     fn algorithm(&self) -> &'static str;
 

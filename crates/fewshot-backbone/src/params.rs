@@ -128,6 +128,20 @@ impl ParamSet {
         })
     }
 
+    /// Every tensor multiplied by `factor`.
+    pub fn scale(&self, factor: f64) -> Result<ParamSet> {
+        self.map_tensors(|t| Ok((t * factor)?))
+    }
+
+    /// `self + factor * other`, matched by name.
+    pub fn add_scaled(&self, other: &ParamSet, factor: f64) -> Result<ParamSet> {
+        let mut out = ParamSet::new();
+        for (name, tensor) in self.iter() {
+            out.insert(name, (tensor + (other.get(name)? * factor)?)?)?;
+        }
+        Ok(out)
+    }
+
     /// One step of gradient descent, `p - lr * g` for every parameter, keeping the
     /// autograd graph so that a meta-gradient can flow through the step. Every
     /// parameter needs a gradient of the same name.

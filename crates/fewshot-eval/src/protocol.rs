@@ -5,6 +5,8 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use rayon::prelude::*;
+
 use candle_core::{DType, Device, Tensor};
 use fewshot_backbone::{ops, EpisodeTensors, Learner};
 use fewshot_data::{ClassSplit, EpisodeSampler, EpisodeSpec, ImageStore, SplitName};
@@ -61,7 +63,7 @@ impl Evaluation {
 }
 
 /// Scores `learner` on the protocol's episodes of `split`, calling
-/// `on_progress` with the number of episodes done after each one.
+/// `on_progress` with the number of episodes done after each chunk of them.
 ///
 /// `split` is the protocol's split of the caller's dataset, usually
 /// `dataset.split(protocol.split)`; its name is not checked, so a folder of
@@ -81,11 +83,22 @@ pub fn evaluate(
     while results.len() < protocol.episodes {
         let start = results.len() as u64;
         let count = EPISODE_CHUNK.min(protocol.episodes - results.len());
-        for (index, episode) in (start..).zip(sampler.episodes(start, count)) {
-            let tensors = EpisodeTensors::from_episode(&episode, device, DType::F32)?;
-            results.push(score(learner, &tensors, index)?);
-            on_progress(results.len());
+        // Episodes of a chunk are scored in parallel: candle's CPU ops use
+        // little more than one core on these small batches.
+        let scored: Vec<Result<EpisodeResult>> = sampler
+            .episodes(start, count)
+            .par_iter()
+            .enumerate()
+            .map(|(offset, episode)| {
+                let index = start + offset as u64;
+                let tensors = EpisodeTensors::from_episode(episode, device, DType::F32)?;
+                score(learner, &tensors, index)
+            })
+            .collect();
+        for result in scored {
+            results.push(result?);
         }
+        on_progress(results.len());
     }
     let accuracies: Vec<f64> = results.iter().map(|r| r.accuracy).collect();
     let accuracy = summarize(&accuracies)?;

@@ -1,0 +1,204 @@
+//! `fewshot train`, `eval`, `compare` and `predict` end to end on the built-in
+//! synthetic data, with a learner small enough to train in seconds.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use candle_core::Device;
+use fewshot_backbone::Checkpoint;
+
+fn fewshot(args: &[&str]) -> Output {
+    let out = Command::new(env!("CARGO_BIN_EXE_fewshot"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "fewshot {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn tiny_config(dir: &Path) -> PathBuf {
+    let path = dir.join("tiny.json");
+    let config = serde_json::json!({
+        "name": "tiny",
+        "data": { "dataset": "synthetic" },
+        "train_episodes": { "ways": 5, "shots": 1, "queries": 3 },
+        "test_episodes": { "ways": 5, "shots": 1, "queries": 5 },
+        "training": { "steps": 6, "meta_batch": 2, "validate_every": 3, "validation_episodes": 10 },
+        "evaluation": { "episodes": 40, "seed": 7 },
+        "algorithm": {
+            "name": "eb-metanet",
+            "embedding": { "filters": 8, "downsample": "stride2" },
+            "hidden_dim": 16
+        }
+    });
+    std::fs::write(&path, serde_json::to_string_pretty(&config).unwrap()).unwrap();
+    path
+}
+
+fn tensors(path: &Path) -> Vec<(String, Vec<f32>)> {
+    let checkpoint = Checkpoint::load(path, &Device::Cpu).unwrap();
+    checkpoint
+        .tensors
+        .iter()
+        .map(|(name, t)| {
+            let values = t
+                .to_dtype(candle_core::DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            (name.to_string(), values)
+        })
+        .collect()
+}
+
+fn str(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+#[test]
+fn a_resumed_run_ends_exactly_where_an_uninterrupted_one_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = tiny_config(dir.path());
+    let straight = dir.path().join("straight");
+    let resumed = dir.path().join("resumed");
+    fewshot(&["train", str(&config), "--out", str(&straight)]);
+    fewshot(&[
+        "train",
+        str(&config),
+        "--out",
+        str(&resumed),
+        "--stop-after",
+        "3",
+    ]);
+    assert!(!resumed.join("results.json").exists());
+    fewshot(&["train", str(&config), "--out", str(&resumed), "--resume"]);
+
+    let last = |run: &Path| tensors(&run.join("checkpoints/last.safetensors"));
+    assert_eq!(last(&straight), last(&resumed));
+    let metrics = |run: &Path| {
+        std::fs::read_to_string(run.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .count()
+    };
+    assert_eq!(metrics(&straight), metrics(&resumed));
+    for file in [
+        "config.json",
+        "results.json",
+        "report.md",
+        "training.svg",
+        "episodes.svg",
+        "checkpoints/best.safetensors",
+    ] {
+        assert!(straight.join(file).exists(), "missing {file}");
+    }
+
+    // A second run into the same directory is refused; resuming a finished run is not.
+    let out = Command::new(env!("CARGO_BIN_EXE_fewshot"))
+        .args(["train", str(&config), "--out", str(&straight)])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--resume"));
+
+    // eval reproduces the run's own figure on the same episodes, and compare
+    // of two identical learners finds no difference.
+    let results: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(straight.join("results.json")).unwrap())
+            .unwrap();
+    let eval = fewshot(&["eval", str(&straight), "--json"]);
+    let again: serde_json::Value = serde_json::from_slice(&eval.stdout).unwrap();
+    assert_eq!(
+        results["evaluation"]["accuracy"],
+        again["evaluation"]["accuracy"]
+    );
+    let compare = fewshot(&["compare", str(&straight), str(&resumed), "--json"]);
+    let comparison: serde_json::Value = serde_json::from_slice(&compare.stdout).unwrap();
+    assert_eq!(comparison["mean_difference"], 0.0);
+    assert_eq!(comparison["n"], 40);
+}
+
+#[test]
+fn compare_refuses_evaluations_of_different_episodes() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = tiny_config(dir.path());
+    let run = dir.path().join("run");
+    fewshot(&["train", str(&config), "--out", str(&run)]);
+    let other = fewshot(&["eval", str(&run), "--seed", "8", "--json"]);
+    let other_path = dir.path().join("other.json");
+    std::fs::write(&other_path, &other.stdout).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_fewshot"))
+        .args(["compare", str(&run), str(&other_path)])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("seed"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn predict_labels_query_files_from_class_folders() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = tiny_config(dir.path());
+    let run = dir.path().join("run");
+    fewshot(&["train", str(&config), "--out", str(&run)]);
+
+    // Support: 3 classes of glyph images; queries: one more image of each.
+    let data = fewshot_data::synthetic::generate(&Default::default()).unwrap();
+    let (support, query) = (dir.path().join("support"), dir.path().join("query"));
+    std::fs::create_dir_all(&query).unwrap();
+    for class in &data.test.classes[..3] {
+        let class_dir = support.join(&class.name);
+        std::fs::create_dir_all(&class_dir).unwrap();
+        for (i, &image) in class.images[..2].iter().enumerate() {
+            save_png(
+                data.store.image(image as usize),
+                &class_dir.join(format!("{i}.png")),
+            );
+        }
+        save_png(
+            data.store.image(class.images[2] as usize),
+            &query.join(format!("{}.png", class.name)),
+        );
+    }
+    let out = fewshot(&[
+        "predict",
+        "--checkpoint",
+        str(&run.join("checkpoints/best.safetensors")),
+        "--support",
+        str(&support),
+        "--query",
+        str(&query),
+        "--json",
+    ]);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let predictions = report["predictions"].as_array().unwrap();
+    assert_eq!(predictions.len(), 3);
+    let class_names: Vec<&str> = data.test.classes[..3]
+        .iter()
+        .map(|c| c.name.as_str())
+        .collect();
+    for p in predictions {
+        assert!(class_names.contains(&p["class"].as_str().unwrap()));
+        let probability = p["probability"].as_f64().unwrap();
+        assert!((1.0 / 3.0..=1.0).contains(&probability), "{probability}");
+    }
+}
+
+fn save_png(pixels: &[u8], path: &Path) {
+    let side = (pixels.len() as f64).sqrt() as u32;
+    image::GrayImage::from_raw(side, side, pixels.to_vec())
+        .unwrap()
+        .save(path)
+        .unwrap();
+}

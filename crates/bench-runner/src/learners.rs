@@ -32,3 +32,37 @@ pub fn from_checkpoint(checkpoint: &Checkpoint, device: &Device) -> Result<Box<d
     learner.load_state(&checkpoint.tensors)?;
     Ok(learner)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::config::ExperimentConfig;
+
+    #[test]
+    fn every_published_config_parses_and_builds_its_learner() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
+        let mut checked = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "json") {
+                let config = ExperimentConfig::from_file(&path).unwrap();
+                let section = serde_json::Value::Object(config.algorithm.clone());
+                build(&section, &Device::Cpu)
+                    .unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+                checked += 1;
+            }
+        }
+        assert!(checked >= 2, "no configs found in {}", dir.display());
+    }
+
+    #[test]
+    fn unknown_algorithms_are_named_with_the_known_ones() {
+        let err = build(&serde_json::json!({"name": "mammal"}), &Device::Cpu)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("mammal") && err.contains("eb-metanet"), "{err}");
+    }
+}

@@ -102,19 +102,10 @@ pub fn evaluate_run(run: &RunDir, device: &Device) -> Result<()> {
 }
 
 pub fn summary_line(results: &Results) -> String {
-    let e = &results.evaluation;
-    let s = e.protocol.spec;
     format!(
-        "{}: accuracy {:.2}% ± {:.2}% (95% CI, {} episodes, {}-way {}-shot {}-query, split {}, seed {})",
+        "{}: {}",
         results.algorithm,
-        100.0 * e.accuracy.mean,
-        100.0 * e.accuracy.ci95,
-        e.accuracy.n,
-        s.ways,
-        s.shots,
-        s.queries,
-        e.protocol.split,
-        e.protocol.seed
+        fewshot_eval::accuracy_line(&results.evaluation)
     )
 }
 

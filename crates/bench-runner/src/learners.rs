@@ -63,6 +63,9 @@ mod tests {
             .err()
             .unwrap()
             .to_string();
-        assert!(err.contains("mammal") && err.contains("eb-metanet"), "{err}");
+        assert!(
+            err.contains("mammal") && err.contains("eb-metanet"),
+            "{err}"
+        );
     }
 }

@@ -202,3 +202,38 @@ fn save_png(pixels: &[u8], path: &Path) {
         .save(path)
         .unwrap();
 }
+
+#[test]
+fn predict_names_a_corrupt_support_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = tiny_config(dir.path());
+    let run = dir.path().join("run");
+    fewshot(&[
+        "train",
+        str(&config),
+        "--out",
+        str(&run),
+        "--stop-after",
+        "3",
+    ]);
+    let (support, query) = (dir.path().join("support"), dir.path().join("query"));
+    for class in ["a", "b"] {
+        std::fs::create_dir_all(support.join(class)).unwrap();
+        save_png(&[0u8; 28 * 28], &support.join(class).join("0.png"));
+    }
+    std::fs::write(support.join("b").join("broken.png"), b"\x89PNG not really").unwrap();
+    std::fs::create_dir_all(&query).unwrap();
+    save_png(&[0u8; 28 * 28], &query.join("q.png"));
+    let out = Command::new(env!("CARGO_BIN_EXE_fewshot"))
+        .args([
+            "predict",
+            "--checkpoint",
+            str(&run.join("checkpoints/last.safetensors")),
+        ])
+        .args(["--support", str(&support), "--query", str(&query)])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("broken.png"), "{stderr}");
+}

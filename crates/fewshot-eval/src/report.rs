@@ -113,7 +113,7 @@ pub fn write_report(dir: &Path, input: &ReportInput) -> Result<PathBuf> {
 /// `accuracy: 98.73% ± 0.25% (95% CI, 1000 episodes, 5-way 1-shot 15-query,
 /// split test, seed 1234)`: the result as the papers report it, with
 /// everything needed to reproduce the episodes.
-fn accuracy_line(evaluation: &Evaluation) -> String {
+pub fn accuracy_line(evaluation: &Evaluation) -> String {
     let protocol = &evaluation.protocol;
     let spec = protocol.spec;
     let within = if spec.same_group { " within-group" } else { "" };

@@ -1,27 +1,101 @@
 //! `fewshot bench`: measured figures for docs/RESULTS.md.
 
+use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{bail, Result};
+use candle_core::DType;
+use fewshot_backbone::EpisodeTensors;
 use fewshot_data::{CacheStatus, EpisodeSampler, EpisodeSpec};
 use serde_json::json;
 
-use crate::config::DataConfig;
-use crate::datasets;
+use crate::config::{DataConfig, ExperimentConfig};
+use crate::{datasets, learners};
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 pub enum Suite {
     /// Cold load, warm (cached) load, and episode sampling rate.
     Data,
+    /// Meta-training speed of a config's learner on its own episodes.
+    Train,
 }
 
 /// Episodes are drawn in chunks of this many, each chunk in parallel.
 const CHUNK: usize = 1000;
 
-pub fn run(suite: Suite, config: &DataConfig, episodes: usize, as_json: bool) -> Result<()> {
-    match suite {
-        Suite::Data => data_suite(config, episodes, as_json),
+pub fn run(
+    suite: Suite,
+    data: &DataConfig,
+    experiment: Option<&Path>,
+    episodes: usize,
+    as_json: bool,
+) -> Result<()> {
+    match (suite, experiment) {
+        (Suite::Data, _) => data_suite(data, episodes, as_json),
+        (Suite::Train, Some(path)) => train_suite(path, episodes, as_json),
+        (Suite::Train, None) => bail!("--suite train needs --config CONFIG.json"),
     }
+}
+
+/// Steps run before timing, so that allocations and caches settle.
+const WARMUP_STEPS: u64 = 3;
+
+/// Median time per meta-training step of the config's learner, over steps
+/// that together hold at least `episodes` episodes.
+fn train_suite(path: &Path, episodes: usize, as_json: bool) -> Result<()> {
+    let config = ExperimentConfig::from_file(path)?;
+    let device = config.device_choice()?.open()?;
+    let loaded = datasets::load(&config.data, config.seed)?;
+    let data = &loaded.dataset;
+    let section = serde_json::Value::Object(config.algorithm.clone());
+    let mut learner = learners::build(&section, &device)?;
+    let meta_batch = config.training.meta_batch;
+    let sampler = EpisodeSampler::new(
+        data.store.clone(),
+        data.train.clone(),
+        config.train_episodes.spec(),
+        config.seed,
+    )?;
+    let steps = episodes.div_ceil(meta_batch).max(1) as u64;
+    let mut times = Vec::new();
+    for step in 0..WARMUP_STEPS + steps {
+        let start = Instant::now();
+        let batch: Vec<EpisodeTensors> = sampler
+            .episodes(step * meta_batch as u64, meta_batch)
+            .iter()
+            .map(|e| EpisodeTensors::from_episode(e, &device, DType::F32))
+            .collect::<fewshot_backbone::Result<_>>()?;
+        learner.meta_train(&batch)?;
+        if step >= WARMUP_STEPS {
+            times.push(start.elapsed().as_secs_f64());
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    let median = times[times.len() / 2];
+    let spec = config.train_episodes;
+    let report = json!({
+        "suite": "train",
+        "config": path,
+        "algorithm": learner.algorithm(),
+        "episode": format!("{}-way {}-shot {}-query", spec.ways, spec.shots, spec.queries),
+        "meta_batch": meta_batch,
+        "steps": times.len(),
+        "median_step_ms": median * 1e3,
+        "episodes_per_second": meta_batch as f64 / median,
+    });
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!(
+            "{}: {} steps of {meta_batch} x {}, median {:.1} ms/step, {:.2} episodes/s",
+            learner.algorithm(),
+            times.len(),
+            report["episode"].as_str().unwrap_or_default(),
+            median * 1e3,
+            meta_batch as f64 / median
+        );
+    }
+    Ok(())
 }
 
 fn data_suite(config: &DataConfig, episodes: usize, as_json: bool) -> Result<()> {

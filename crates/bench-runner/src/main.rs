@@ -99,9 +99,12 @@ enum Command {
     Bench {
         #[arg(long, value_enum, default_value = "data")]
         suite: bench::Suite,
+        /// The experiment config whose learner `--suite train` times.
+        #[arg(long)]
+        config: Option<PathBuf>,
         #[command(flatten)]
         data: DataArgs,
-        /// Episodes to sample for the sampling rate.
+        /// Episodes to sample (data) or to train on (train).
         #[arg(long, default_value_t = 20_000)]
         episodes: usize,
         /// Print one JSON object instead of a table.
@@ -228,10 +231,11 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Bench {
             suite,
+            config,
             data,
             episodes,
             json,
-        } => bench::run(suite, &data.to_config(), episodes, json),
+        } => bench::run(suite, &data.to_config(), config.as_deref(), episodes, json),
     }
 }
 

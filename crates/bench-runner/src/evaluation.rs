@@ -30,6 +30,11 @@ pub struct Results {
 pub struct Overrides {
     pub episodes: Option<usize>,
     pub seed: Option<u64>,
+    /// Test episodes of another shape than the experiment's, e.g. 5-shot
+    /// episodes for a model trained on 1-shot ones.
+    pub ways: Option<usize>,
+    pub shots: Option<usize>,
+    pub queries: Option<usize>,
 }
 
 pub fn evaluate_checkpoint(
@@ -42,10 +47,14 @@ pub fn evaluate_checkpoint(
     let progress = Progress::from_checkpoint(&checkpoint, path)?;
     let learner = learners::from_checkpoint(&checkpoint, device)?;
     let loaded = datasets::load(&experiment.data, experiment.seed)?;
+    let mut spec = experiment.test_episodes.spec();
+    spec.ways = overrides.ways.unwrap_or(spec.ways);
+    spec.shots = overrides.shots.unwrap_or(spec.shots);
+    spec.queries = overrides.queries.unwrap_or(spec.queries);
     let protocol = EvalProtocol {
         episodes: overrides.episodes.unwrap_or(experiment.evaluation.episodes),
         seed: overrides.seed.unwrap_or(experiment.evaluation.seed),
-        spec: experiment.test_episodes.spec(),
+        spec,
         split: experiment.evaluation.split,
     };
     let bar = progress::bar(protocol.episodes as u64, "eval");

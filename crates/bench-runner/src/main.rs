@@ -59,6 +59,15 @@ enum Command {
         /// Seed of the test episodes (default: the experiment's).
         #[arg(long)]
         seed: Option<u64>,
+        /// Classes per test episode (default: the experiment's).
+        #[arg(long)]
+        ways: Option<usize>,
+        /// Support images per class (default: the experiment's).
+        #[arg(long)]
+        shots: Option<usize>,
+        /// Query images per class (default: the experiment's).
+        #[arg(long)]
+        queries: Option<usize>,
         #[arg(long, default_value = "auto")]
         device: String,
         #[arg(long)]
@@ -205,11 +214,20 @@ fn run(cli: Cli) -> Result<()> {
             target,
             episodes,
             seed,
+            ways,
+            shots,
+            queries,
             device,
             json,
         } => {
             let device = open_device(&device)?;
-            let overrides = evaluation::Overrides { episodes, seed };
+            let overrides = evaluation::Overrides {
+                episodes,
+                seed,
+                ways,
+                shots,
+                queries,
+            };
             evaluation::run_eval(&target, &device, overrides, json)
         }
         Command::Compare { a, b, json } => evaluation::run_compare(&a, &b, json),

@@ -119,6 +119,18 @@ fn a_resumed_run_ends_exactly_where_an_uninterrupted_one_does() {
         results["evaluation"]["accuracy"],
         again["evaluation"]["accuracy"]
     );
+    let five_shot = fewshot(&[
+        "eval",
+        str(&straight),
+        "--shots",
+        "3",
+        "--ways",
+        "4",
+        "--json",
+    ]);
+    let five_shot: serde_json::Value = serde_json::from_slice(&five_shot.stdout).unwrap();
+    assert_eq!(five_shot["evaluation"]["protocol"]["spec"]["shots"], 3);
+    assert_eq!(five_shot["evaluation"]["protocol"]["spec"]["ways"], 4);
     let compare = fewshot(&["compare", str(&straight), str(&resumed), "--json"]);
     let comparison: serde_json::Value = serde_json::from_slice(&compare.stdout).unwrap();
     assert_eq!(comparison["mean_difference"], 0.0);

@@ -184,3 +184,30 @@ pub fn run_compare(a: &Path, b: &Path, as_json: bool) -> Result<()> {
     );
     Ok(())
 }
+
+/// Copies a run's evaluated checkpoint without optimiser state, with the
+/// run's test result line in its metadata.
+pub fn publish(run: &Path, model: &Path) -> Result<()> {
+    let run_dir = RunDir::new(run.to_path_buf());
+    let results = read_results(run).context("publish needs a finished, evaluated run")?;
+    let mut checkpoint = Checkpoint::load(&results.checkpoint, &Device::Cpu)?;
+    let mut weights = fewshot_backbone::ParamSet::new();
+    for (name, tensor) in checkpoint.tensors.iter() {
+        if !name.starts_with(fewshot_backbone::OPTIMIZER_PREFIX) {
+            weights.insert(name, tensor.clone())?;
+        }
+    }
+    checkpoint.tensors = weights;
+    checkpoint
+        .extra
+        .insert("result".into(), summary_line(&results));
+    checkpoint.save(model)?;
+    println!(
+        "published {} ({} of run {}) to {}",
+        results.checkpoint.display(),
+        summary_line(&results),
+        run_dir.root.display(),
+        model.display()
+    );
+    Ok(())
+}

@@ -96,6 +96,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Write a run's evaluated checkpoint as a small model file (weights and
+    /// experiment config, no optimiser state), e.g. into models/.
+    Publish { run: PathBuf, model: PathBuf },
     /// Check an experiment config and print it with every default filled in.
     Config {
         /// The JSON config; omit it with --defaults.
@@ -238,6 +241,7 @@ fn run(cli: Cli) -> Result<()> {
             device,
             json,
         } => predict::run(&checkpoint, &support, &query, &open_device(&device)?, json),
+        Command::Publish { run, model } => evaluation::publish(&run, &model),
         Command::Config { config, defaults } => {
             let config = match (config, defaults) {
                 (_, true) => ExperimentConfig::default(),

@@ -131,6 +131,17 @@ fn a_resumed_run_ends_exactly_where_an_uninterrupted_one_does() {
     let five_shot: serde_json::Value = serde_json::from_slice(&five_shot.stdout).unwrap();
     assert_eq!(five_shot["evaluation"]["protocol"]["spec"]["shots"], 3);
     assert_eq!(five_shot["evaluation"]["protocol"]["spec"]["ways"], 4);
+    // A published model is smaller (no optimiser state) and evaluates the same.
+    let model = dir.path().join("models/tiny.safetensors");
+    fewshot(&["publish", str(&straight), str(&model)]);
+    let published = fewshot(&["eval", str(&model), "--json"]);
+    let published: serde_json::Value = serde_json::from_slice(&published.stdout).unwrap();
+    assert_eq!(
+        results["evaluation"]["accuracy"],
+        published["evaluation"]["accuracy"]
+    );
+    let size = |p: &Path| std::fs::metadata(p).unwrap().len();
+    assert!(size(&model) < size(&straight.join("checkpoints/best.safetensors")) / 2);
     let compare = fewshot(&["compare", str(&straight), str(&resumed), "--json"]);
     let comparison: serde_json::Value = serde_json::from_slice(&compare.stdout).unwrap();
     assert_eq!(comparison["mean_difference"], 0.0);

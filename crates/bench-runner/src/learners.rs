@@ -6,7 +6,7 @@ use candle_core::Device;
 use fewshot_backbone::{Checkpoint, Learner};
 
 /// The algorithms this build knows, by config name.
-pub const ALGORITHMS: &[&str] = &[eb_metanet::ALGORITHM];
+pub const ALGORITHMS: &[&str] = &[eb_metanet::ALGORITHM, maml::ALGORITHM];
 
 /// Builds a fresh learner from a config's `algorithm` section.
 pub fn build(section: &serde_json::Value, device: &Device) -> Result<Box<dyn Learner>> {
@@ -18,6 +18,9 @@ pub fn build(section: &serde_json::Value, device: &Device) -> Result<Box<dyn Lea
         eb_metanet::ALGORITHM => Box::new(
             eb_metanet::EbMetaNet::from_json(section, device).context("field `algorithm`")?,
         ),
+        maml::ALGORITHM => {
+            Box::new(maml::Maml::from_json(section, device).context("field `algorithm`")?)
+        }
         other => bail!(
             "field `algorithm.name`: unknown algorithm `{other}` (this build knows: {})",
             ALGORITHMS.join(", ")

@@ -1,0 +1,172 @@
+//! MAML's hyperparameters, validated when the learner is built, and the
+//! paper's settings in one place.
+
+use fewshot_backbone::{AdamConfig, BackboneError, Conv4Config, Result};
+use serde::{Deserialize, Serialize};
+
+/// How the meta-gradient treats the inner updates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Order {
+    /// Exact: through every inner step (Hessian-vector products).
+    Second,
+    /// Inner gradients as constants: the paper's first-order approximation.
+    First,
+}
+
+/// Which weights the inner loop adapts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Adapt {
+    /// Every weight but batch norm's, as the reference code.
+    All,
+    /// The linear classifier only (ANIL, Raghu et al. 2020).
+    Head,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MamlConfig {
+    /// The network; its classifier gets `ways` outputs.
+    pub network: Conv4Config,
+    /// Classes per episode: the classifier's width.
+    pub ways: usize,
+    pub inner_lr: f64,
+    pub inner_steps_train: usize,
+    pub inner_steps_test: usize,
+    pub order: Order,
+    pub adapt: Adapt,
+    /// The meta-optimiser. Default Adam, lr 1e-3, no clipping (the paper's).
+    pub optimizer: AdamConfig,
+    /// Seeds the initial weights.
+    pub init_seed: u64,
+}
+
+impl Default for MamlConfig {
+    fn default() -> Self {
+        Self::omniglot_5way()
+    }
+}
+
+impl MamlConfig {
+    /// Omniglot 5-way: inner lr 0.4, 1 step in training, 3 at test.
+    pub fn omniglot_5way() -> Self {
+        Self {
+            network: Conv4Config::omniglot(),
+            ways: 5,
+            inner_lr: 0.4,
+            inner_steps_train: 1,
+            inner_steps_test: 3,
+            order: Order::Second,
+            adapt: Adapt::All,
+            optimizer: AdamConfig::default(),
+            init_seed: 0,
+        }
+    }
+
+    /// Omniglot 20-way: inner lr 0.1, 5 steps in training and test.
+    pub fn omniglot_20way() -> Self {
+        Self {
+            ways: 20,
+            inner_lr: 0.1,
+            inner_steps_train: 5,
+            inner_steps_test: 5,
+            ..Self::omniglot_5way()
+        }
+    }
+
+    /// miniImageNet 5-way: 32 filters with max-pooling, inner lr 0.01, 5 steps
+    /// in training and 10 at test.
+    pub fn mini_imagenet() -> Self {
+        Self {
+            network: Conv4Config::mini_imagenet(),
+            inner_lr: 0.01,
+            inner_steps_train: 5,
+            inner_steps_test: 10,
+            ..Self::omniglot_5way()
+        }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let invalid = |field: &'static str, value: String, reason: &str| {
+            Err(BackboneError::InvalidConfig {
+                field,
+                value,
+                reason: reason.into(),
+            })
+        };
+        self.network().validate()?;
+        self.optimizer.validate()?;
+        if self
+            .network
+            .classifier_outputs
+            .is_some_and(|n| n != self.ways)
+        {
+            return invalid(
+                "network.classifier_outputs",
+                format!("{:?}", self.network.classifier_outputs),
+                "leave it null: the classifier gets `ways` outputs",
+            );
+        }
+        if self.ways < 2 {
+            return invalid("ways", self.ways.to_string(), "must be at least 2");
+        }
+        if self.inner_lr.is_nan() || self.inner_lr <= 0.0 {
+            return invalid("inner_lr", self.inner_lr.to_string(), "must be positive");
+        }
+        if self.inner_steps_train == 0 {
+            return invalid("inner_steps_train", "0".into(), "must be at least 1");
+        }
+        Ok(())
+    }
+
+    /// The network with its `ways`-wide classifier.
+    pub fn network(&self) -> Conv4Config {
+        Conv4Config {
+            classifier_outputs: Some(self.ways),
+            ..self.network.clone()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn presets_are_the_papers_settings_and_valid() {
+        for c in [
+            MamlConfig::omniglot_5way(),
+            MamlConfig::omniglot_20way(),
+            MamlConfig::mini_imagenet(),
+        ] {
+            c.validate().unwrap();
+        }
+        let c = MamlConfig::omniglot_20way();
+        assert_eq!(
+            (c.inner_lr, c.inner_steps_train, c.inner_steps_test),
+            (0.1, 5, 5)
+        );
+        assert_eq!(MamlConfig::mini_imagenet().network().feature_dim(), 800);
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let c = MamlConfig {
+            inner_lr: 0.0,
+            ..Default::default()
+        };
+        assert!(c.validate().unwrap_err().to_string().contains("inner_lr"));
+        let c = MamlConfig {
+            inner_steps_train: 0,
+            ..Default::default()
+        };
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("inner_steps_train"));
+        let err = serde_json::from_str::<MamlConfig>(r#"{"order": "third"}"#).unwrap_err();
+        assert!(err.to_string().contains("third"), "{err}");
+    }
+}

@@ -1,0 +1,20 @@
+//! MAML (Finn, Abbeel & Levine 2017): learn an initialisation from which a
+//! few steps of gradient descent on a task's support set fit the task.
+//!
+//! - [`inner_loop::adapt`] runs the conv-4 backbone functionally on adapted
+//!   weights: K SGD steps on the support loss.
+//! - Second order ([`Order::Second`]) differentiates the query loss through
+//!   every inner step (gradients of gradients); first order drops those
+//!   terms; [`Adapt::Head`] adapts the classifier only (ANIL).
+//! - [`Maml`] is the meta-learner behind the shared `Learner` trait.
+
+pub mod hyperparams;
+pub mod inner_loop;
+pub mod learner;
+
+pub use hyperparams::{Adapt, MamlConfig, Order};
+pub use inner_loop::{adapt, InnerLoop};
+pub use learner::Maml;
+
+/// The name of this algorithm in configs and checkpoints.
+pub const ALGORITHM: &str = "maml";

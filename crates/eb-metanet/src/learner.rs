@@ -3,9 +3,10 @@
 
 use candle_core::{Device, Tensor};
 use fewshot_backbone::{
-    ops, Adam, BackboneError, EpisodeTensors, Learner, ParamSet, Result, StepStats, VarSet,
+    algorithm_section, load_training_state, mean_over_episodes, ops, parse_algorithm_section,
+    training_state, Adam, EpisodeGradient, EpisodeTensors, Learner, ParamSet, Result, StepStats,
+    VarSet,
 };
-use rayon::prelude::*;
 
 use crate::hyperparams::EbMetaNetConfig;
 use crate::network::MetaNetwork;
@@ -33,20 +34,9 @@ impl EbMetaNet {
         })
     }
 
-    /// Builds from the JSON of a config's `algorithm` section (the `name`
-    /// field, if present, is the caller's business and is ignored).
-    pub fn from_json(value: &serde_json::Value, device: &Device) -> Result<Self> {
-        let mut value = value.clone();
-        if let Some(map) = value.as_object_mut() {
-            map.remove("name");
-        }
-        let config: EbMetaNetConfig =
-            serde_json::from_value(value).map_err(|e| BackboneError::InvalidConfig {
-                field: "algorithm",
-                value: ALGORITHM.into(),
-                reason: e.to_string(),
-            })?;
-        Self::new(config, device)
+    /// Builds from a config's `algorithm` section.
+    pub fn from_json(section: &serde_json::Value, device: &Device) -> Result<Self> {
+        Self::new(parse_algorithm_section(section, ALGORITHM)?, device)
     }
 
     pub fn network(&self) -> &MetaNetwork {
@@ -60,50 +50,25 @@ impl Learner for EbMetaNet {
     }
 
     fn config(&self) -> serde_json::Value {
-        let mut value = serde_json::to_value(&self.config).unwrap_or_default();
-        if let Some(map) = value.as_object_mut() {
-            map.insert("name".into(), ALGORITHM.into());
-        }
-        value
+        algorithm_section(&self.config, ALGORITHM)
     }
 
     fn meta_train(&mut self, batch: &[EpisodeTensors]) -> Result<StepStats> {
-        // Each episode's forward and backward runs on its own core: candle's
-        // CPU ops use little more than one core on batches this small. The
-        // meta-batch loss is the mean, so its gradient is the mean gradient.
         let params = self.weights.as_params();
-        let per_episode: Vec<Result<(ParamSet, f64, f64)>> = batch
-            .par_iter()
-            .map(|episode| {
-                let logits = self.network.logits(&params, episode)?;
-                let labels = episode.labels_for("meta-training")?;
-                let loss = ops::cross_entropy(&logits, labels)?;
-                let grads = self.weights.gradients(&loss.backward()?)?.detach();
-                let loss = loss.to_scalar::<f32>()? as f64;
-                Ok((grads, loss, ops::accuracy(&logits, labels)?))
+        let (gradient, stats) = mean_over_episodes(batch, |episode| {
+            let logits = self.network.logits(&params, episode)?;
+            let labels = episode.labels_for("meta-training")?;
+            let loss = ops::cross_entropy(&logits, labels)?;
+            Ok(EpisodeGradient {
+                gradient: self.weights.gradients(&loss.backward()?)?.detach(),
+                loss: loss.to_scalar::<f32>()? as f64,
+                accuracy: ops::accuracy(&logits, labels)?,
             })
-            .collect();
-        let scale = 1.0 / batch.len() as f64;
-        let (mut loss, mut accuracy) = (0.0, 0.0);
-        let mut grads: Option<ParamSet> = None;
-        for result in per_episode {
-            let (episode_grads, episode_loss, episode_accuracy) = result?;
-            loss += episode_loss * scale;
-            accuracy += episode_accuracy * scale;
-            grads = Some(match grads {
-                None => episode_grads.scale(scale)?,
-                Some(sum) => sum.add_scaled(&episode_grads, scale)?,
-            });
-        }
-        let grads = grads.ok_or_else(|| BackboneError::InvalidConfig {
-            field: "meta_batch",
-            value: "0".into(),
-            reason: "a training step needs at least one episode".into(),
         })?;
         self.optimizer
             .set_lr(self.config.lr_at(self.optimizer.steps()));
-        self.optimizer.step(&self.weights, &grads)?;
-        Ok(StepStats { loss, accuracy })
+        self.optimizer.step(&self.weights, &gradient)?;
+        Ok(stats)
     }
 
     fn predict(&self, episode: &EpisodeTensors) -> Result<Tensor> {
@@ -112,14 +77,11 @@ impl Learner for EbMetaNet {
     }
 
     fn state(&self) -> Result<ParamSet> {
-        let mut state = self.weights.as_params().detach();
-        state.extend(&self.optimizer.state()?)?;
-        Ok(state)
+        training_state(&self.weights, &self.optimizer)
     }
 
     fn load_state(&mut self, state: &ParamSet) -> Result<()> {
-        self.weights.set(state)?;
-        self.optimizer.load_state(state)
+        load_training_state(&self.weights, &mut self.optimizer, state)
     }
 }
 

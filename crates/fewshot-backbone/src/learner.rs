@@ -4,6 +4,9 @@
 
 use candle_core::{DType, Device, Tensor};
 use fewshot_data::Episode;
+use rayon::prelude::*;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 
 use crate::checkpoint::Checkpoint;
 use crate::error::{BackboneError, Result};
@@ -94,3 +97,72 @@ pub trait Learner: Send + Sync {
 /// Names in [`Learner::state`] that start with this are optimiser state, which
 /// a published model may leave out.
 pub const OPTIMIZER_PREFIX: &str = "optimizer.";
+
+/// Parses a config's `algorithm` section into an algorithm's hyperparameters;
+/// the `name` field picks the algorithm and is not one of them.
+pub fn parse_algorithm_section<T: DeserializeOwned>(
+    section: &serde_json::Value,
+    algorithm: &'static str,
+) -> Result<T> {
+    let mut section = section.clone();
+    if let Some(map) = section.as_object_mut() {
+        map.remove("name");
+    }
+    serde_json::from_value(section).map_err(|e| BackboneError::InvalidConfig {
+        field: "algorithm",
+        value: algorithm.into(),
+        reason: e.to_string(),
+    })
+}
+
+/// Hyperparameters as an `algorithm` section, with its `name`: what
+/// [`Learner::config`] returns and [`parse_algorithm_section`] reads back.
+pub fn algorithm_section(
+    hyperparameters: &impl Serialize,
+    algorithm: &'static str,
+) -> serde_json::Value {
+    let mut section = serde_json::to_value(hyperparameters).unwrap_or_default();
+    if let Some(map) = section.as_object_mut() {
+        map.insert("name".into(), algorithm.into());
+    }
+    section
+}
+
+/// What one episode contributes to a meta-training step.
+pub struct EpisodeGradient {
+    /// Gradient of the episode's loss, detached.
+    pub gradient: ParamSet,
+    pub loss: f64,
+    pub accuracy: f64,
+}
+
+/// Runs `episode_gradient` on every episode of a meta-batch in parallel (one
+/// per core: candle's CPU ops use about one core on batches this small) and
+/// averages: the meta-batch loss is the mean, so its gradient is the mean.
+pub fn mean_over_episodes(
+    batch: &[EpisodeTensors],
+    episode_gradient: impl Fn(&EpisodeTensors) -> Result<EpisodeGradient> + Sync,
+) -> Result<(ParamSet, StepStats)> {
+    let results: Vec<Result<EpisodeGradient>> = batch.par_iter().map(&episode_gradient).collect();
+    let scale = 1.0 / batch.len().max(1) as f64;
+    let mut stats = StepStats {
+        loss: 0.0,
+        accuracy: 0.0,
+    };
+    let mut sum: Option<ParamSet> = None;
+    for result in results {
+        let episode = result?;
+        stats.loss += episode.loss * scale;
+        stats.accuracy += episode.accuracy * scale;
+        sum = Some(match sum {
+            None => episode.gradient.scale(scale)?,
+            Some(sum) => sum.add_scaled(&episode.gradient, scale)?,
+        });
+    }
+    let gradient = sum.ok_or_else(|| BackboneError::InvalidConfig {
+        field: "meta_batch",
+        value: "0".into(),
+        reason: "a training step needs at least one episode".into(),
+    })?;
+    Ok((gradient, stats))
+}

@@ -17,6 +17,9 @@ pub use checkpoint::{write_atomic, Checkpoint};
 pub use conv4::{Conv4, Conv4Config, Downsample, FeatureHead};
 pub use device::DeviceChoice;
 pub use error::{BackboneError, Result};
-pub use learner::{EpisodeTensors, Learner, StepStats, OPTIMIZER_PREFIX};
-pub use optim::{Adam, AdamConfig};
+pub use learner::{
+    algorithm_section, mean_over_episodes, parse_algorithm_section, EpisodeGradient,
+    EpisodeTensors, Learner, StepStats, OPTIMIZER_PREFIX,
+};
+pub use optim::{load_training_state, training_state, Adam, AdamConfig};
 pub use params::{ParamSet, Probes, VarSet};

@@ -182,6 +182,19 @@ impl Adam {
     }
 }
 
+/// A learner's resumable state: its weights, then the optimiser's entries.
+pub fn training_state(weights: &VarSet, optimizer: &Adam) -> Result<ParamSet> {
+    let mut state = weights.as_params().detach();
+    state.extend(&optimizer.state()?)?;
+    Ok(state)
+}
+
+/// Restores [`training_state`] (optimiser entries optional).
+pub fn load_training_state(weights: &VarSet, optimizer: &mut Adam, state: &ParamSet) -> Result<()> {
+    weights.set(state)?;
+    optimizer.load_state(state)
+}
+
 /// L2 norm of all the tensors together.
 pub fn global_norm(tensors: &ParamSet) -> Result<f64> {
     let mut total = 0.0;

@@ -2,10 +2,10 @@
 
 use candle_core::{DType, Device, Tensor};
 use fewshot_backbone::{
-    ops, second_order, Adam, BackboneError, Conv4, EpisodeTensors, Learner, ParamSet, Result,
-    StepStats, VarSet,
+    algorithm_section, load_training_state, mean_over_episodes, ops, parse_algorithm_section,
+    second_order, training_state, Adam, BackboneError, Conv4, EpisodeGradient, EpisodeTensors,
+    Learner, ParamSet, Result, StepStats, VarSet,
 };
-use rayon::prelude::*;
 
 use crate::hyperparams::{MamlConfig, Order};
 use crate::inner_loop::{adapt, InnerLoop};
@@ -37,19 +37,9 @@ impl Maml {
         })
     }
 
-    /// Builds from a config's `algorithm` section (`name` is ignored).
-    pub fn from_json(value: &serde_json::Value, device: &Device) -> Result<Self> {
-        let mut value = value.clone();
-        if let Some(map) = value.as_object_mut() {
-            map.remove("name");
-        }
-        let config: MamlConfig =
-            serde_json::from_value(value).map_err(|e| BackboneError::InvalidConfig {
-                field: "algorithm",
-                value: ALGORITHM.into(),
-                reason: e.to_string(),
-            })?;
-        Self::new(config, device)
+    /// Builds from a config's `algorithm` section.
+    pub fn from_json(section: &serde_json::Value, device: &Device) -> Result<Self> {
+        Self::new(parse_algorithm_section(section, ALGORITHM)?, device)
     }
 
     fn inner_loop(&self, steps: usize, order: Order) -> InnerLoop {
@@ -77,12 +67,12 @@ impl Maml {
         Ok(support / episode.ways)
     }
 
-    /// Query loss, query accuracy and the meta-gradient of one task.
+    /// The meta-gradient, query loss and query accuracy of one task.
     fn task_gradient(
         &self,
         params: &ParamSet,
         episode: &EpisodeTensors,
-    ) -> Result<(ParamSet, f64, f64)> {
+    ) -> Result<EpisodeGradient> {
         if self.config.order == Order::Second {
             // candle reads its switch once per thread: check this one.
             second_order::ensure_available()?;
@@ -100,9 +90,11 @@ impl Maml {
         let logits = self.net.forward(&adapted, &episode.query)?;
         let labels = episode.labels_for("meta-training")?;
         let loss = ops::cross_entropy(&logits, labels)?;
-        let grads = self.weights.gradients(&loss.backward()?)?.detach();
-        let loss_value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        Ok((grads, loss_value, ops::accuracy(&logits, labels)?))
+        Ok(EpisodeGradient {
+            gradient: self.weights.gradients(&loss.backward()?)?.detach(),
+            loss: loss.to_dtype(DType::F64)?.to_scalar::<f64>()?,
+            accuracy: ops::accuracy(&logits, labels)?,
+        })
     }
 }
 
@@ -112,39 +104,15 @@ impl Learner for Maml {
     }
 
     fn config(&self) -> serde_json::Value {
-        let mut value = serde_json::to_value(&self.config).unwrap_or_default();
-        if let Some(map) = value.as_object_mut() {
-            map.insert("name".into(), ALGORITHM.into());
-        }
-        value
+        algorithm_section(&self.config, ALGORITHM)
     }
 
     fn meta_train(&mut self, batch: &[EpisodeTensors]) -> Result<StepStats> {
         let params = self.weights.as_params();
-        // Tasks are independent until their gradients are averaged: one per core.
-        let tasks: Vec<Result<(ParamSet, f64, f64)>> = batch
-            .par_iter()
-            .map(|episode| self.task_gradient(&params, episode))
-            .collect();
-        let scale = 1.0 / batch.len().max(1) as f64;
-        let (mut loss, mut accuracy) = (0.0, 0.0);
-        let mut grads: Option<ParamSet> = None;
-        for task in tasks {
-            let (task_grads, task_loss, task_accuracy) = task?;
-            loss += task_loss * scale;
-            accuracy += task_accuracy * scale;
-            grads = Some(match grads {
-                None => task_grads.scale(scale)?,
-                Some(sum) => sum.add_scaled(&task_grads, scale)?,
-            });
-        }
-        let grads = grads.ok_or_else(|| BackboneError::InvalidConfig {
-            field: "meta_batch",
-            value: "0".into(),
-            reason: "a training step needs at least one episode".into(),
-        })?;
-        self.optimizer.step(&self.weights, &grads)?;
-        Ok(StepStats { loss, accuracy })
+        let (gradient, stats) =
+            mean_over_episodes(batch, |episode| self.task_gradient(&params, episode))?;
+        self.optimizer.step(&self.weights, &gradient)?;
+        Ok(stats)
     }
 
     /// Adapts with the test step count; first order suffices, as nothing is
@@ -165,14 +133,11 @@ impl Learner for Maml {
     }
 
     fn state(&self) -> Result<ParamSet> {
-        let mut state = self.weights.as_params().detach();
-        state.extend(&self.optimizer.state()?)?;
-        Ok(state)
+        training_state(&self.weights, &self.optimizer)
     }
 
     fn load_state(&mut self, state: &ParamSet) -> Result<()> {
-        self.weights.set(state)?;
-        self.optimizer.load_state(state)
+        load_training_state(&self.weights, &mut self.optimizer, state)
     }
 }
 

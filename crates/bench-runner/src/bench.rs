@@ -10,7 +10,7 @@ use fewshot_data::{CacheStatus, EpisodeSampler, EpisodeSpec};
 use serde_json::json;
 
 use crate::config::{DataConfig, ExperimentConfig};
-use crate::{datasets, learners};
+use crate::{datasets, kernel_bench, learners};
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 pub enum Suite {
@@ -18,22 +18,31 @@ pub enum Suite {
     Data,
     /// Meta-training speed of a config's learner on its own episodes.
     Train,
+    /// The backbone's CPU kernels on the training, MAML and evaluation cases
+    /// of the speed issue (`--case` picks some).
+    Kernels,
 }
 
 /// Episodes are drawn in chunks of this many, each chunk in parallel.
 const CHUNK: usize = 1000;
 
-pub fn run(
-    suite: Suite,
-    data: &DataConfig,
-    experiment: Option<&Path>,
-    episodes: usize,
-    as_json: bool,
-) -> Result<()> {
-    match (suite, experiment) {
-        (Suite::Data, _) => data_suite(data, episodes, as_json),
-        (Suite::Train, Some(path)) => train_suite(path, episodes, as_json),
+/// What `fewshot bench` was asked to run.
+pub struct BenchArgs<'a> {
+    pub suite: Suite,
+    pub data: &'a DataConfig,
+    pub experiment: Option<&'a Path>,
+    pub episodes: usize,
+    pub cases: &'a [String],
+    pub repeats: usize,
+    pub as_json: bool,
+}
+
+pub fn run(args: BenchArgs<'_>) -> Result<()> {
+    match (args.suite, args.experiment) {
+        (Suite::Data, _) => data_suite(args.data, args.episodes, args.as_json),
+        (Suite::Train, Some(path)) => train_suite(path, args.episodes, args.as_json),
         (Suite::Train, None) => bail!("--suite train needs --config CONFIG.json"),
+        (Suite::Kernels, _) => kernel_bench::run(args.cases, args.repeats, args.as_json),
     }
 }
 

@@ -10,6 +10,7 @@ mod config;
 mod datasets;
 mod evaluation;
 mod inspect;
+mod kernel_bench;
 mod learners;
 mod predict;
 mod progress;
@@ -22,6 +23,19 @@ use config::{DataConfig, DatasetKind, ExperimentConfig};
 // large temporary); mimalloc keeps freed pages around.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// mimalloc's `mi_option_purge_delay` (libmimalloc-sys names only some options).
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+/// Tells mimalloc never to return freed memory to the OS. A training step
+/// frees and reallocates the same large buffers; by default mimalloc purges
+/// them after a second and the next step pays a page fault (and the zeroing of
+/// a huge page) on every first touch: 10,000 faults and ~25% of a conv-4
+/// training step (`perf stat -e page-faults`).
+fn keep_freed_memory() {
+    // SAFETY: sets a plain integer option; mimalloc documents it as safe at any time.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
+}
 
 #[derive(Parser)]
 #[command(name = "fewshot", version, about = "Few-shot meta-learning on candle")]
@@ -119,6 +133,13 @@ enum Command {
         /// Episodes to sample (data) or to train on (train).
         #[arg(long, default_value_t = 20_000)]
         episodes: usize,
+        /// Kernel cases to run (all when absent): train-conv4-28, train-conv4-84,
+        /// maml2-1step-28, maml2-5step-28, maml2-5step-84, eval-conv4-28.
+        #[arg(long = "case")]
+        cases: Vec<String>,
+        /// Timed repetitions of each kernel case (after one warm-up step).
+        #[arg(long, default_value_t = 10)]
+        repeats: usize,
         /// Print one JSON object instead of a table.
         #[arg(long)]
         json: bool,
@@ -179,6 +200,7 @@ impl DataArgs {
 }
 
 fn main() {
+    keep_freed_memory();
     // candle reads this once per thread, so it must be set before any thread
     // starts: without it second-order gradients are silently zero.
     if std::env::var_os(fewshot_backbone::second_order::ENV_VAR).is_none() {
@@ -256,8 +278,18 @@ fn run(cli: Cli) -> Result<()> {
             config,
             data,
             episodes,
+            cases,
+            repeats,
             json,
-        } => bench::run(suite, &data.to_config(), config.as_deref(), episodes, json),
+        } => bench::run(bench::BenchArgs {
+            suite,
+            data: &data.to_config(),
+            experiment: config.as_deref(),
+            episodes,
+            cases: &cases,
+            repeats,
+            as_json: json,
+        }),
     }
 }
 

@@ -1,55 +1,60 @@
 //! Every differentiable op the backbones and learners use, in one place.
 //!
-//! Learners call these functions instead of candle's tensor methods so that a
-//! faster kernel can later replace one op without touching any learner. Each op
-//! here is built only from candle ops whose backward is correct to second order
-//! (see the gradient tests in `tests/gradients.rs`); in particular it avoids
-//! candle's `max_pool2d` (its gradient is scaled by 1/(k*k)) and
-//! `softmax_last_dim` (no backward).
+//! Learners call these functions instead of candle's tensor methods. On the
+//! CPU, in f32 and f64, convolution, batch norm, ReLU and max-pooling run on
+//! the kernels of [`crate::kernels`]; on other devices and dtypes they are
+//! built from candle ops. Either way every op here is correct to second order
+//! (see the gradient tests in `tests/gradients.rs` and `tests/kernels.rs`);
+//! in particular the candle path avoids candle's `max_pool2d` (its gradient is
+//! scaled by 1/(k*k)) and `softmax_last_dim` (no backward).
 
 use candle_core::{DType, Tensor, D};
 
 use crate::error::{BackboneError, Result};
+use crate::kernels;
+
+pub mod candle_path;
 
 /// 2-D convolution without bias (a bias before batch norm is cancelled by it).
 /// `x`: (N, Cin, H, W), `weight`: (Cout, Cin, K, K).
 pub fn conv2d(x: &Tensor, weight: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
-    Ok(x.conv2d(weight, padding, stride, 1, 1)?)
+    match kernels::supports(x) {
+        true => Ok(kernels::conv2d(x, weight, stride, padding)?),
+        false => candle_path::conv2d(x, weight, stride, padding),
+    }
 }
 
 /// Batch normalisation with the statistics of this batch (transductive, as MAML
 /// uses it at meta-test time too): per channel over N, H and W, biased variance.
 pub fn batch_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Tensor> {
-    let channels = x.dim(1)?;
-    let mean = x.mean_keepdim((0, 2, 3))?;
-    let centred = x.broadcast_sub(&mean)?;
-    let var = centred.sqr()?.mean_keepdim((0, 2, 3))?;
-    let normalised = centred.broadcast_div(&(var + eps)?.sqrt()?)?;
-    let gamma = gamma.reshape((1, channels, 1, 1))?;
-    let beta = beta.reshape((1, channels, 1, 1))?;
-    Ok(normalised.broadcast_mul(&gamma)?.broadcast_add(&beta)?)
+    match kernels::supports(x) {
+        true => Ok(kernels::batch_norm(x, gamma, beta, eps)?),
+        false => candle_path::batch_norm(x, gamma, beta, eps),
+    }
 }
 
 pub fn relu(x: &Tensor) -> Result<Tensor> {
-    Ok(x.relu()?)
+    match kernels::supports(x) {
+        true => Ok(kernels::relu(x)?),
+        false => candle_path::relu(x),
+    }
 }
 
 /// 2x2 max-pooling with stride 2, floor mode (an odd last row or column is
-/// dropped, as PyTorch's default). Written as a reshape and two max reductions
-/// because candle's `max_pool2d` gradient is wrong.
+/// dropped, as PyTorch's default).
 pub fn max_pool2x2(x: &Tensor) -> Result<Tensor> {
-    let (n, c, h, w) = x.dims4()?;
-    let (oh, ow) = (h / 2, w / 2);
-    if oh == 0 || ow == 0 {
+    let (_, _, h, w) = x.dims4()?;
+    if h < 2 || w < 2 {
         return Err(BackboneError::InvalidConfig {
             field: "max_pool2x2 input",
             value: format!("{h}x{w}"),
             reason: "needs at least 2x2 pixels".to_string(),
         });
     }
-    let x = x.narrow(2, 0, oh * 2)?.narrow(3, 0, ow * 2)?;
-    let windows = x.reshape((n, c, oh, 2, ow, 2))?;
-    Ok(windows.max(5)?.max(3)?)
+    match kernels::supports(x) {
+        true => Ok(kernels::max_pool2x2(x)?),
+        false => candle_path::max_pool2x2(x),
+    }
 }
 
 /// Mean over the spatial axes: (N, C, H, W) -> (N, C).

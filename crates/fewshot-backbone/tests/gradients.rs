@@ -116,13 +116,19 @@ fn curved(y: &Tensor) -> Tensor {
 #[test]
 fn conv2d_every_stride_and_padding_on_odd_sizes() {
     let mut rng = Rng::seed_from(1, 0);
-    for (stride, padding, side) in [(1, 0, 5), (1, 1, 6), (2, 1, 7), (2, 0, 6)] {
-        let x = random(&[2, 3, side, side], &mut rng);
+    for (stride, padding, h, w) in [
+        (1, 0, 5, 5),
+        (1, 1, 6, 6),
+        (2, 1, 7, 7),
+        (2, 0, 6, 9),
+        (3, 2, 8, 7),
+    ] {
+        let x = random(&[2, 3, h, w], &mut rng);
         let w = random(&[4, 3, 3, 3], &mut rng);
         let f: Scalar =
             Box::new(move |t| curved(&ops::conv2d(&t[0], &t[1], stride, padding).unwrap()));
         check(
-            &format!("conv2d stride {stride} padding {padding} side {side}"),
+            &format!("conv2d stride {stride} padding {padding} {h}x{w}"),
             f,
             vec![x, w],
             &mut rng,

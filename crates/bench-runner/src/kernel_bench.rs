@@ -1,0 +1,260 @@
+//! `fewshot bench --suite kernels`: the backbone's CPU path on the shapes that
+//! matter, each case timed as the median of repeated steps. The same cases,
+//! with the same shapes, are in `scripts/pytorch_kernels.py`.
+
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use candle_core::{DType, Device, Tensor};
+use fewshot_backbone::{
+    kernels, ops, Adam, AdamConfig, Conv4, Conv4Config, Downsample, FeatureHead, ParamSet, VarSet,
+};
+use fewshot_data::Rng;
+use maml::{Adapt, InnerLoop, Order};
+use serde_json::json;
+
+/// Images per training or evaluation batch.
+const BATCH: usize = 80;
+const WAYS: usize = 5;
+/// MAML tasks: 5-way 1-shot with 15 queries per class.
+const SUPPORT: usize = 5;
+const QUERY: usize = 75;
+
+/// A benchmark case: a name and one step of work.
+struct Case {
+    name: &'static str,
+    what: &'static str,
+    step: Box<dyn FnMut() -> Result<()>>,
+}
+
+/// Every case's name, in the order they run.
+pub const CASES: [&str; 6] = [
+    "train-conv4-28",
+    "train-conv4-84",
+    "maml2-1step-28",
+    "maml2-5step-28",
+    "maml2-5step-84",
+    "eval-conv4-28",
+];
+
+pub fn run(only: &[String], repeats: usize, as_json: bool) -> Result<()> {
+    for name in only {
+        if !CASES.contains(&name.as_str()) {
+            bail!(
+                "unknown kernel case `{name}`; the cases are {}",
+                CASES.join(", ")
+            );
+        }
+    }
+    let device = Device::Cpu;
+    let mut results = Vec::new();
+    for name in CASES {
+        if !only.is_empty() && !only.iter().any(|o| o == name) {
+            continue;
+        }
+        let mut case = build(name, &device)?;
+        // Warm-up, and the convolution work of one step.
+        (case.step)()?;
+        let before = kernels::convolution_flops();
+        (case.step)()?;
+        let flops = (kernels::convolution_flops() - before) as f64;
+        let mut times = Vec::with_capacity(repeats);
+        for _ in 0..repeats.max(1) {
+            let start = Instant::now();
+            (case.step)()?;
+            times.push(start.elapsed().as_secs_f64());
+        }
+        times.sort_by(f64::total_cmp);
+        let median = times[times.len() / 2];
+        let gflops = flops / median / 1e9;
+        if !as_json {
+            println!(
+                "{:<16} {:>9.1} ms  {:>6.1} GFLOP/s  ({})",
+                case.name,
+                median * 1e3,
+                gflops,
+                case.what
+            );
+        }
+        results.push(json!({
+            "name": case.name,
+            "median_ms": median * 1e3,
+            "gflops": gflops,
+            "conv_gflop_per_step": flops / 1e9,
+            "repeats": times.len(),
+        }));
+    }
+    let peak = peak_memory_mib();
+    if as_json {
+        let report = json!({
+            "threads": rayon::current_num_threads(),
+            "peak_rss_mib": peak,
+            "cases": results,
+        });
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else if let Some(peak) = peak {
+        println!("peak resident memory of this process: {peak:.0} MiB");
+    }
+    Ok(())
+}
+
+fn build(name: &'static str, device: &Device) -> Result<Case> {
+    let mut rng = Rng::seed_from(0, 0);
+    Ok(match name {
+        "train-conv4-28" => train_case(name, classifier_net(pooled_28()), &mut rng, device)?,
+        "train-conv4-84" => train_case(
+            name,
+            classifier_net(Conv4Config::mini_imagenet()),
+            &mut rng,
+            device,
+        )?,
+        "eval-conv4-28" => eval_case(name, classifier_net(pooled_28()), &mut rng, device)?,
+        "maml2-1step-28" => maml_case(name, Conv4Config::omniglot(), 0.4, 1, &mut rng, device)?,
+        "maml2-5step-28" => maml_case(name, Conv4Config::omniglot(), 0.4, 5, &mut rng, device)?,
+        "maml2-5step-84" => maml_case(
+            name,
+            Conv4Config::mini_imagenet(),
+            0.01,
+            5,
+            &mut rng,
+            device,
+        )?,
+        other => bail!("unknown kernel case `{other}`"),
+    })
+}
+
+/// The 64-filter conv-4 of Prototypical Networks on 28x28 Omniglot:
+/// stride-1 convolutions and max-pooling (28 -> 14 -> 7 -> 3 -> 1).
+fn pooled_28() -> Conv4Config {
+    Conv4Config {
+        downsample: Downsample::MaxPool,
+        feature_head: FeatureHead::Flatten,
+        ..Conv4Config::omniglot()
+    }
+}
+
+fn classifier_net(config: Conv4Config) -> Conv4Config {
+    Conv4Config {
+        classifier_outputs: Some(WAYS),
+        ..config
+    }
+}
+
+fn images(count: usize, config: &Conv4Config, rng: &mut Rng, device: &Device) -> Result<Tensor> {
+    let side = config.image_size;
+    let len = count * config.in_channels * side * side;
+    let values: Vec<f32> = (0..len).map(|_| rng.uniform() as f32).collect();
+    Ok(Tensor::from_vec(
+        values,
+        (count, config.in_channels, side, side),
+        device,
+    )?)
+}
+
+fn labels(count: usize, device: &Device) -> Result<Tensor> {
+    let values: Vec<u32> = (0..count).map(|i| (i % WAYS) as u32).collect();
+    Ok(Tensor::from_vec(values, count, device)?)
+}
+
+fn network(config: Conv4Config, device: &Device) -> Result<(Conv4, ParamSet)> {
+    let net = Conv4::new(config)?;
+    let params = net.init(0, DType::F32, device)?;
+    Ok((net, params))
+}
+
+/// Forward, backward and an Adam step on a batch of 80 images.
+fn train_case(
+    name: &'static str,
+    config: Conv4Config,
+    rng: &mut Rng,
+    device: &Device,
+) -> Result<Case> {
+    let x = images(BATCH, &config, rng, device)?;
+    let y = labels(BATCH, device)?;
+    let (net, params) = network(config, device)?;
+    let weights: VarSet = params.to_vars()?;
+    let mut adam = Adam::new(AdamConfig::default(), &weights)?;
+    let step = move || -> Result<()> {
+        let logits = net.forward(&weights.as_params(), &x)?;
+        let loss = ops::cross_entropy(&logits, &y)?;
+        let grads = weights.gradients(&loss.backward()?)?;
+        adam.step(&weights, &grads)?;
+        Ok(())
+    };
+    Ok(Case {
+        name,
+        what: "batch of 80: forward, backward, Adam",
+        step: Box::new(step),
+    })
+}
+
+/// Forward only, no gradient, on a batch of 80 images.
+fn eval_case(
+    name: &'static str,
+    config: Conv4Config,
+    rng: &mut Rng,
+    device: &Device,
+) -> Result<Case> {
+    let x = images(BATCH, &config, rng, device)?;
+    let (net, params) = network(config, device)?;
+    let step = move || -> Result<()> {
+        net.forward(&params, &x)?;
+        Ok(())
+    };
+    Ok(Case {
+        name,
+        what: "batch of 80: forward only",
+        step: Box::new(step),
+    })
+}
+
+/// One MAML task, 5-way 1-shot with 75 queries: `steps` inner SGD steps and
+/// the exact (second-order) meta-gradient of the query loss.
+fn maml_case(
+    name: &'static str,
+    config: Conv4Config,
+    inner_lr: f64,
+    steps: usize,
+    rng: &mut Rng,
+    device: &Device,
+) -> Result<Case> {
+    fewshot_backbone::second_order::ensure_available()?;
+    let config = classifier_net(config);
+    let support = images(SUPPORT, &config, rng, device)?;
+    let query = images(QUERY, &config, rng, device)?;
+    let (support_labels, query_labels) = (labels(SUPPORT, device)?, labels(QUERY, device)?);
+    let (net, params) = network(config, device)?;
+    let weights = params.to_vars()?;
+    let inner = InnerLoop {
+        lr: inner_lr,
+        steps,
+        order: Order::Second,
+        adapt: Adapt::All,
+    };
+    let step = move || -> Result<()> {
+        let adapted = maml::adapt(
+            &net,
+            &weights.as_params(),
+            &support,
+            &support_labels,
+            1,
+            &inner,
+        )?;
+        let loss = ops::cross_entropy(&net.forward(&adapted, &query)?, &query_labels)?;
+        weights.gradients(&loss.backward()?)?;
+        Ok(())
+    };
+    Ok(Case {
+        name,
+        what: "one 5-way 1-shot task, 75 queries: inner loop and exact meta-gradient",
+        step: Box::new(step),
+    })
+}
+
+/// The process's peak resident memory so far (Linux), in MiB.
+fn peak_memory_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}

@@ -1,0 +1,565 @@
+//! 2-D convolution (no bias, no dilation, one group) by im2col and a matrix
+//! product, with its input and weight gradients as custom ops of their own.
+//!
+//! The three ops are bilinear and close under differentiation: with
+//! `y = conv(x, w)`, `dx = input_grad(dy, w)` and `dw = weight_grad(x, dy)`,
+//! the gradients of `input_grad` are `conv` and `weight_grad`, and those of
+//! `weight_grad` are `input_grad` and `conv`. So any order of derivative runs
+//! on these kernels.
+//!
+//! Images are processed in chunks: a chunk's im2col matrix (patch length x
+//! the chunk's output pixels) stays in cache while one product consumes it.
+//! Chunks run in parallel when there are enough of them; otherwise the single
+//! product uses every thread.
+
+use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, WithDType};
+use rayon::prelude::*;
+
+use super::gemm::{matmul, MatRef};
+use super::Body2;
+
+/// Columns (output pixels) per chunk the kernels aim for: enough for an
+/// efficient product, few enough that the im2col matrix of a 64-channel
+/// layer (576 x 256 floats) stays in a core's L2 cache.
+const TARGET_CHUNK_COLUMNS: usize = 256;
+
+/// The sizes of one convolution.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConvGeometry {
+    pub batch: usize,
+    pub in_channels: usize,
+    pub in_h: usize,
+    pub in_w: usize,
+    pub out_channels: usize,
+    pub kernel_h: usize,
+    pub kernel_w: usize,
+    pub stride: usize,
+    pub padding: usize,
+}
+
+impl ConvGeometry {
+    /// Checks that the kernel fits the padded input and the stride is positive.
+    fn validated(self) -> Result<Self> {
+        if self.stride == 0 {
+            bail!("conv2d: stride must be at least 1");
+        }
+        if self.in_h + 2 * self.padding < self.kernel_h
+            || self.in_w + 2 * self.padding < self.kernel_w
+        {
+            bail!(
+                "conv2d: a {}x{} kernel does not fit a {}x{} input with padding {}",
+                self.kernel_h,
+                self.kernel_w,
+                self.in_h,
+                self.in_w,
+                self.padding
+            );
+        }
+        Ok(self)
+    }
+
+    pub fn out_h(&self) -> usize {
+        (self.in_h + 2 * self.padding - self.kernel_h) / self.stride + 1
+    }
+
+    pub fn out_w(&self) -> usize {
+        (self.in_w + 2 * self.padding - self.kernel_w) / self.stride + 1
+    }
+
+    fn out_pixels(&self) -> usize {
+        self.out_h() * self.out_w()
+    }
+
+    fn in_pixels(&self) -> usize {
+        self.in_h * self.in_w
+    }
+
+    /// Length of one im2col column: one input patch.
+    fn patch_len(&self) -> usize {
+        self.in_channels * self.kernel_h * self.kernel_w
+    }
+
+    /// Multiply-adds of the forward pass, times two. Each gradient costs the same.
+    pub fn flops(&self) -> usize {
+        2 * self.batch * self.out_channels * self.patch_len() * self.out_pixels()
+    }
+
+    fn images_per_chunk(&self) -> usize {
+        let wanted = TARGET_CHUNK_COLUMNS.div_ceil(self.out_pixels());
+        let spread = self.batch.div_ceil(super::threads());
+        wanted.min(spread).max(1)
+    }
+
+    /// Whether chunks run in parallel (else each product is parallel).
+    fn parallel_chunks(&self) -> bool {
+        self.batch.div_ceil(self.images_per_chunk()) >= super::threads()
+    }
+
+    fn input_shape(&self) -> Shape {
+        (self.batch, self.in_channels, self.in_h, self.in_w).into()
+    }
+
+    fn output_shape(&self) -> Shape {
+        (self.batch, self.out_channels, self.out_h(), self.out_w()).into()
+    }
+
+    fn weight_shape(&self) -> Shape {
+        (
+            self.out_channels,
+            self.in_channels,
+            self.kernel_h,
+            self.kernel_w,
+        )
+            .into()
+    }
+}
+
+/// `x` (N, Cin, H, W) convolved with `weight` (Cout, Cin, KH, KW).
+pub fn conv2d(x: &Tensor, weight: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
+    let (batch, in_channels, in_h, in_w) = x.dims4()?;
+    let (out_channels, weight_in, kernel_h, kernel_w) = weight.dims4()?;
+    if weight_in != in_channels {
+        bail!("conv2d: input has {in_channels} channels, weight expects {weight_in}");
+    }
+    let geometry = ConvGeometry {
+        batch,
+        in_channels,
+        in_h,
+        in_w,
+        out_channels,
+        kernel_h,
+        kernel_w,
+        stride,
+        padding,
+    }
+    .validated()?;
+    x.contiguous()?
+        .apply_op2(&weight.contiguous()?, Forward(geometry))
+}
+
+/// The gradient of a convolution's input given the gradient `grad_out` of its
+/// output: a transposed convolution onto an `in_h` x `in_w` image.
+pub fn conv2d_input_grad(
+    grad_out: &Tensor,
+    weight: &Tensor,
+    stride: usize,
+    padding: usize,
+    (in_h, in_w): (usize, usize),
+) -> Result<Tensor> {
+    let (batch, out_channels, out_h, out_w) = grad_out.dims4()?;
+    let (weight_out, in_channels, kernel_h, kernel_w) = weight.dims4()?;
+    let geometry = ConvGeometry {
+        batch,
+        in_channels,
+        in_h,
+        in_w,
+        out_channels,
+        kernel_h,
+        kernel_w,
+        stride,
+        padding,
+    }
+    .validated()?;
+    if weight_out != out_channels || (geometry.out_h(), geometry.out_w()) != (out_h, out_w) {
+        bail!(
+            "conv2d_input_grad: gradient {:?} does not match weight {:?} on a {in_h}x{in_w} input",
+            grad_out.dims(),
+            weight.dims()
+        );
+    }
+    grad_out
+        .contiguous()?
+        .apply_op2(&weight.contiguous()?, InputGrad(geometry))
+}
+
+/// The gradient of a convolution's `kernel_h` x `kernel_w` weight given its
+/// input `x` and the gradient `grad_out` of its output.
+pub fn conv2d_weight_grad(
+    x: &Tensor,
+    grad_out: &Tensor,
+    stride: usize,
+    padding: usize,
+    (kernel_h, kernel_w): (usize, usize),
+) -> Result<Tensor> {
+    let (batch, in_channels, in_h, in_w) = x.dims4()?;
+    let (grad_batch, out_channels, out_h, out_w) = grad_out.dims4()?;
+    let geometry = ConvGeometry {
+        batch,
+        in_channels,
+        in_h,
+        in_w,
+        out_channels,
+        kernel_h,
+        kernel_w,
+        stride,
+        padding,
+    }
+    .validated()?;
+    if grad_batch != batch || (geometry.out_h(), geometry.out_w()) != (out_h, out_w) {
+        bail!(
+            "conv2d_weight_grad: gradient {:?} does not match input {:?}",
+            grad_out.dims(),
+            x.dims()
+        );
+    }
+    x.contiguous()?
+        .apply_op2(&grad_out.contiguous()?, WeightGrad(geometry))
+}
+
+/// `conv(x, weight)`.
+struct Forward(ConvGeometry);
+
+/// `input_grad(grad_out, weight)`.
+struct InputGrad(ConvGeometry);
+
+/// `weight_grad(x, grad_out)`.
+struct WeightGrad(ConvGeometry);
+
+impl Body2 for Forward {
+    fn run<T: WithDType>(&self, a: &[T], b: &[T]) -> Vec<T> {
+        forward(&self.0, a, b)
+    }
+}
+
+impl CustomOp2 for Forward {
+    fn name(&self) -> &'static str {
+        "fewshot-conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let out = super::cpu2(self.name(), self, (s1, l1), (s2, l2))?;
+        Ok((out, self.0.output_shape()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        _out: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = &self.0;
+        let dx = match x.track_op() {
+            true => Some(conv2d_input_grad(
+                grad,
+                weight,
+                g.stride,
+                g.padding,
+                (g.in_h, g.in_w),
+            )?),
+            false => None,
+        };
+        let dw = match weight.track_op() {
+            true => Some(conv2d_weight_grad(
+                x,
+                grad,
+                g.stride,
+                g.padding,
+                (g.kernel_h, g.kernel_w),
+            )?),
+            false => None,
+        };
+        Ok((dx, dw))
+    }
+}
+
+impl Body2 for InputGrad {
+    fn run<T: WithDType>(&self, a: &[T], b: &[T]) -> Vec<T> {
+        input_grad(&self.0, a, b)
+    }
+}
+
+impl CustomOp2 for InputGrad {
+    fn name(&self) -> &'static str {
+        "fewshot-conv2d-input-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let out = super::cpu2(self.name(), self, (s1, l1), (s2, l2))?;
+        Ok((out, self.0.input_shape()))
+    }
+
+    fn bwd(
+        &self,
+        grad_out: &Tensor,
+        weight: &Tensor,
+        _out: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = &self.0;
+        let d_grad_out = match grad_out.track_op() {
+            true => Some(conv2d(grad, weight, g.stride, g.padding)?),
+            false => None,
+        };
+        let d_weight = match weight.track_op() {
+            true => Some(conv2d_weight_grad(
+                grad,
+                grad_out,
+                g.stride,
+                g.padding,
+                (g.kernel_h, g.kernel_w),
+            )?),
+            false => None,
+        };
+        Ok((d_grad_out, d_weight))
+    }
+}
+
+impl Body2 for WeightGrad {
+    fn run<T: WithDType>(&self, a: &[T], b: &[T]) -> Vec<T> {
+        weight_grad(&self.0, a, b)
+    }
+}
+
+impl CustomOp2 for WeightGrad {
+    fn name(&self) -> &'static str {
+        "fewshot-conv2d-weight-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let out = super::cpu2(self.name(), self, (s1, l1), (s2, l2))?;
+        Ok((out, self.0.weight_shape()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        grad_out: &Tensor,
+        _out: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = &self.0;
+        let dx = match x.track_op() {
+            true => Some(conv2d_input_grad(
+                grad_out,
+                grad,
+                g.stride,
+                g.padding,
+                (g.in_h, g.in_w),
+            )?),
+            false => None,
+        };
+        let d_grad_out = match grad_out.track_op() {
+            true => Some(conv2d(x, grad, g.stride, g.padding)?),
+            false => None,
+        };
+        Ok((dx, d_grad_out))
+    }
+}
+
+fn forward<T: WithDType>(g: &ConvGeometry, x: &[T], weight: &[T]) -> Vec<T> {
+    super::count_flops(g.flops());
+    let (pixels, patch) = (g.out_pixels(), g.patch_len());
+    let per_chunk = g.images_per_chunk();
+    let parallel = g.parallel_chunks();
+    let mut out = vec![T::zero(); g.batch * g.out_channels * pixels];
+    let weight = MatRef::row_major(weight, g.out_channels, patch);
+    let run = |(chunk, out): (usize, &mut [T])| {
+        let first = chunk * per_chunk;
+        let images = out.len() / (g.out_channels * pixels);
+        let columns = images * pixels;
+        let mut cols = vec![T::zero(); patch * columns];
+        im2col(g, x, first, images, &mut cols);
+        let mut product = vec![T::zero(); g.out_channels * columns];
+        matmul(
+            &mut product,
+            weight,
+            MatRef::row_major(&cols, patch, columns),
+            false,
+            !parallel,
+        );
+        // (Cout, image, pixel) -> (image, Cout, pixel).
+        for image in 0..images {
+            for channel in 0..g.out_channels {
+                let from = channel * columns + image * pixels;
+                let to = (image * g.out_channels + channel) * pixels;
+                out[to..to + pixels].copy_from_slice(&product[from..from + pixels]);
+            }
+        }
+    };
+    let chunk_len = per_chunk * g.out_channels * pixels;
+    match parallel {
+        true => out.par_chunks_mut(chunk_len).enumerate().for_each(run),
+        false => out.chunks_mut(chunk_len).enumerate().for_each(run),
+    }
+    out
+}
+
+fn input_grad<T: WithDType>(g: &ConvGeometry, grad_out: &[T], weight: &[T]) -> Vec<T> {
+    super::count_flops(g.flops());
+    let (pixels, patch) = (g.out_pixels(), g.patch_len());
+    let image_len = g.in_channels * g.in_pixels();
+    let per_chunk = g.images_per_chunk();
+    let parallel = g.parallel_chunks();
+    let mut dx = vec![T::zero(); g.batch * image_len];
+    let weight_t = MatRef::row_major(weight, g.out_channels, patch).t();
+    let run = |(chunk, dx): (usize, &mut [T])| {
+        let first = chunk * per_chunk;
+        let images = dx.len() / image_len;
+        let columns = images * pixels;
+        let grad = gather_columns(g, grad_out, first, images);
+        let mut cols = vec![T::zero(); patch * columns];
+        matmul(
+            &mut cols,
+            weight_t,
+            MatRef::row_major(&grad, g.out_channels, columns),
+            false,
+            !parallel,
+        );
+        col2im(g, &cols, images, dx);
+    };
+    let chunk_len = per_chunk * image_len;
+    match parallel {
+        true => dx.par_chunks_mut(chunk_len).enumerate().for_each(run),
+        false => dx.chunks_mut(chunk_len).enumerate().for_each(run),
+    }
+    dx
+}
+
+fn weight_grad<T: WithDType>(g: &ConvGeometry, x: &[T], grad_out: &[T]) -> Vec<T> {
+    super::count_flops(g.flops());
+    let (pixels, patch) = (g.out_pixels(), g.patch_len());
+    let per_chunk = g.images_per_chunk();
+    let parallel = g.parallel_chunks();
+    let weight_len = g.out_channels * patch;
+    let accumulate = |mut dw: Vec<T>, chunk: usize| {
+        let first = chunk * per_chunk;
+        let images = per_chunk.min(g.batch - first);
+        let columns = images * pixels;
+        let mut cols = vec![T::zero(); patch * columns];
+        im2col(g, x, first, images, &mut cols);
+        let grad = gather_columns(g, grad_out, first, images);
+        matmul(
+            &mut dw,
+            MatRef::row_major(&grad, g.out_channels, columns),
+            MatRef::row_major(&cols, patch, columns).t(),
+            true,
+            !parallel,
+        );
+        dw
+    };
+    let chunks = 0..g.batch.div_ceil(per_chunk);
+    let zeros = || vec![T::zero(); weight_len];
+    match parallel {
+        true => chunks
+            .into_par_iter()
+            .fold(zeros, accumulate)
+            .reduce(zeros, |mut a, b| {
+                a.iter_mut().zip(b).for_each(|(a, b)| *a += b);
+                a
+            }),
+        false => chunks.fold(zeros(), accumulate),
+    }
+}
+
+/// The output gradient of images `first..first + images` as a
+/// (Cout, image * pixel) matrix.
+fn gather_columns<T: WithDType>(
+    g: &ConvGeometry,
+    grad_out: &[T],
+    first: usize,
+    images: usize,
+) -> Vec<T> {
+    let pixels = g.out_pixels();
+    let columns = images * pixels;
+    let mut grad = vec![T::zero(); g.out_channels * columns];
+    for image in 0..images {
+        for channel in 0..g.out_channels {
+            let from = ((first + image) * g.out_channels + channel) * pixels;
+            let to = channel * columns + image * pixels;
+            grad[to..to + pixels].copy_from_slice(&grad_out[from..from + pixels]);
+        }
+    }
+    grad
+}
+
+/// The input position a kernel tap reads for output coordinate `out`, if it
+/// falls inside the image (else it reads the zero padding).
+fn source(out: usize, tap: usize, g: &ConvGeometry, size: usize) -> Option<usize> {
+    (out * g.stride + tap)
+        .checked_sub(g.padding)
+        .filter(|&i| i < size)
+}
+
+/// Images `first..first + images` of `x` unfolded into `cols`: row
+/// (channel, ky, kx), column (image, oy, ox).
+fn im2col<T: WithDType>(g: &ConvGeometry, x: &[T], first: usize, images: usize, cols: &mut [T]) {
+    let (out_h, out_w) = (g.out_h(), g.out_w());
+    let columns = images * out_h * out_w;
+    for channel in 0..g.in_channels {
+        for ky in 0..g.kernel_h {
+            for kx in 0..g.kernel_w {
+                let row = (channel * g.kernel_h + ky) * g.kernel_w + kx;
+                let row = &mut cols[row * columns..(row + 1) * columns];
+                for image in 0..images {
+                    let plane = ((first + image) * g.in_channels + channel) * g.in_pixels();
+                    let plane = &x[plane..plane + g.in_pixels()];
+                    for oy in 0..out_h {
+                        let dst = &mut row[(image * out_h + oy) * out_w..][..out_w];
+                        match source(oy, ky, g, g.in_h) {
+                            None => dst.fill(T::zero()),
+                            Some(iy) => {
+                                let line = &plane[iy * g.in_w..(iy + 1) * g.in_w];
+                                for (ox, value) in dst.iter_mut().enumerate() {
+                                    *value = match source(ox, kx, g, g.in_w) {
+                                        Some(ix) => line[ix],
+                                        None => T::zero(),
+                                    };
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The inverse scatter of [`im2col`]: adds each column entry back onto the
+/// input pixel it was read from, for the `images` images of `dx`.
+fn col2im<T: WithDType>(g: &ConvGeometry, cols: &[T], images: usize, dx: &mut [T]) {
+    let (out_h, out_w) = (g.out_h(), g.out_w());
+    let columns = images * out_h * out_w;
+    for channel in 0..g.in_channels {
+        for ky in 0..g.kernel_h {
+            for kx in 0..g.kernel_w {
+                let row = (channel * g.kernel_h + ky) * g.kernel_w + kx;
+                let row = &cols[row * columns..(row + 1) * columns];
+                for image in 0..images {
+                    let plane = (image * g.in_channels + channel) * g.in_pixels();
+                    let plane = &mut dx[plane..plane + g.in_pixels()];
+                    for oy in 0..out_h {
+                        let Some(iy) = source(oy, ky, g, g.in_h) else {
+                            continue;
+                        };
+                        let src = &row[(image * out_h + oy) * out_w..][..out_w];
+                        let line = &mut plane[iy * g.in_w..(iy + 1) * g.in_w];
+                        for (ox, &value) in src.iter().enumerate() {
+                            if let Some(ix) = source(ox, kx, g, g.in_w) {
+                                line[ix] += value;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

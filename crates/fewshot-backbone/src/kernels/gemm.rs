@@ -1,0 +1,136 @@
+//! A bounds-checked front to the `gemm` crate's matrix product.
+
+use candle_core::WithDType;
+use gemm::Parallelism;
+
+/// A read-only matrix view: element (r, c) is `data[r * row_stride + c * col_stride]`.
+#[derive(Clone, Copy)]
+pub struct MatRef<'a, T> {
+    data: &'a [T],
+    rows: usize,
+    cols: usize,
+    row_stride: usize,
+    col_stride: usize,
+}
+
+impl<'a, T> MatRef<'a, T> {
+    /// `rows` x `cols` stored row after row, `data.len() >= rows * cols`.
+    pub fn row_major(data: &'a [T], rows: usize, cols: usize) -> Self {
+        Self {
+            data,
+            rows,
+            cols,
+            row_stride: cols,
+            col_stride: 1,
+        }
+    }
+
+    /// The same elements seen as the transpose.
+    pub fn t(self) -> Self {
+        Self {
+            rows: self.cols,
+            cols: self.rows,
+            row_stride: self.col_stride,
+            col_stride: self.row_stride,
+            ..self
+        }
+    }
+
+    /// Whether every element the view can address lies inside `data`.
+    fn in_bounds(&self) -> bool {
+        self.rows == 0
+            || self.cols == 0
+            || (self.rows - 1) * self.row_stride + (self.cols - 1) * self.col_stride
+                < self.data.len()
+    }
+}
+
+/// `dst = lhs * rhs`, or `dst += lhs * rhs` with `accumulate`; `dst` is
+/// row-major `lhs.rows` x `rhs.cols`. `parallel` lets the product use all of
+/// rayon's threads (for a single large product rather than many small ones
+/// already running in parallel).
+pub fn matmul<T: WithDType>(
+    dst: &mut [T],
+    lhs: MatRef<'_, T>,
+    rhs: MatRef<'_, T>,
+    accumulate: bool,
+    parallel: bool,
+) {
+    let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
+    // These are invariants of the kernels, not user input: a failure is a bug,
+    // and the unsafe call below relies on them.
+    assert_eq!(rhs.rows, k, "matmul: inner dimensions differ");
+    assert!(dst.len() >= m * n, "matmul: destination too small");
+    assert!(
+        lhs.in_bounds() && rhs.in_bounds(),
+        "matmul: view out of bounds"
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            dst[..m * n].fill(T::zero());
+        }
+        return;
+    }
+    let parallelism = match parallel {
+        true => Parallelism::Rayon(super::threads()),
+        false => Parallelism::None,
+    };
+    // SAFETY: the asserts above keep every index the product reads or writes
+    // inside the three slices, and `dst` is borrowed mutably, so it aliases
+    // neither input.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.data.as_ptr(),
+            lhs.col_stride as isize,
+            lhs.row_stride as isize,
+            rhs.data.as_ptr(),
+            rhs.col_stride as isize,
+            rhs.row_stride as isize,
+            T::one(),
+            T::one(),
+            false,
+            false,
+            false,
+            parallelism,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn products_with_transposed_views_and_accumulation() {
+        // a: 2x3, b: 3x2 (stored as its 2x3 transpose).
+        let a = [1f64, 2., 3., 4., 5., 6.];
+        let b_t = [1f64, 0., -1., 2., 1., 0.];
+        let mut dst = [10f64; 4];
+        matmul(
+            &mut dst,
+            MatRef::row_major(&a, 2, 3),
+            MatRef::row_major(&b_t, 2, 3).t(),
+            false,
+            false,
+        );
+        assert_eq!(dst, [-2., 4., -2., 13.]);
+        matmul(
+            &mut dst,
+            MatRef::row_major(&a, 2, 3),
+            MatRef::row_major(&b_t, 2, 3).t(),
+            true,
+            true,
+        );
+        assert_eq!(dst, [-4., 8., -4., 26.]);
+    }
+}

@@ -1,0 +1,150 @@
+//! CPU kernels for the backbone's hot ops, as candle custom ops.
+//!
+//! candle's CPU convolution computes input gradients with a scalar
+//! `conv_transpose2d`, and its strided per-channel reductions and chains of
+//! elementwise ops make batch norm the bulk of a backward pass. These kernels
+//! replace them on the CPU: convolution through im2col and the `gemm` crate
+//! (the one candle itself uses for matrix products), per-channel reductions
+//! and affine maps in one pass each, and max-pooling and ReLU whose gradients
+//! touch only the winning elements.
+//!
+//! Every op here is differentiable to any order: its backward is written in
+//! terms of ops of this same module (the convolution's input gradient is itself
+//! a custom op whose backward is a convolution, and so on), so second-order
+//! MAML differentiates through them exactly. [`crate::ops`] routes CPU tensors
+//! of f32 and f64 here and everything else to candle's own ops.
+
+mod channel;
+mod conv;
+mod gemm;
+mod pool;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, DType, Layout, Tensor, WithDType};
+
+pub use channel::{batch_norm, channel_affine, channel_dot, channel_sum, relu};
+pub use conv::{conv2d, conv2d_input_grad, conv2d_weight_grad, ConvGeometry};
+pub use pool::max_pool2x2;
+
+/// Whether `tensor` takes the kernels of this module.
+pub fn supports(tensor: &Tensor) -> bool {
+    tensor.device().is_cpu() && matches!(tensor.dtype(), DType::F32 | DType::F64)
+}
+
+/// Floating-point operations the convolution kernels have run since the
+/// program started (two per multiply-add): the numerator of the achieved
+/// GFLOP/s that `fewshot bench --suite kernels` reports.
+pub fn convolution_flops() -> u64 {
+    CONV_FLOPS.load(Ordering::Relaxed)
+}
+
+static CONV_FLOPS: AtomicU64 = AtomicU64::new(0);
+
+fn count_flops(flops: usize) {
+    CONV_FLOPS.fetch_add(flops as u64, Ordering::Relaxed);
+}
+
+/// The elements of a contiguous CPU tensor's storage.
+fn contiguous<'a, T: WithDType>(
+    op: &'static str,
+    storage: &'a CpuStorage,
+    layout: &Layout,
+) -> candle_core::Result<&'a [T]> {
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&T::cpu_storage_as_slice(storage)?[start..end]),
+        None => candle_core::bail!("{op}: the kernels need contiguous inputs"),
+    }
+}
+
+/// Threads the kernels may use: the size of rayon's pool.
+fn threads() -> usize {
+    rayon::current_num_threads().max(1)
+}
+
+/// The arithmetic of a one-input op, for any element type.
+trait Body1 {
+    fn run<T: WithDType>(&self, a: &[T]) -> Vec<T>;
+}
+
+/// The arithmetic of a two-input op, for any element type.
+trait Body2 {
+    fn run<T: WithDType>(&self, a: &[T], b: &[T]) -> Vec<T>;
+}
+
+/// The arithmetic of a three-input op, for any element type.
+trait Body3 {
+    fn run<T: WithDType>(&self, a: &[T], b: &[T], c: &[T]) -> Vec<T>;
+}
+
+fn cpu1(
+    name: &'static str,
+    body: &impl Body1,
+    s: &CpuStorage,
+    l: &Layout,
+) -> candle_core::Result<CpuStorage> {
+    match s {
+        CpuStorage::F32(_) => Ok(f32::to_cpu_storage_owned(
+            body.run(contiguous::<f32>(name, s, l)?),
+        )),
+        CpuStorage::F64(_) => Ok(f64::to_cpu_storage_owned(
+            body.run(contiguous::<f64>(name, s, l)?),
+        )),
+        other => candle_core::bail!("{name}: unsupported dtype {:?}", other.dtype()),
+    }
+}
+
+fn cpu2(
+    name: &'static str,
+    body: &impl Body2,
+    (s1, l1): (&CpuStorage, &Layout),
+    (s2, l2): (&CpuStorage, &Layout),
+) -> candle_core::Result<CpuStorage> {
+    match (s1, s2) {
+        (CpuStorage::F32(_), CpuStorage::F32(_)) => Ok(f32::to_cpu_storage_owned(body.run(
+            contiguous::<f32>(name, s1, l1)?,
+            contiguous::<f32>(name, s2, l2)?,
+        ))),
+        (CpuStorage::F64(_), CpuStorage::F64(_)) => Ok(f64::to_cpu_storage_owned(body.run(
+            contiguous::<f64>(name, s1, l1)?,
+            contiguous::<f64>(name, s2, l2)?,
+        ))),
+        (a, b) => candle_core::bail!(
+            "{name}: unsupported dtypes {:?} and {:?}",
+            a.dtype(),
+            b.dtype()
+        ),
+    }
+}
+
+fn cpu3(
+    name: &'static str,
+    body: &impl Body3,
+    (s1, l1): (&CpuStorage, &Layout),
+    (s2, l2): (&CpuStorage, &Layout),
+    (s3, l3): (&CpuStorage, &Layout),
+) -> candle_core::Result<CpuStorage> {
+    match (s1, s2, s3) {
+        (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => {
+            Ok(f32::to_cpu_storage_owned(body.run(
+                contiguous::<f32>(name, s1, l1)?,
+                contiguous::<f32>(name, s2, l2)?,
+                contiguous::<f32>(name, s3, l3)?,
+            )))
+        }
+        (CpuStorage::F64(_), CpuStorage::F64(_), CpuStorage::F64(_)) => {
+            Ok(f64::to_cpu_storage_owned(body.run(
+                contiguous::<f64>(name, s1, l1)?,
+                contiguous::<f64>(name, s2, l2)?,
+                contiguous::<f64>(name, s3, l3)?,
+            )))
+        }
+        (a, b, c) => candle_core::bail!(
+            "{name}: unsupported dtypes {:?}, {:?} and {:?}",
+            a.dtype(),
+            b.dtype(),
+            c.dtype()
+        ),
+    }
+}

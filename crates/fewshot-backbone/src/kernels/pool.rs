@@ -1,0 +1,209 @@
+//! 2x2 max-pooling with stride 2 in floor mode, with a gradient that goes to
+//! each window's maximum unscaled (candle's own is scaled by 1/4).
+//!
+//! Three ops close under differentiation: `pool(x)`; its backward
+//! `scatter(x, dy)`, which puts each output gradient on its window's winner;
+//! and `gather(x, u)`, which reads `u` at the winners and is the backward of
+//! `scatter` with respect to `dy`. The winner positions are piecewise constant
+//! in `x`, so neither `scatter` nor `gather` has a gradient with respect to it.
+
+use candle_core::{
+    bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, WithDType,
+};
+use rayon::prelude::*;
+
+use super::{Body1, Body2};
+
+/// Sizes of a pooling: `planes` = N * C images of `h` x `w`.
+#[derive(Debug, Clone, Copy)]
+struct PoolGeometry {
+    dims: (usize, usize, usize, usize),
+}
+
+impl PoolGeometry {
+    fn of(x: &Tensor) -> Result<Self> {
+        let dims = x.dims4()?;
+        if dims.2 < 2 || dims.3 < 2 {
+            bail!(
+                "max_pool2x2: needs at least 2x2 pixels, got {}x{}",
+                dims.2,
+                dims.3
+            );
+        }
+        Ok(Self { dims })
+    }
+
+    fn in_plane(&self) -> usize {
+        self.dims.2 * self.dims.3
+    }
+
+    fn out_hw(&self) -> (usize, usize) {
+        (self.dims.2 / 2, self.dims.3 / 2)
+    }
+
+    fn out_plane(&self) -> usize {
+        let (h, w) = self.out_hw();
+        h * w
+    }
+
+    fn input_shape(&self) -> Shape {
+        self.dims.into()
+    }
+
+    fn output_shape(&self) -> Shape {
+        let (n, c, _, _) = self.dims;
+        let (h, w) = self.out_hw();
+        (n, c, h, w).into()
+    }
+
+    /// For each output pixel of one input plane, the index of its window's
+    /// maximum in the plane (the first one on ties), in output order.
+    fn winners<'a, T: WithDType>(&'a self, plane: &'a [T]) -> impl Iterator<Item = usize> + 'a {
+        let width = self.dims.3;
+        let (out_h, out_w) = self.out_hw();
+        (0..out_h).flat_map(move |oy| {
+            (0..out_w).map(move |ox| {
+                let top = 2 * oy * width + 2 * ox;
+                [top + 1, top + width, top + width + 1]
+                    .into_iter()
+                    .fold(top, |best, i| if plane[i] > plane[best] { i } else { best })
+            })
+        })
+    }
+}
+
+/// 2x2 max-pooling with stride 2 of `x` (N, C, H, W); an odd last row or column is dropped.
+pub fn max_pool2x2(x: &Tensor) -> Result<Tensor> {
+    let geometry = PoolGeometry::of(x)?;
+    x.contiguous()?.apply_op1(Pool(geometry))
+}
+
+fn scatter(x: &Tensor, grad_out: &Tensor) -> Result<Tensor> {
+    let geometry = PoolGeometry::of(x)?;
+    x.contiguous()?
+        .apply_op2(&grad_out.contiguous()?, Scatter(geometry))
+}
+
+fn gather(x: &Tensor, values: &Tensor) -> Result<Tensor> {
+    let geometry = PoolGeometry::of(x)?;
+    x.contiguous()?
+        .apply_op2(&values.contiguous()?, Gather(geometry))
+}
+
+struct Pool(PoolGeometry);
+struct Scatter(PoolGeometry);
+struct Gather(PoolGeometry);
+
+impl CustomOp1 for Pool {
+    fn name(&self) -> &'static str {
+        "fewshot-max-pool2x2"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let out = super::cpu1(self.name(), self, storage, layout)?;
+        Ok((out, self.0.output_shape()))
+    }
+
+    fn bwd(&self, x: &Tensor, _out: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(scatter(x, grad)?))
+    }
+}
+
+impl Body1 for Pool {
+    fn run<T: WithDType>(&self, x: &[T]) -> Vec<T> {
+        // Pooling is gathering `x` at its own winners.
+        gather_kernel(&self.0, x, x)
+    }
+}
+
+impl Body2 for Scatter {
+    fn run<T: WithDType>(&self, x: &[T], grad_out: &[T]) -> Vec<T> {
+        scatter_kernel(&self.0, x, grad_out)
+    }
+}
+
+impl Body2 for Gather {
+    fn run<T: WithDType>(&self, x: &[T], values: &[T]) -> Vec<T> {
+        gather_kernel(&self.0, x, values)
+    }
+}
+
+fn scatter_kernel<T: WithDType>(g: &PoolGeometry, x: &[T], grad_out: &[T]) -> Vec<T> {
+    let mut dx = vec![T::zero(); x.len()];
+    dx.par_chunks_mut(g.in_plane())
+        .zip(x.par_chunks(g.in_plane()))
+        .zip(grad_out.par_chunks(g.out_plane()))
+        .for_each(|((dx, plane), grad)| {
+            for (&value, i) in grad.iter().zip(g.winners(plane)) {
+                dx[i] = value;
+            }
+        });
+    dx
+}
+
+fn gather_kernel<T: WithDType>(g: &PoolGeometry, x: &[T], values: &[T]) -> Vec<T> {
+    let mut out = vec![T::zero(); x.len() / g.in_plane() * g.out_plane()];
+    out.par_chunks_mut(g.out_plane())
+        .zip(x.par_chunks(g.in_plane()))
+        .zip(values.par_chunks(g.in_plane()))
+        .for_each(|((out, plane), values)| {
+            for (o, i) in out.iter_mut().zip(g.winners(plane)) {
+                *o = values[i];
+            }
+        });
+    out
+}
+
+impl CustomOp2 for Scatter {
+    fn name(&self) -> &'static str {
+        "fewshot-max-pool2x2-scatter"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let out = super::cpu2(self.name(), self, (s1, l1), (s2, l2))?;
+        Ok((out, self.0.input_shape()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        _grad_out: &Tensor,
+        _out: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((None, Some(gather(x, grad)?)))
+    }
+}
+
+impl CustomOp2 for Gather {
+    fn name(&self) -> &'static str {
+        "fewshot-max-pool2x2-gather"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let out = super::cpu2(self.name(), self, (s1, l1), (s2, l2))?;
+        Ok((out, self.0.output_shape()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        _values: &Tensor,
+        _out: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((None, Some(scatter(x, grad)?)))
+    }
+}

@@ -1,0 +1,36 @@
+//! The backbone's hot ops built from candle's own ops: what runs on devices
+//! and dtypes without kernels of [`crate::kernels`], and the reference those
+//! kernels are tested against. Each is correct to second order.
+
+use candle_core::Tensor;
+
+use crate::error::Result;
+
+pub fn conv2d(x: &Tensor, weight: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
+    Ok(x.conv2d(weight, padding, stride, 1, 1)?)
+}
+
+pub fn batch_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Tensor> {
+    let channels = x.dim(1)?;
+    let mean = x.mean_keepdim((0, 2, 3))?;
+    let centred = x.broadcast_sub(&mean)?;
+    let var = centred.sqr()?.mean_keepdim((0, 2, 3))?;
+    let normalised = centred.broadcast_div(&(var + eps)?.sqrt()?)?;
+    let gamma = gamma.reshape((1, channels, 1, 1))?;
+    let beta = beta.reshape((1, channels, 1, 1))?;
+    Ok(normalised.broadcast_mul(&gamma)?.broadcast_add(&beta)?)
+}
+
+pub fn relu(x: &Tensor) -> Result<Tensor> {
+    Ok(x.relu()?)
+}
+
+/// A reshape and two max reductions, because candle's `max_pool2d` gradient
+/// is scaled by 1/4. Needs at least 2x2 pixels.
+pub fn max_pool2x2(x: &Tensor) -> Result<Tensor> {
+    let (n, c, h, w) = x.dims4()?;
+    let (oh, ow) = (h / 2, w / 2);
+    let x = x.narrow(2, 0, oh * 2)?.narrow(3, 0, ow * 2)?;
+    let windows = x.reshape((n, c, oh, 2, ow, 2))?;
+    Ok(windows.max(5)?.max(3)?)
+}

@@ -224,7 +224,6 @@ fn maml_case(
     let query = images(QUERY, &config, rng, device)?;
     let (support_labels, query_labels) = (labels(SUPPORT, device)?, labels(QUERY, device)?);
     let (net, params) = network(config, device)?;
-    let weights = params.to_vars()?;
     let inner = InnerLoop {
         lr: inner_lr,
         steps,
@@ -232,16 +231,14 @@ fn maml_case(
         adapt: Adapt::All,
     };
     let step = move || -> Result<()> {
-        let adapted = maml::adapt(
-            &net,
-            &weights.as_params(),
-            &support,
-            &support_labels,
-            1,
-            &inner,
-        )?;
-        let loss = ops::cross_entropy(&net.forward(&adapted, &query)?, &query_labels)?;
-        weights.gradients(&loss.backward()?)?;
+        let task = maml::Task {
+            support: &support,
+            support_labels: &support_labels,
+            shots: 1,
+            query: &query,
+            query_labels: &query_labels,
+        };
+        maml::meta_gradient(&net, &params, &task, &inner)?;
         Ok(())
     };
     Ok(Case {

@@ -246,12 +246,14 @@ impl Conv4 {
                 Downsample::Stride2 => ops::conv2d(&x, weight, 2, 1)?,
                 Downsample::MaxPool => ops::conv2d(&x, weight, 1, 1)?,
             };
-            if c.batch_norm {
-                let gamma = params.get(&bn_gamma_name(block))?;
-                let beta = params.get(&bn_beta_name(block))?;
-                x = ops::batch_norm(&x, gamma, beta, c.batch_norm_eps)?;
-            }
-            x = ops::relu(&x)?;
+            x = match c.batch_norm {
+                true => {
+                    let gamma = params.get(&bn_gamma_name(block))?;
+                    let beta = params.get(&bn_beta_name(block))?;
+                    ops::batch_norm_relu(&x, gamma, beta, c.batch_norm_eps)?
+                }
+                false => ops::relu(&x)?,
+            };
             if c.downsample == Downsample::MaxPool {
                 x = ops::max_pool2x2(&x)?;
             }

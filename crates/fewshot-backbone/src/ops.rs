@@ -33,6 +33,14 @@ pub fn batch_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result
     }
 }
 
+/// `relu(batch_norm(x))`, fused into one pass on the CPU.
+pub fn batch_norm_relu(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Tensor> {
+    match kernels::supports(x) {
+        true => Ok(kernels::batch_norm_relu(x, gamma, beta, eps)?),
+        false => candle_path::relu(&candle_path::batch_norm(x, gamma, beta, eps)?),
+    }
+}
+
 pub fn relu(x: &Tensor) -> Result<Tensor> {
     match kernels::supports(x) {
         true => Ok(kernels::relu(x)?),

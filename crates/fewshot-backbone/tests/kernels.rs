@@ -167,6 +167,40 @@ fn batch_norm_matches_candle() {
 }
 
 #[test]
+fn batch_norm_with_relu_matches_candle() {
+    let kernel: Op = Rc::new(|t| kernels::batch_norm_relu(&t[0], &t[1], &t[2], 1e-5).unwrap());
+    let reference: Op = Rc::new(|t| {
+        let normalised = candle_path::batch_norm(&t[0], &t[1], &t[2], 1e-5).unwrap();
+        candle_path::relu(&normalised).unwrap()
+    });
+    agree(
+        "batch_norm_relu",
+        kernel,
+        reference,
+        &[&[4, 3, 5, 6], &[3], &[3]],
+        22,
+    );
+}
+
+#[test]
+fn channel_moments_match_candle() {
+    let kernel: Op = Rc::new(|t| kernels::channel_moments(&t[0]).unwrap());
+    let reference: Op = Rc::new(|t| {
+        let x = &t[0];
+        let mean = x.mean_keepdim((0, 2, 3)).unwrap();
+        let var = x
+            .broadcast_sub(&mean)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .mean((0, 2, 3))
+            .unwrap();
+        Tensor::stack(&[mean.flatten_all().unwrap(), var], 0).unwrap()
+    });
+    agree("channel_moments", kernel, reference, &[&[3, 2, 7, 5]], 23);
+}
+
+#[test]
 fn relu_matches_candle() {
     let kernel: Op = Rc::new(|t| kernels::relu(&t[0]).unwrap());
     let reference: Op = Rc::new(|t| candle_path::relu(&t[0]).unwrap());

@@ -9,6 +9,7 @@ use fewshot_backbone::{
 
 use crate::hyperparams::{MamlConfig, Order};
 use crate::inner_loop::{adapt, InnerLoop};
+use crate::meta_gradient::{meta_gradient, Task};
 use crate::ALGORITHM;
 
 pub struct Maml {
@@ -79,21 +80,19 @@ impl Maml {
         }
         let shots = self.shots(episode)?;
         let inner = self.inner_loop(self.config.inner_steps_train, self.config.order);
-        let adapted = adapt(
-            &self.net,
-            params,
-            &episode.support,
-            &episode.support_labels,
-            shots,
-            &inner,
-        )?;
-        let logits = self.net.forward(&adapted, &episode.query)?;
         let labels = episode.labels_for("meta-training")?;
-        let loss = ops::cross_entropy(&logits, labels)?;
+        let task = Task {
+            support: &episode.support,
+            support_labels: &episode.support_labels,
+            shots,
+            query: &episode.query,
+            query_labels: labels,
+        };
+        let result = meta_gradient(&self.net, params, &task, &inner)?;
         Ok(EpisodeGradient {
-            gradient: self.weights.gradients(&loss.backward()?)?.detach(),
-            loss: loss.to_dtype(DType::F64)?.to_scalar::<f64>()?,
-            accuracy: ops::accuracy(&logits, labels)?,
+            gradient: result.gradient,
+            loss: result.query_loss,
+            accuracy: ops::accuracy(&result.query_logits, labels)?,
         })
     }
 }

@@ -11,10 +11,12 @@
 pub mod hyperparams;
 pub mod inner_loop;
 pub mod learner;
+pub mod meta_gradient;
 
 pub use hyperparams::{Adapt, MamlConfig, Order};
 pub use inner_loop::{adapt, InnerLoop};
 pub use learner::Maml;
+pub use meta_gradient::{meta_gradient, MetaGradient, Task};
 
 /// The name of this algorithm in configs and checkpoints.
 pub const ALGORITHM: &str = "maml";

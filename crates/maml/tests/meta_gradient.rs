@@ -1,10 +1,12 @@
 //! The exact meta-gradient through 1, 2 and 5 inner steps against central
-//! finite differences in f64; the first-order one differs from it; and a
-//! setup where candle would silently drop second-order terms is refused.
+//! finite differences in f64, both as the learner computes it (reverse
+//! accumulation, `maml::meta_gradient`) and by backpropagating through the
+//! unrolled loop; the first-order one differs from it; and a setup where
+//! candle would silently drop second-order terms is refused.
 
 use candle_core::{DType, Device, Tensor};
 use fewshot_backbone::{ops, Conv4, Conv4Config, Downsample, FeatureHead, ParamSet};
-use maml::{adapt, Adapt, InnerLoop, Maml, MamlConfig, Order};
+use maml::{adapt, meta_gradient, Adapt, InnerLoop, Maml, MamlConfig, Order, Task};
 
 fn tiny_net() -> Conv4 {
     Conv4::new(Conv4Config {
@@ -21,21 +23,21 @@ fn tiny_net() -> Conv4 {
     .unwrap()
 }
 
-struct Task {
+struct Images {
     support: Tensor,
     support_labels: Tensor,
     query: Tensor,
     query_labels: Tensor,
 }
 
-fn task() -> Task {
+fn task() -> Images {
     let mut rng = fewshot_data::Rng::seed_from(5, 0);
     let mut images = |n: usize| {
         let v: Vec<f64> = (0..n * 64).map(|_| rng.normal()).collect();
         Tensor::from_vec(v, (n, 1, 8, 8), &Device::Cpu).unwrap()
     };
     let labels = |v: &[u32]| Tensor::new(v, &Device::Cpu).unwrap();
-    Task {
+    Images {
         support: images(6),
         support_labels: labels(&[0, 0, 1, 1, 2, 2]),
         query: images(6),
@@ -46,14 +48,17 @@ fn task() -> Task {
 /// The inner learning rate is small enough that five steps stay in a smooth
 /// region: with 0.1 on this 3-filter net a ReLU kink is crossed within the
 /// finite-difference step and the numeric gradient changes with the step size.
-fn meta_loss(net: &Conv4, params: &ParamSet, task: &Task, steps: usize, order: Order) -> Tensor {
-    let inner = InnerLoop {
+fn inner_loop(steps: usize, order: Order, adapt: Adapt) -> InnerLoop {
+    InnerLoop {
         lr: 0.05,
         steps,
         order,
-        adapt: Adapt::All,
-    };
-    let adapted = adapt(net, params, &task.support, &task.support_labels, 2, &inner).unwrap();
+        adapt,
+    }
+}
+
+fn meta_loss(net: &Conv4, params: &ParamSet, task: &Images, inner: &InnerLoop) -> Tensor {
+    let adapted = adapt(net, params, &task.support, &task.support_labels, 2, inner).unwrap();
     ops::cross_entropy(
         &net.forward(&adapted, &task.query).unwrap(),
         &task.query_labels,
@@ -69,20 +74,31 @@ fn flat(params: &ParamSet) -> Vec<f64> {
         .collect()
 }
 
-fn meta_gradient(
-    net: &Conv4,
-    init: &ParamSet,
-    task: &Task,
-    steps: usize,
-    order: Order,
-) -> Vec<f64> {
+/// Backpropagation through the unrolled inner loop.
+fn unrolled_gradient(net: &Conv4, init: &ParamSet, task: &Images, inner: &InnerLoop) -> Vec<f64> {
     let vars = init.to_vars().unwrap();
-    let loss = meta_loss(net, &vars.as_params(), task, steps, order);
+    let loss = meta_loss(net, &vars.as_params(), task, inner);
     flat(&vars.gradients(&loss.backward().unwrap()).unwrap())
 }
 
+/// What the learner uses: reverse accumulation through the inner loop.
+fn reverse_gradient(net: &Conv4, init: &ParamSet, task: &Images, inner: &InnerLoop) -> Vec<f64> {
+    let task = Task {
+        support: &task.support,
+        support_labels: &task.support_labels,
+        shots: 2,
+        query: &task.query,
+        query_labels: &task.query_labels,
+    };
+    flat(&meta_gradient(net, init, &task, inner).unwrap().gradient)
+}
+
 /// Central differences of the meta-loss for every weight.
-fn numeric_gradient(net: &Conv4, init: &ParamSet, task: &Task, steps: usize) -> Vec<f64> {
+fn numeric_gradient(net: &Conv4, init: &ParamSet, task: &Images, inner: &InnerLoop) -> Vec<f64> {
+    let value_only = InnerLoop {
+        order: Order::First,
+        ..*inner
+    };
     const STEP: f64 = 1e-5;
     let mut grad = Vec::new();
     for (which, (_, tensor)) in init.iter().enumerate() {
@@ -101,7 +117,7 @@ fn numeric_gradient(net: &Conv4, init: &ParamSet, task: &Task, steps: usize) -> 
                     moved.insert(other, t).unwrap();
                 }
                 // The value of the adapted weights does not depend on the order.
-                meta_loss(net, &moved, task, steps, Order::First)
+                meta_loss(net, &moved, task, &value_only)
                     .to_scalar::<f64>()
                     .unwrap()
             };
@@ -121,39 +137,52 @@ fn relative_error(a: &[f64], b: &[f64]) -> f64 {
     diff / b.iter().map(|y| y * y).sum::<f64>().sqrt()
 }
 
-fn check_steps(steps: usize) {
+fn check_steps(steps: usize, adapt: Adapt) {
     fewshot_backbone::second_order::ensure_available().unwrap();
     let net = tiny_net();
     let init = net.init(11, DType::F64, &Device::Cpu).unwrap();
     let task = task();
-    let exact = meta_gradient(&net, &init, &task, steps, Order::Second);
-    let numeric = numeric_gradient(&net, &init, &task, steps);
-    let error = relative_error(&exact, &numeric);
-    assert!(
-        error < 1e-6,
-        "{steps} inner steps: relative error {error:e}"
-    );
-    let first = meta_gradient(&net, &init, &task, steps, Order::First);
-    let gap = relative_error(&first, &exact);
+    let exact = inner_loop(steps, Order::Second, adapt);
+    let numeric = numeric_gradient(&net, &init, &task, &exact);
+    for (how, gradient) in [
+        ("reverse", reverse_gradient(&net, &init, &task, &exact)),
+        ("unrolled", unrolled_gradient(&net, &init, &task, &exact)),
+    ] {
+        let error = relative_error(&gradient, &numeric);
+        assert!(
+            error < 1e-6,
+            "{how}, {steps} inner steps, {adapt:?}: relative error {error:e}"
+        );
+    }
+    let first = inner_loop(steps, Order::First, adapt);
+    let reverse_first = reverse_gradient(&net, &init, &task, &first);
+    let unrolled_first = unrolled_gradient(&net, &init, &task, &first);
+    assert!(relative_error(&reverse_first, &unrolled_first) < 1e-10);
+    let gap = relative_error(&reverse_first, &numeric);
     assert!(
         gap > 1e-3,
-        "{steps} inner steps: first order equals exact ({gap:e})"
+        "{steps} inner steps, {adapt:?}: first order equals exact ({gap:e})"
     );
 }
 
 #[test]
 fn exact_through_one_inner_step() {
-    check_steps(1);
+    check_steps(1, Adapt::All);
 }
 
 #[test]
 fn exact_through_two_inner_steps() {
-    check_steps(2);
+    check_steps(2, Adapt::All);
 }
 
 #[test]
 fn exact_through_five_inner_steps() {
-    check_steps(5);
+    check_steps(5, Adapt::All);
+}
+
+#[test]
+fn exact_through_two_head_only_steps() {
+    check_steps(2, Adapt::Head);
 }
 
 /// Re-runs this test binary with candle's detach switch off: building a

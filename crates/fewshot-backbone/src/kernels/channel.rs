@@ -1,10 +1,13 @@
 //! Per-channel reductions and maps over (N, C, H, W) tensors, and ReLU: the
 //! pieces batch norm is made of, one memory pass each.
 //!
-//! They close under differentiation: the gradient of `channel_sum` is a
-//! broadcast, those of `channel_dot` and `channel_affine` are built from
-//! `channel_affine`, `channel_dot` and `channel_sum`, and the gradient of
-//! `relu` is a masking op whose own gradient is the same masking.
+//! Batch norm (with ReLU) is `channel_moments` (the batch mean and variance of
+//! each channel), a little arithmetic on those C-vectors, and one fused
+//! `channel_affine_relu` pass. The ops close under differentiation: the
+//! gradient of `channel_moments` is a `channel_affine` of its input, that of
+//! `channel_sum` a broadcast, those of `channel_dot` and `channel_affine` are
+//! built from `channel_affine`, `channel_dot` and `channel_sum`, and ReLU's
+//! gradients go through a masking op whose own gradient is the same masking.
 
 use candle_core::{
     bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, WithDType,
@@ -45,15 +48,14 @@ impl Channels {
         Ok(())
     }
 
-    /// `f(channel, plane of x)` summed over every image, per channel.
-    fn reduce<T: WithDType>(&self, f: impl Fn(usize, usize) -> f64 + Sync) -> Vec<T> {
+    /// `f(channel, offset of one of its planes)` summed over every image, per channel.
+    fn reduce(&self, f: impl Fn(usize, usize) -> f64 + Sync) -> Vec<f64> {
         (0..self.channels)
             .into_par_iter()
             .map(|c| {
-                let total: f64 = (0..self.batch)
+                (0..self.batch)
                     .map(|n| f(c, (n * self.channels + c) * self.plane))
-                    .sum();
-                T::from_f64(total)
+                    .sum()
             })
             .collect()
     }
@@ -91,6 +93,52 @@ pub fn channel_affine(x: &Tensor, scale: &Tensor, shift: &Tensor) -> Result<Tens
         .apply_op3(&scale.contiguous()?, &shift.contiguous()?, Affine(channels))
 }
 
+/// Per-channel batch mean and biased variance of `x` (N, C, H, W): a (2, C)
+/// tensor, means first.
+pub fn channel_moments(x: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(Moments(Channels::of(x)?))
+}
+
+/// `max(x * scale[c] + shift[c], 0)` in one pass.
+pub fn channel_affine_relu(x: &Tensor, scale: &Tensor, shift: &Tensor) -> Result<Tensor> {
+    let channels = Channels::of(x)?;
+    channels.check_vector("channel_affine_relu scale", scale)?;
+    channels.check_vector("channel_affine_relu shift", shift)?;
+    x.contiguous()?.apply_op3(
+        &scale.contiguous()?,
+        &shift.contiguous()?,
+        AffineRelu(channels),
+    )
+}
+
+/// The scale and shift that batch-normalise `x` with its own statistics and
+/// then apply `gamma` and `beta`.
+fn normalising_affine(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f64,
+) -> Result<(Tensor, Tensor)> {
+    let moments = channel_moments(x)?;
+    let (mean, var) = (moments.get(0)?, moments.get(1)?);
+    let scale = gamma.div(&(var + eps)?.sqrt()?)?;
+    let shift = beta.sub(&mean.mul(&scale)?)?;
+    Ok((scale, shift))
+}
+
+/// Batch norm with the statistics of this batch: two passes over `x`
+/// for the statistics and one to normalise.
+pub fn batch_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Tensor> {
+    let (scale, shift) = normalising_affine(x, gamma, beta, eps)?;
+    channel_affine(x, &scale, &shift)
+}
+
+/// `relu(batch_norm(x))`, normalising and rectifying in one pass.
+pub fn batch_norm_relu(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Tensor> {
+    let (scale, shift) = normalising_affine(x, gamma, beta, eps)?;
+    channel_affine_relu(x, &scale, &shift)
+}
+
 /// `max(x, 0)`, with gradient 0 at 0 (as PyTorch).
 pub fn relu(x: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op1(Relu)
@@ -103,38 +151,102 @@ fn relu_mask(grad: &Tensor, out: &Tensor) -> Result<Tensor> {
 
 struct Sum(Channels);
 struct Dot(Channels);
+struct Moments(Channels);
 struct Affine(Channels);
+struct AffineRelu(Channels);
 struct Relu;
 struct ReluMask;
+
+/// Independent partial sums, so that a reduction vectorises.
+const LANES: usize = 16;
+
+/// Sum of `f(i)` over `0..len`, in `LANES` partial sums of `T` (one plane is
+/// at most a few thousand elements) added up in f64.
+fn lane_sum<T: WithDType>(len: usize, f: impl Fn(usize) -> T) -> f64 {
+    let mut lanes = [T::zero(); LANES];
+    let whole = len / LANES * LANES;
+    for base in (0..whole).step_by(LANES) {
+        for (lane, acc) in lanes.iter_mut().enumerate() {
+            *acc += f(base + lane);
+        }
+    }
+    let tail: f64 = (whole..len).map(|i| f(i).to_f64()).sum();
+    lanes.iter().map(|v| v.to_f64()).sum::<f64>() + tail
+}
 
 impl Body1 for Sum {
     fn run<T: WithDType>(&self, x: &[T]) -> Vec<T> {
         let plane = self.0.plane;
-        self.0
-            .reduce(|_, at| x[at..at + plane].iter().map(|v| v.to_f64()).sum())
+        let sums = self.0.reduce(|_, at| {
+            let x = &x[at..at + plane];
+            lane_sum(plane, |i| x[i])
+        });
+        sums.into_iter().map(T::from_f64).collect()
     }
 }
 
 impl Body2 for Dot {
     fn run<T: WithDType>(&self, x: &[T], y: &[T]) -> Vec<T> {
         let plane = self.0.plane;
-        self.0.reduce(|_, at| {
-            x[at..at + plane]
-                .iter()
-                .zip(&y[at..at + plane])
-                .map(|(a, b)| (*a * *b).to_f64())
-                .sum()
-        })
+        let sums = self.0.reduce(|_, at| {
+            let (x, y) = (&x[at..at + plane], &y[at..at + plane]);
+            lane_sum(plane, |i| x[i] * y[i])
+        });
+        sums.into_iter().map(T::from_f64).collect()
+    }
+}
+
+impl Body1 for Moments {
+    fn run<T: WithDType>(&self, x: &[T]) -> Vec<T> {
+        let Channels { batch, plane, .. } = self.0;
+        let count = (batch * plane).max(1) as f64;
+        let sums = self.0.reduce(|_, at| {
+            let x = &x[at..at + plane];
+            lane_sum(plane, |i| x[i])
+        });
+        // Centred second moment: no cancellation when the mean is large.
+        let squares = self.0.reduce(|c, at| {
+            let mean = T::from_f64(sums[c] / count);
+            let x = &x[at..at + plane];
+            lane_sum(plane, |i| (x[i] - mean) * (x[i] - mean))
+        });
+        let means = sums.iter().map(|s| T::from_f64(s / count));
+        let vars = squares.iter().map(|s| T::from_f64(s / count));
+        means.chain(vars).collect()
     }
 }
 
 impl Body3 for Affine {
     fn run<T: WithDType>(&self, x: &[T], scale: &[T], shift: &[T]) -> Vec<T> {
+        self.0.map(x, scale, shift, |v| v)
+    }
+}
+
+impl Body3 for AffineRelu {
+    fn run<T: WithDType>(&self, x: &[T], scale: &[T], shift: &[T]) -> Vec<T> {
+        self.0.map(
+            x,
+            scale,
+            shift,
+            |v| if v > T::zero() { v } else { T::zero() },
+        )
+    }
+}
+
+impl Channels {
+    /// `post(x * scale[c] + shift[c])` for every element.
+    fn map<T: WithDType>(
+        &self,
+        x: &[T],
+        scale: &[T],
+        shift: &[T],
+        post: impl Fn(T) -> T + Sync,
+    ) -> Vec<T> {
         let Channels {
             channels, plane, ..
-        } = self.0;
+        } = *self;
         let mut out = vec![T::zero(); x.len()];
-        let per_task = self.0.planes_per_task() * plane;
+        let per_task = self.planes_per_task() * plane;
         out.par_chunks_mut(per_task)
             .zip(x.par_chunks(per_task))
             .enumerate()
@@ -144,7 +256,7 @@ impl Body3 for Affine {
                     let c = (first_plane + i) % channels;
                     let (a, b) = (scale[c], shift[c]);
                     for (o, &v) in out.iter_mut().zip(x) {
-                        *o = v * a + b;
+                        *o = post(v * a + b);
                     }
                 }
             });
@@ -240,6 +352,60 @@ impl CustomOp2 for Dot {
     }
 }
 
+impl CustomOp1 for Moments {
+    fn name(&self) -> &'static str {
+        "fewshot-channel-moments"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        Ok((
+            super::cpu1(self.name(), self, s, l)?,
+            (2, self.0.channels).into(),
+        ))
+    }
+
+    /// d mean/dx = 1/M and d var/dx = 2 (x - mean)/M, so the gradient is the
+    /// channel affine map `x * 2 g_var/M + (g_mean - 2 g_var mean)/M`.
+    fn bwd(&self, x: &Tensor, moments: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let count = (self.0.batch * self.0.plane) as f64;
+        let (g_mean, g_var, mean) = (grad.get(0)?, grad.get(1)?, moments.get(0)?);
+        let scale = (g_var * (2.0 / count))?;
+        let shift = ((g_mean / count)? - scale.mul(&mean)?)?;
+        Ok(Some(channel_affine(x, &scale, &shift)?))
+    }
+}
+
+impl CustomOp3 for AffineRelu {
+    fn name(&self) -> &'static str {
+        "fewshot-channel-affine-relu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let out = super::cpu3(self.name(), self, (s1, l1), (s2, l2), (s3, l3))?;
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        scale: &Tensor,
+        shift: &Tensor,
+        out: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad = relu_mask(grad, out)?;
+        Affine(self.0).bwd(x, scale, shift, out, &grad)
+    }
+}
+
 impl CustomOp3 for Affine {
     fn name(&self) -> &'static str {
         "fewshot-channel-affine"
@@ -328,18 +494,4 @@ impl CustomOp2 for ReluMask {
         };
         Ok((d_grad, None))
     }
-}
-
-/// Batch norm with batch statistics from four one-pass kernels: the mean, the
-/// centred input, its per-channel variance, and the affine map that
-/// normalises, scales and shifts.
-pub fn batch_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Tensor> {
-    let (n, channels, h, w) = x.dims4()?;
-    let count = (n * h * w) as f64;
-    let mean = (channel_sum(x)? / count)?;
-    let ones = Tensor::ones(channels, x.dtype(), x.device())?;
-    let centred = channel_affine(x, &ones, &mean.neg()?)?;
-    let var = (channel_dot(&centred, &centred)? / count)?;
-    let scale = gamma.div(&(var + eps)?.sqrt()?)?;
-    channel_affine(&centred, &scale, beta)
 }

@@ -491,12 +491,25 @@ fn gather_columns<T: WithDType>(
     grad
 }
 
-/// The input position a kernel tap reads for output coordinate `out`, if it
-/// falls inside the image (else it reads the zero padding).
-fn source(out: usize, tap: usize, g: &ConvGeometry, size: usize) -> Option<usize> {
-    (out * g.stride + tap)
-        .checked_sub(g.padding)
-        .filter(|&i| i < size)
+/// For kernel tap `tap` along an axis of `size` input pixels, the range of
+/// output coordinates whose tap lands inside the image (the rest read the zero
+/// padding), and the input coordinate the first of them reads.
+fn valid_outputs(
+    tap: usize,
+    size: usize,
+    outputs: usize,
+    g: &ConvGeometry,
+) -> (usize, usize, usize) {
+    // Output `o` reads input `o * stride + tap - padding`.
+    let first = g.padding.saturating_sub(tap).div_ceil(g.stride);
+    let end = match (size + g.padding).checked_sub(tap + 1) {
+        Some(last_reach) => (last_reach / g.stride + 1).min(outputs),
+        None => 0,
+    };
+    let first = first.min(end);
+    // Only read when the range is not empty, where it cannot saturate.
+    let input_first = (first * g.stride + tap).saturating_sub(g.padding);
+    (first, end, input_first)
 }
 
 /// Images `first..first + images` of `x` unfolded into `cols`: row
@@ -506,25 +519,30 @@ fn im2col<T: WithDType>(g: &ConvGeometry, x: &[T], first: usize, images: usize, 
     let columns = images * out_h * out_w;
     for channel in 0..g.in_channels {
         for ky in 0..g.kernel_h {
+            let (y_first, y_end, iy_first) = valid_outputs(ky, g.in_h, out_h, g);
             for kx in 0..g.kernel_w {
+                let (x_first, x_end, ix_first) = valid_outputs(kx, g.in_w, out_w, g);
                 let row = (channel * g.kernel_h + ky) * g.kernel_w + kx;
                 let row = &mut cols[row * columns..(row + 1) * columns];
                 for image in 0..images {
                     let plane = ((first + image) * g.in_channels + channel) * g.in_pixels();
                     let plane = &x[plane..plane + g.in_pixels()];
-                    for oy in 0..out_h {
-                        let dst = &mut row[(image * out_h + oy) * out_w..][..out_w];
-                        match source(oy, ky, g, g.in_h) {
-                            None => dst.fill(T::zero()),
-                            Some(iy) => {
-                                let line = &plane[iy * g.in_w..(iy + 1) * g.in_w];
-                                for (ox, value) in dst.iter_mut().enumerate() {
-                                    *value = match source(ox, kx, g, g.in_w) {
-                                        Some(ix) => line[ix],
-                                        None => T::zero(),
-                                    };
-                                }
-                            }
+                    let rows = &mut row[image * out_h * out_w..(image + 1) * out_h * out_w];
+                    for (oy, dst) in rows.chunks_exact_mut(out_w).enumerate() {
+                        if oy < y_first || oy >= y_end || x_first == x_end {
+                            dst.fill(T::zero());
+                            continue;
+                        }
+                        let iy = iy_first + (oy - y_first) * g.stride;
+                        let line = &plane[iy * g.in_w..(iy + 1) * g.in_w];
+                        dst[..x_first].fill(T::zero());
+                        dst[x_end..].fill(T::zero());
+                        let dst = &mut dst[x_first..x_end];
+                        if g.stride == 1 {
+                            dst.copy_from_slice(&line[ix_first..ix_first + dst.len()]);
+                        } else {
+                            let src = line[ix_first..].iter().step_by(g.stride);
+                            dst.iter_mut().zip(src).for_each(|(d, &v)| *d = v);
                         }
                     }
                 }
@@ -540,22 +558,33 @@ fn col2im<T: WithDType>(g: &ConvGeometry, cols: &[T], images: usize, dx: &mut [T
     let columns = images * out_h * out_w;
     for channel in 0..g.in_channels {
         for ky in 0..g.kernel_h {
+            let (y_first, y_end, iy_first) = valid_outputs(ky, g.in_h, out_h, g);
             for kx in 0..g.kernel_w {
+                let (x_first, x_end, ix_first) = valid_outputs(kx, g.in_w, out_w, g);
                 let row = (channel * g.kernel_h + ky) * g.kernel_w + kx;
                 let row = &cols[row * columns..(row + 1) * columns];
                 for image in 0..images {
                     let plane = (image * g.in_channels + channel) * g.in_pixels();
                     let plane = &mut dx[plane..plane + g.in_pixels()];
-                    for oy in 0..out_h {
-                        let Some(iy) = source(oy, ky, g, g.in_h) else {
-                            continue;
-                        };
-                        let src = &row[(image * out_h + oy) * out_w..][..out_w];
+                    let rows = &row[image * out_h * out_w..(image + 1) * out_h * out_w];
+                    if x_first == x_end {
+                        continue;
+                    }
+                    for (oy, src) in rows
+                        .chunks_exact(out_w)
+                        .enumerate()
+                        .take(y_end)
+                        .skip(y_first)
+                    {
+                        let iy = iy_first + (oy - y_first) * g.stride;
                         let line = &mut plane[iy * g.in_w..(iy + 1) * g.in_w];
-                        for (ox, &value) in src.iter().enumerate() {
-                            if let Some(ix) = source(ox, kx, g, g.in_w) {
-                                line[ix] += value;
-                            }
+                        let src = &src[x_first..x_end];
+                        if g.stride == 1 {
+                            let line = &mut line[ix_first..ix_first + src.len()];
+                            line.iter_mut().zip(src).for_each(|(d, &v)| *d += v);
+                        } else {
+                            let line = line[ix_first..].iter_mut().step_by(g.stride);
+                            line.zip(src).for_each(|(d, &v)| *d += v);
                         }
                     }
                 }

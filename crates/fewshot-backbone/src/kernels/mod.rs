@@ -24,7 +24,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, DType, Layout, Tensor, WithDType};
 
-pub use channel::{batch_norm, channel_affine, channel_dot, channel_sum, relu};
+pub use channel::{
+    batch_norm, batch_norm_relu, channel_affine, channel_affine_relu, channel_dot, channel_moments,
+    channel_sum, relu,
+};
 pub use conv::{conv2d, conv2d_input_grad, conv2d_weight_grad, ConvGeometry};
 pub use pool::max_pool2x2;
 

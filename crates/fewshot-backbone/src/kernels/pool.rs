@@ -56,19 +56,34 @@ impl PoolGeometry {
         (n, c, h, w).into()
     }
 
-    /// For each output pixel of one input plane, the index of its window's
-    /// maximum in the plane (the first one on ties), in output order.
-    fn winners<'a, T: WithDType>(&'a self, plane: &'a [T]) -> impl Iterator<Item = usize> + 'a {
+    /// Calls `visit(output index, winner index)` for each output pixel of one
+    /// input plane, the winner being the index in the plane of its window's
+    /// maximum (the first one on ties).
+    fn for_each_winner<T: WithDType>(&self, plane: &[T], mut visit: impl FnMut(usize, usize)) {
         let width = self.dims.3;
         let (out_h, out_w) = self.out_hw();
-        (0..out_h).flat_map(move |oy| {
-            (0..out_w).map(move |ox| {
-                let top = 2 * oy * width + 2 * ox;
-                [top + 1, top + width, top + width + 1]
-                    .into_iter()
-                    .fold(top, |best, i| if plane[i] > plane[best] { i } else { best })
-            })
-        })
+        for oy in 0..out_h {
+            let top = 2 * oy * width;
+            let rows = (
+                &plane[top..top + width],
+                &plane[top + width..top + 2 * width],
+            );
+            for ox in 0..out_w {
+                let x = 2 * ox;
+                // Selects rather than branches: the winner is data-dependent.
+                let (mut best, mut at) = (rows.0[x], x);
+                for (value, index) in [
+                    (rows.0[x + 1], x + 1),
+                    (rows.1[x], width + x),
+                    (rows.1[x + 1], width + x + 1),
+                ] {
+                    let better = value > best;
+                    best = if better { value } else { best };
+                    at = if better { index } else { at };
+                }
+                visit(oy * out_w + ox, top + at);
+            }
+        }
     }
 }
 
@@ -111,8 +126,23 @@ impl CustomOp1 for Pool {
 
 impl Body1 for Pool {
     fn run<T: WithDType>(&self, x: &[T]) -> Vec<T> {
-        // Pooling is gathering `x` at its own winners.
-        gather_kernel(&self.0, x, x)
+        let g = &self.0;
+        let (width, (out_h, out_w)) = (g.dims.3, g.out_hw());
+        let max = |a: T, b: T| if b > a { b } else { a };
+        let mut out = vec![T::zero(); x.len() / g.in_plane() * g.out_plane()];
+        out.par_chunks_mut(g.out_plane())
+            .zip(x.par_chunks(g.in_plane()))
+            .for_each(|(out, plane)| {
+                for (oy, out) in out.chunks_exact_mut(out_w.max(1)).take(out_h).enumerate() {
+                    let top = &plane[2 * oy * width..(2 * oy + 1) * width];
+                    let bottom = &plane[(2 * oy + 1) * width..(2 * oy + 2) * width];
+                    for (ox, o) in out.iter_mut().enumerate() {
+                        let x = 2 * ox;
+                        *o = max(max(top[x], top[x + 1]), max(bottom[x], bottom[x + 1]));
+                    }
+                }
+            });
+        out
     }
 }
 
@@ -134,9 +164,7 @@ fn scatter_kernel<T: WithDType>(g: &PoolGeometry, x: &[T], grad_out: &[T]) -> Ve
         .zip(x.par_chunks(g.in_plane()))
         .zip(grad_out.par_chunks(g.out_plane()))
         .for_each(|((dx, plane), grad)| {
-            for (&value, i) in grad.iter().zip(g.winners(plane)) {
-                dx[i] = value;
-            }
+            g.for_each_winner(plane, |o, i| dx[i] = grad[o]);
         });
     dx
 }
@@ -147,9 +175,7 @@ fn gather_kernel<T: WithDType>(g: &PoolGeometry, x: &[T], values: &[T]) -> Vec<T
         .zip(x.par_chunks(g.in_plane()))
         .zip(values.par_chunks(g.in_plane()))
         .for_each(|((out, plane), values)| {
-            for (o, i) in out.iter_mut().zip(g.winners(plane)) {
-                *o = values[i];
-            }
+            g.for_each_winner(plane, |o, i| out[o] = values[i]);
         });
     out
 }

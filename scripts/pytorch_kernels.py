@@ -1,0 +1,158 @@
+"""PyTorch CPU reference of `fewshot bench --suite kernels`: the same cases,
+shapes and work, for a side-by-side speed comparison.
+
+Cases (batches of 80 images, 5 classes; MAML tasks are 5-way 1-shot with 75
+queries, second order through `torch.autograd.grad(create_graph=True)`):
+  train-conv4-28  64-filter conv-4 with max-pooling on 1x28x28: forward, backward, Adam
+  train-conv4-84  32-filter conv-4 with max-pooling on 3x84x84: forward, backward, Adam
+  maml2-1step-28  MAML's Omniglot net (stride-2 convs), 1 inner step, exact meta-gradient
+  maml2-5step-28  the same with 5 inner steps
+  maml2-5step-84  MAML's miniImageNet net, 5 inner steps
+  eval-conv4-28   the train-conv4-28 net, forward only
+Batch norm uses batch statistics (no running averages); the inner loop adapts
+every weight but batch norm's, with the support loss scaled as the MAML
+reference does (sum over examples / shots). Prints one JSON object:
+{"threads", "peak_rss_mib", "cases": [{"name", "median_ms", "repeats"}]}.
+
+Usage: python pytorch_kernels.py [--case NAME ...] [--repeats 10] [--threads 2]
+"""
+
+import argparse
+import json
+import resource
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+BATCH, WAYS, SUPPORT, QUERY = 80, 5, 5, 75
+
+
+def make_net(channels, side, filters, downsample, head):
+    """Weights of a conv-4 with a 5-way linear classifier, as a dict."""
+    params = {}
+    for block in range(4):
+        cin = channels if block == 0 else filters
+        params[f"block{block}.conv.weight"] = torch.nn.init.xavier_uniform_(torch.empty(filters, cin, 3, 3))
+        params[f"block{block}.bn.weight"] = torch.ones(filters)
+        params[f"block{block}.bn.bias"] = torch.zeros(filters)
+        side = side // 2 if downsample == "max-pool" else (side + 1) // 2
+    features = filters if head == "mean" else filters * side * side
+    params["head.weight"] = torch.nn.init.xavier_uniform_(torch.empty(WAYS, features))
+    params["head.bias"] = torch.zeros(WAYS)
+    config = {"downsample": downsample, "head": head}
+    return config, {k: v.requires_grad_() for k, v in params.items()}
+
+
+def forward(config, params, x):
+    for block in range(4):
+        stride = 2 if config["downsample"] == "stride2" else 1
+        x = F.conv2d(x, params[f"block{block}.conv.weight"], stride=stride, padding=1)
+        x = F.batch_norm(x, None, None, params[f"block{block}.bn.weight"], params[f"block{block}.bn.bias"], training=True)
+        x = F.relu(x)
+        if config["downsample"] == "max-pool":
+            x = F.max_pool2d(x, 2)
+    x = x.mean(dim=(2, 3)) if config["head"] == "mean" else x.flatten(1)
+    return F.linear(x, params["head.weight"], params["head.bias"])
+
+
+def images(count, channels, side):
+    return torch.rand(count, channels, side, side)
+
+
+def labels(count):
+    return torch.arange(count) % WAYS
+
+
+def train_case(net):
+    config, params = net
+    channels, side = (1, 28) if config["head"] == "flatten" and params["block0.conv.weight"].shape[1] == 1 else (3, 84)
+    x, y = images(BATCH, channels, side), labels(BATCH)
+    optimizer = torch.optim.Adam(params.values(), lr=1e-3)
+
+    def step():
+        optimizer.zero_grad()
+        F.cross_entropy(forward(config, params, x), y).backward()
+        optimizer.step()
+
+    return step
+
+
+def eval_case(net):
+    config, params = net
+    x = images(BATCH, 1, 28)
+
+    def step():
+        with torch.no_grad():
+            forward(config, params, x)
+
+    return step
+
+
+def maml_case(net, channels, side, inner_lr, steps):
+    config, params = net
+    support, query = images(SUPPORT, channels, side), images(QUERY, channels, side)
+    support_labels, query_labels = labels(SUPPORT), labels(QUERY)
+    names = list(params)
+    adapted_names = [n for n in names if ".bn." not in n]
+
+    def step():
+        fast = dict(params)
+        for _ in range(steps):
+            # Cross-entropy summed over the support set and divided by the shots (1).
+            loss = F.cross_entropy(forward(config, fast, support), support_labels, reduction="sum")
+            grads = torch.autograd.grad(loss, [fast[n] for n in adapted_names], create_graph=True)
+            fast = dict(fast)
+            for n, g in zip(adapted_names, grads):
+                fast[n] = fast[n] - inner_lr * g
+        meta_loss = F.cross_entropy(forward(config, fast, query), query_labels)
+        torch.autograd.grad(meta_loss, [params[n] for n in names])
+
+    return step
+
+
+def build(name):
+    pooled_28 = lambda: make_net(1, 28, 64, "max-pool", "flatten")
+    if name == "train-conv4-28":
+        return train_case(pooled_28())
+    if name == "train-conv4-84":
+        return train_case(make_net(3, 84, 32, "max-pool", "flatten"))
+    if name == "eval-conv4-28":
+        return eval_case(pooled_28())
+    if name == "maml2-1step-28":
+        return maml_case(make_net(1, 28, 64, "stride2", "mean"), 1, 28, 0.4, 1)
+    if name == "maml2-5step-28":
+        return maml_case(make_net(1, 28, 64, "stride2", "mean"), 1, 28, 0.4, 5)
+    if name == "maml2-5step-84":
+        return maml_case(make_net(3, 84, 32, "max-pool", "flatten"), 3, 84, 0.01, 5)
+    raise SystemExit(f"unknown case {name}")
+
+
+CASES = ["train-conv4-28", "train-conv4-84", "maml2-1step-28", "maml2-5step-28", "maml2-5step-84", "eval-conv4-28"]
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--case", action="append", default=[])
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    results = []
+    for name in args.case or CASES:
+        step = build(name)
+        step()  # warm-up
+        times = []
+        for _ in range(max(args.repeats, 1)):
+            start = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - start)
+        results.append({"name": name, "median_ms": statistics.median(times) * 1e3, "repeats": len(times)})
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"threads": args.threads, "torch": torch.__version__, "peak_rss_mib": peak, "cases": results}))
+
+
+if __name__ == "__main__":
+    main()

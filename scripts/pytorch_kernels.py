@@ -65,9 +65,8 @@ def labels(count):
     return torch.arange(count) % WAYS
 
 
-def train_case(net):
+def train_case(net, channels, side):
     config, params = net
-    channels, side = (1, 28) if config["head"] == "flatten" and params["block0.conv.weight"].shape[1] == 1 else (3, 84)
     x, y = images(BATCH, channels, side), labels(BATCH)
     optimizer = torch.optim.Adam(params.values(), lr=1e-3)
 
@@ -115,9 +114,9 @@ def maml_case(net, channels, side, inner_lr, steps):
 def build(name):
     pooled_28 = lambda: make_net(1, 28, 64, "max-pool", "flatten")
     if name == "train-conv4-28":
-        return train_case(pooled_28())
+        return train_case(pooled_28(), 1, 28)
     if name == "train-conv4-84":
-        return train_case(make_net(3, 84, 32, "max-pool", "flatten"))
+        return train_case(make_net(3, 84, 32, "max-pool", "flatten"), 3, 84)
     if name == "eval-conv4-28":
         return eval_case(pooled_28())
     if name == "maml2-1step-28":

@@ -24,6 +24,8 @@ use config::{DataConfig, DatasetKind, ExperimentConfig};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+const CANDLE_SPIN_VAR: &str = "CANDLE_BARRIER_POOL_SPIN_LIMIT";
+
 /// mimalloc's `mi_option_purge_delay` (libmimalloc-sys names only some options).
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
@@ -205,6 +207,12 @@ fn main() {
     // starts: without it second-order gradients are silently zero.
     if std::env::var_os(fewshot_backbone::second_order::ENV_VAR).is_none() {
         std::env::set_var(fewshot_backbone::second_order::ENV_VAR, "1");
+    }
+    // candle's elementwise thread pool spins 25,000 times after each op before
+    // parking; on two cores that spinning starves the kernels' rayon threads
+    // (MAML steps ~15% slower). Read when the pool starts, so set it first.
+    if std::env::var_os(CANDLE_SPIN_VAR).is_none() {
+        std::env::set_var(CANDLE_SPIN_VAR, "200");
     }
     tracing_subscriber::fmt()
         .with_env_filter(

@@ -147,6 +147,16 @@ fn batch_norm_with_batch_statistics() {
 }
 
 #[test]
+fn batch_norm_with_relu() {
+    let mut rng = Rng::seed_from(8, 0);
+    let x = random(&[3, 2, 4, 3], &mut rng);
+    let gamma = random(&[2], &mut rng);
+    let beta = random(&[2], &mut rng);
+    let f: Scalar = Box::new(|t| curved(&ops::batch_norm_relu(&t[0], &t[1], &t[2], 1e-5).unwrap()));
+    check("batch_norm_relu", f, vec![x, gamma, beta], &mut rng);
+}
+
+#[test]
 fn relu_away_from_the_kink() {
     let mut rng = Rng::seed_from(3, 0);
     let x = random(&[4, 5], &mut rng);

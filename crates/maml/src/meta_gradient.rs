@@ -4,10 +4,11 @@
 //! Backpropagating through the unrolled loop (what [`crate::adapt`] allows)
 //! costs O(K^2) in candle for K inner steps: candle's backward visits every
 //! node that leads to a leaf, so the gradient of step k re-traverses the
-//! graphs of all the steps before it, and every graph stays in memory. Here
-//! the inner loop runs once without a graph, keeping the adapted weights
-//! a_0..a_K; then, with `a` the adapted weights, `f` the fixed ones (batch
-//! norm's) and `v = grad L_query(a_K, f)`, for k = K-1 down to 0:
+//! graphs of all the steps before it. Here each inner step computes its
+//! support gradient at fresh leaves holding a_k (keeping that one step's
+//! graph) and steps on without a graph; then, with `a` the adapted weights,
+//! `f` the fixed ones (batch norm's) and `v = grad L_query(a_K, f)`, for
+//! k = K-1 down to 0:
 //!
 //! ```text
 //! v_f <- v_f - lr * H_fa(a_k) v_a
@@ -16,10 +17,9 @@
 //!
 //! where H is the Hessian of the support loss at (a_k, f). That is the chain
 //! rule through `a_{k+1} = a_k - lr * grad_a L_support(a_k, f)`, so the result
-//! is the exact second-order meta-gradient; each product differentiates the
-//! support gradient once more at fresh leaves, so every step costs the same
-//! and only one step's graph is alive. First order stops after the query
-//! gradient.
+//! is the exact second-order meta-gradient; each product differentiates a
+//! kept support gradient once more, so every step costs the same. First
+//! order keeps no graphs and stops after the query gradient.
 
 use candle_core::{DType, Tensor};
 use fewshot_backbone::{ops, Conv4, ParamSet, Result, VarSet};
@@ -64,12 +64,15 @@ pub fn meta_gradient(
         }
     }
 
-    let mut trajectory = Vec::with_capacity(inner.steps);
+    // Each step's support gradient, kept with its graph (at its own leaves)
+    // for the Hessian-vector product of the backward sweep.
+    let mut steps = Vec::with_capacity(inner.steps);
     for _ in 0..inner.steps {
-        let (gradient, _) = support_gradient(net, &adapted, &fixed, task)?;
-        let gradient = gradient.detach();
-        trajectory.push(adapted);
-        adapted = trajectory[trajectory.len() - 1].sgd_step(&gradient, inner.lr)?;
+        let (gradient, leaves) = support_gradient(net, &adapted, &fixed, task)?;
+        adapted = adapted.sgd_step(&gradient.detach(), inner.lr)?;
+        if inner.order == Order::Second {
+            steps.push((gradient, leaves));
+        }
     }
 
     let (adapted_vars, fixed_vars) = (adapted.to_vars()?, fixed.to_vars()?);
@@ -79,19 +82,16 @@ pub fn meta_gradient(
     let mut v_adapted = adapted_vars.gradients(&grads)?.detach();
     let mut v_fixed = fixed_vars.gradients(&grads)?.detach();
 
-    if inner.order == Order::Second {
-        for weights in trajectory.iter().rev() {
-            let (gradient, vars) = support_gradient(net, weights, &fixed, task)?;
-            let mut dot = Tensor::zeros((), loss.dtype(), loss.device())?;
-            for ((_, g), (_, v)) in gradient.iter().zip(v_adapted.iter()) {
-                dot = (dot + (g * v)?.sum_all()?)?;
-            }
-            let products = dot.backward()?;
-            let h_fixed = vars.fixed.gradients(&products)?.detach();
-            let h_adapted = vars.adapted.gradients(&products)?.detach();
-            v_fixed = v_fixed.add_scaled(&h_fixed, -inner.lr)?;
-            v_adapted = v_adapted.add_scaled(&h_adapted, -inner.lr)?;
+    for (gradient, leaves) in steps.iter().rev() {
+        let mut dot = Tensor::zeros((), loss.dtype(), loss.device())?;
+        for ((_, g), (_, v)) in gradient.iter().zip(v_adapted.iter()) {
+            dot = (dot + (g * v)?.sum_all()?)?;
         }
+        let products = dot.backward()?;
+        let h_fixed = leaves.fixed.gradients(&products)?.detach();
+        let h_adapted = leaves.adapted.gradients(&products)?.detach();
+        v_fixed = v_fixed.add_scaled(&h_fixed, -inner.lr)?;
+        v_adapted = v_adapted.add_scaled(&h_adapted, -inner.lr)?;
     }
 
     let mut gradient = ParamSet::new();

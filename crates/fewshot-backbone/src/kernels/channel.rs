@@ -1,13 +1,14 @@
 //! Per-channel reductions and maps over (N, C, H, W) tensors, and ReLU: the
 //! pieces batch norm is made of, one memory pass each.
 //!
-//! Batch norm (with ReLU) is `channel_moments` (the batch mean and variance of
-//! each channel), a little arithmetic on those C-vectors, and one fused
-//! `channel_affine_relu` pass. The ops close under differentiation: the
-//! gradient of `channel_moments` is a `channel_affine` of its input, that of
-//! `channel_sum` a broadcast, those of `channel_dot` and `channel_affine` are
-//! built from `channel_affine`, `channel_dot` and `channel_sum`, and ReLU's
-//! gradients go through a masking op whose own gradient is the same masking.
+//! Batch norm alone is `channel_moments` (the batch mean and variance of each
+//! channel), a little arithmetic on those C-vectors and one `channel_affine`
+//! pass (batch norm with ReLU has its own fused op, in `batch_norm.rs`). The
+//! ops close under differentiation: the gradient of `channel_moments` is a
+//! `channel_affine` of its input, that of `channel_sum` a broadcast, those of
+//! `channel_dot` and `channel_affine` are built from `channel_affine`,
+//! `channel_dot` and `channel_sum`, and ReLU's gradients go through masking
+//! ops whose own gradients are maskings again.
 
 use candle_core::{
     bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, WithDType,
@@ -16,19 +17,18 @@ use rayon::prelude::*;
 
 use super::{Body1, Body2, Body3};
 
-/// Elements below which an elementwise op is not worth splitting across threads.
-const MIN_PARALLEL_ELEMENTS: usize = 1 << 14;
+use super::MIN_PARALLEL_ELEMENTS;
 
 /// (N, C, plane) of a 4-D tensor.
 #[derive(Debug, Clone, Copy)]
-struct Channels {
-    batch: usize,
-    channels: usize,
-    plane: usize,
+pub(super) struct Channels {
+    pub(super) batch: usize,
+    pub(super) channels: usize,
+    pub(super) plane: usize,
 }
 
 impl Channels {
-    fn of(x: &Tensor) -> Result<Self> {
+    pub(super) fn of(x: &Tensor) -> Result<Self> {
         let (batch, channels, h, w) = x.dims4()?;
         Ok(Self {
             batch,
@@ -37,7 +37,7 @@ impl Channels {
         })
     }
 
-    fn check_vector(&self, op: &str, v: &Tensor) -> Result<()> {
+    pub(super) fn check_vector(&self, op: &str, v: &Tensor) -> Result<()> {
         if v.dims() != [self.channels] {
             bail!(
                 "{op}: expected one value per channel ({}), got shape {:?}",
@@ -50,8 +50,10 @@ impl Channels {
 
     /// `f(channel, offset of one of its planes)` summed over every image, per channel.
     fn reduce(&self, f: impl Fn(usize, usize) -> f64 + Sync) -> Vec<f64> {
+        let per_channel = (self.batch * self.plane).max(1);
         (0..self.channels)
             .into_par_iter()
+            .with_min_len(MIN_PARALLEL_ELEMENTS.div_ceil(per_channel))
             .map(|c| {
                 (0..self.batch)
                     .map(|n| f(c, (n * self.channels + c) * self.plane))
@@ -99,18 +101,6 @@ pub fn channel_moments(x: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op1(Moments(Channels::of(x)?))
 }
 
-/// `max(x * scale[c] + shift[c], 0)` in one pass.
-pub fn channel_affine_relu(x: &Tensor, scale: &Tensor, shift: &Tensor) -> Result<Tensor> {
-    let channels = Channels::of(x)?;
-    channels.check_vector("channel_affine_relu scale", scale)?;
-    channels.check_vector("channel_affine_relu shift", shift)?;
-    x.contiguous()?.apply_op3(
-        &scale.contiguous()?,
-        &shift.contiguous()?,
-        AffineRelu(channels),
-    )
-}
-
 /// The scale and shift that batch-normalise `x` with its own statistics and
 /// then apply `gamma` and `beta`.
 fn normalising_affine(
@@ -133,10 +123,25 @@ pub fn batch_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result
     channel_affine(x, &scale, &shift)
 }
 
-/// `relu(batch_norm(x))`, normalising and rectifying in one pass.
-pub fn batch_norm_relu(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Tensor> {
-    let (scale, shift) = normalising_affine(x, gamma, beta, eps)?;
-    channel_affine_relu(x, &scale, &shift)
+/// `[mask > 0] * (t * scale[c] + shift[c])`: the gradient of ReLU-ed channel
+/// maps, in one pass.
+fn masked_affine(t: &Tensor, mask: &Tensor, scale: &Tensor, shift: &Tensor) -> Result<Tensor> {
+    let coefficients = Tensor::stack(&[scale, shift], 0)?;
+    t.contiguous()?.apply_op3(
+        &mask.contiguous()?,
+        &coefficients.contiguous()?,
+        MaskedAffine(Channels::of(t)?),
+    )
+}
+
+/// Per channel, `sum [mask > 0] g x` and `sum [mask > 0] g`, as a (2, C)
+/// tensor: the scale and shift gradients of a ReLU-ed channel map, in one pass.
+pub(super) fn masked_sums(g: &Tensor, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    g.contiguous()?.apply_op3(
+        &x.contiguous()?,
+        &mask.contiguous()?,
+        MaskedSums(Channels::of(g)?),
+    )
 }
 
 /// `max(x, 0)`, with gradient 0 at 0 (as PyTorch).
@@ -151,9 +156,10 @@ fn relu_mask(grad: &Tensor, out: &Tensor) -> Result<Tensor> {
 
 struct Sum(Channels);
 struct Dot(Channels);
-struct Moments(Channels);
+pub(super) struct Moments(pub(super) Channels);
 struct Affine(Channels);
-struct AffineRelu(Channels);
+struct MaskedAffine(Channels);
+struct MaskedSums(Channels);
 struct Relu;
 struct ReluMask;
 
@@ -222,18 +228,78 @@ impl Body3 for Affine {
     }
 }
 
-impl Body3 for AffineRelu {
-    fn run<T: WithDType>(&self, x: &[T], scale: &[T], shift: &[T]) -> Vec<T> {
-        self.0.map(
-            x,
-            scale,
-            shift,
-            |v| if v > T::zero() { v } else { T::zero() },
-        )
+impl Body3 for MaskedAffine {
+    fn run<T: WithDType>(&self, t: &[T], mask: &[T], coefficients: &[T]) -> Vec<T> {
+        let (scale, shift) = coefficients.split_at(self.0.channels);
+        let mut out = vec![T::zero(); t.len()];
+        self.0.for_each_plane(&mut out, |c, at, out| {
+            let (a, b) = (scale[c], shift[c]);
+            let (t, mask) = (&t[at..at + out.len()], &mask[at..at + out.len()]);
+            for ((o, &v), &m) in out.iter_mut().zip(t).zip(mask) {
+                *o = if m > T::zero() { v * a + b } else { T::zero() };
+            }
+        });
+        out
+    }
+}
+
+impl Body3 for MaskedSums {
+    fn run<T: WithDType>(&self, g: &[T], x: &[T], mask: &[T]) -> Vec<T> {
+        let plane = self.0.plane;
+        let keep = |m: T, v: T| if m > T::zero() { v } else { T::zero() };
+        let (dots, sums): (Vec<f64>, Vec<f64>) = self
+            .0
+            .reduce_pairs(|_, at| {
+                let (g, x, mask) = (
+                    &g[at..at + plane],
+                    &x[at..at + plane],
+                    &mask[at..at + plane],
+                );
+                // The plane is in cache for the second sum.
+                let dot = lane_sum(plane, |i| keep(mask[i], g[i] * x[i]));
+                let sum = lane_sum(plane, |i| keep(mask[i], g[i]));
+                (dot, sum)
+            })
+            .into_iter()
+            .unzip();
+        dots.into_iter().chain(sums).map(T::from_f64).collect()
     }
 }
 
 impl Channels {
+    /// `f(channel, offset, plane of out)` for every plane of `out` (shaped as
+    /// the input), split across threads in tasks of whole planes.
+    pub(super) fn for_each_plane<T: WithDType>(
+        &self,
+        out: &mut [T],
+        f: impl Fn(usize, usize, &mut [T]) + Sync,
+    ) {
+        let plane = self.plane.max(1);
+        let per_task = self.planes_per_task() * plane;
+        out.par_chunks_mut(per_task)
+            .enumerate()
+            .for_each(|(task, out)| {
+                for (i, out) in out.chunks_mut(plane).enumerate() {
+                    let index = task * per_task / plane + i;
+                    f(index % self.channels, index * plane, out);
+                }
+            });
+    }
+
+    /// Like `reduce`, with two sums per plane.
+    fn reduce_pairs(&self, f: impl Fn(usize, usize) -> (f64, f64) + Sync) -> Vec<(f64, f64)> {
+        let per_channel = (self.batch * self.plane).max(1);
+        (0..self.channels)
+            .into_par_iter()
+            .with_min_len(MIN_PARALLEL_ELEMENTS.div_ceil(per_channel))
+            .map(|c| {
+                (0..self.batch)
+                    .map(|n| f(c, (n * self.channels + c) * self.plane))
+                    .fold((0.0, 0.0), |(a, b), (x, y)| (a + x, b + y))
+            })
+            .collect()
+    }
+
     /// `post(x * scale[c] + shift[c])` for every element.
     fn map<T: WithDType>(
         &self,
@@ -375,9 +441,9 @@ impl CustomOp1 for Moments {
     }
 }
 
-impl CustomOp3 for AffineRelu {
+impl CustomOp3 for MaskedAffine {
     fn name(&self) -> &'static str {
-        "fewshot-channel-affine-relu"
+        "fewshot-masked-affine"
     }
 
     fn cpu_fwd(
@@ -393,16 +459,67 @@ impl CustomOp3 for AffineRelu {
         Ok((out, l1.shape().clone()))
     }
 
+    /// Linear in `t` and in the coefficients; the mask is piecewise constant.
     fn bwd(
         &self,
-        x: &Tensor,
-        scale: &Tensor,
-        shift: &Tensor,
-        out: &Tensor,
+        t: &Tensor,
+        mask: &Tensor,
+        coefficients: &Tensor,
+        _out: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let grad = relu_mask(grad, out)?;
-        Affine(self.0).bwd(x, scale, shift, out, &grad)
+        let dt = match t.track_op() {
+            true => {
+                let scale = coefficients.get(0)?;
+                Some(masked_affine(grad, mask, &scale, &scale.zeros_like()?)?)
+            }
+            false => None,
+        };
+        let d_coefficients = match coefficients.track_op() {
+            true => Some(masked_sums(grad, t, mask)?),
+            false => None,
+        };
+        Ok((dt, None, d_coefficients))
+    }
+}
+
+impl CustomOp3 for MaskedSums {
+    fn name(&self) -> &'static str {
+        "fewshot-masked-sums"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let out = super::cpu3(self.name(), self, (s1, l1), (s2, l2), (s3, l3))?;
+        Ok((out, (2, self.0.channels).into()))
+    }
+
+    /// With u = (u_dot, u_sum): d/dg = m (x u_dot + u_sum), d/dx = m g u_dot.
+    fn bwd(
+        &self,
+        g: &Tensor,
+        x: &Tensor,
+        mask: &Tensor,
+        _out: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (u_dot, u_sum) = (grad.get(0)?, grad.get(1)?);
+        let dg = match g.track_op() {
+            true => Some(masked_affine(x, mask, &u_dot, &u_sum)?),
+            false => None,
+        };
+        let dx = match x.track_op() {
+            true => Some(masked_affine(g, mask, &u_dot, &u_dot.zeros_like()?)?),
+            false => None,
+        };
+        Ok((dg, dx, None))
     }
 }
 

@@ -12,16 +12,18 @@
 //! Chunks run in parallel when there are enough of them; otherwise the single
 //! product uses every thread.
 
+use std::borrow::Cow;
+
 use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
 use super::gemm::{matmul, MatRef};
 use super::Body2;
 
-/// Columns (output pixels) per chunk the kernels aim for: enough for an
-/// efficient product, few enough that the im2col matrix of a 64-channel
-/// layer (576 x 256 floats) stays in a core's L2 cache.
-const TARGET_CHUNK_COLUMNS: usize = 256;
+/// Columns (output pixels) per chunk the kernels aim for: on this kind of
+/// machine the 64-channel layers of conv-4 ran 10-30% slower with chunks of
+/// 256 columns and with chunks of 4096 (`examples/conv_layers.rs`).
+const TARGET_CHUNK_COLUMNS: usize = 1024;
 
 /// The sizes of one convolution.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -367,6 +369,7 @@ impl CustomOp2 for WeightGrad {
 
 fn forward<T: WithDType>(g: &ConvGeometry, x: &[T], weight: &[T]) -> Vec<T> {
     super::count_flops(g.flops());
+    let taps = TapTable::new(g);
     let (pixels, patch) = (g.out_pixels(), g.patch_len());
     let per_chunk = g.images_per_chunk();
     let parallel = g.parallel_chunks();
@@ -377,15 +380,15 @@ fn forward<T: WithDType>(g: &ConvGeometry, x: &[T], weight: &[T]) -> Vec<T> {
         let images = out.len() / (g.out_channels * pixels);
         let columns = images * pixels;
         let mut cols = vec![T::zero(); patch * columns];
-        im2col(g, x, first, images, &mut cols);
+        im2col(g, &taps, x, first, images, &mut cols);
+        let cols = MatRef::row_major(&cols, patch, columns);
+        if images == 1 {
+            // One image's (Cout, pixel) product is its output plane.
+            matmul(out, weight, cols, false, !parallel);
+            return;
+        }
         let mut product = vec![T::zero(); g.out_channels * columns];
-        matmul(
-            &mut product,
-            weight,
-            MatRef::row_major(&cols, patch, columns),
-            false,
-            !parallel,
-        );
+        matmul(&mut product, weight, cols, false, !parallel);
         // (Cout, image, pixel) -> (image, Cout, pixel).
         for image in 0..images {
             for channel in 0..g.out_channels {
@@ -405,6 +408,7 @@ fn forward<T: WithDType>(g: &ConvGeometry, x: &[T], weight: &[T]) -> Vec<T> {
 
 fn input_grad<T: WithDType>(g: &ConvGeometry, grad_out: &[T], weight: &[T]) -> Vec<T> {
     super::count_flops(g.flops());
+    let taps = TapTable::new(g);
     let (pixels, patch) = (g.out_pixels(), g.patch_len());
     let image_len = g.in_channels * g.in_pixels();
     let per_chunk = g.images_per_chunk();
@@ -424,7 +428,7 @@ fn input_grad<T: WithDType>(g: &ConvGeometry, grad_out: &[T], weight: &[T]) -> V
             false,
             !parallel,
         );
-        col2im(g, &cols, images, dx);
+        col2im(g, &taps, &cols, images, dx);
     };
     let chunk_len = per_chunk * image_len;
     match parallel {
@@ -436,6 +440,7 @@ fn input_grad<T: WithDType>(g: &ConvGeometry, grad_out: &[T], weight: &[T]) -> V
 
 fn weight_grad<T: WithDType>(g: &ConvGeometry, x: &[T], grad_out: &[T]) -> Vec<T> {
     super::count_flops(g.flops());
+    let taps = TapTable::new(g);
     let (pixels, patch) = (g.out_pixels(), g.patch_len());
     let per_chunk = g.images_per_chunk();
     let parallel = g.parallel_chunks();
@@ -445,7 +450,7 @@ fn weight_grad<T: WithDType>(g: &ConvGeometry, x: &[T], grad_out: &[T]) -> Vec<T
         let images = per_chunk.min(g.batch - first);
         let columns = images * pixels;
         let mut cols = vec![T::zero(); patch * columns];
-        im2col(g, x, first, images, &mut cols);
+        im2col(g, &taps, x, first, images, &mut cols);
         let grad = gather_columns(g, grad_out, first, images);
         matmul(
             &mut dw,
@@ -471,15 +476,19 @@ fn weight_grad<T: WithDType>(g: &ConvGeometry, x: &[T], grad_out: &[T]) -> Vec<T
 }
 
 /// The output gradient of images `first..first + images` as a
-/// (Cout, image * pixel) matrix.
-fn gather_columns<T: WithDType>(
+/// (Cout, image * pixel) matrix (for one image, the slice itself).
+fn gather_columns<'a, T: WithDType>(
     g: &ConvGeometry,
-    grad_out: &[T],
+    grad_out: &'a [T],
     first: usize,
     images: usize,
-) -> Vec<T> {
+) -> Cow<'a, [T]> {
     let pixels = g.out_pixels();
     let columns = images * pixels;
+    if images == 1 {
+        let start = first * g.out_channels * pixels;
+        return Cow::Borrowed(&grad_out[start..start + g.out_channels * pixels]);
+    }
     let mut grad = vec![T::zero(); g.out_channels * columns];
     for image in 0..images {
         for channel in 0..g.out_channels {
@@ -488,63 +497,92 @@ fn gather_columns<T: WithDType>(
             grad[to..to + pixels].copy_from_slice(&grad_out[from..from + pixels]);
         }
     }
-    grad
+    Cow::Owned(grad)
 }
 
-/// For kernel tap `tap` along an axis of `size` input pixels, the range of
-/// output coordinates whose tap lands inside the image (the rest read the zero
-/// padding), and the input coordinate the first of them reads.
-fn valid_outputs(
-    tap: usize,
-    size: usize,
-    outputs: usize,
-    g: &ConvGeometry,
-) -> (usize, usize, usize) {
-    // Output `o` reads input `o * stride + tap - padding`.
-    let first = g.padding.saturating_sub(tap).div_ceil(g.stride);
-    let end = match (size + g.padding).checked_sub(tap + 1) {
-        Some(last_reach) => (last_reach / g.stride + 1).min(outputs),
-        None => 0,
-    };
-    let first = first.min(end);
-    // Only read when the range is not empty, where it cannot saturate.
-    let input_first = (first * g.stride + tap).saturating_sub(g.padding);
-    (first, end, input_first)
+/// Where each kernel tap reads, for every output pixel, in an input plane
+/// surrounded by `padding` zeros: im2col becomes a gather (or, at stride 1, a
+/// copy of whole output rows) with no bounds tests in the inner loop, which
+/// matters for the small planes of few-shot nets (7x7, 4x4).
+struct TapTable {
+    padded_w: usize,
+    padded_len: usize,
+    /// `offsets[tap * pixels + pixel]`, taps in (ky, kx) order.
+    offsets: Vec<usize>,
+}
+
+impl TapTable {
+    fn new(g: &ConvGeometry) -> Self {
+        let padded_w = g.in_w + 2 * g.padding;
+        let padded_len = (g.in_h + 2 * g.padding) * padded_w;
+        let mut offsets = Vec::with_capacity(g.kernel_h * g.kernel_w * g.out_pixels());
+        for ky in 0..g.kernel_h {
+            for kx in 0..g.kernel_w {
+                for oy in 0..g.out_h() {
+                    for ox in 0..g.out_w() {
+                        offsets.push((oy * g.stride + ky) * padded_w + ox * g.stride + kx);
+                    }
+                }
+            }
+        }
+        Self {
+            padded_w,
+            padded_len,
+            offsets,
+        }
+    }
+
+    /// Copies `plane` into the interior of `padded` (whose border stays zero).
+    fn pad<T: WithDType>(&self, g: &ConvGeometry, plane: &[T], padded: &mut [T]) {
+        for (y, row) in plane.chunks_exact(g.in_w).enumerate() {
+            let start = (y + g.padding) * self.padded_w + g.padding;
+            padded[start..start + g.in_w].copy_from_slice(row);
+        }
+    }
+
+    /// Adds the interior of `padded` onto `plane`.
+    fn unpad_add<T: WithDType>(&self, g: &ConvGeometry, padded: &[T], plane: &mut [T]) {
+        for (y, row) in plane.chunks_exact_mut(g.in_w).enumerate() {
+            let start = (y + g.padding) * self.padded_w + g.padding;
+            row.iter_mut()
+                .zip(&padded[start..start + g.in_w])
+                .for_each(|(d, &v)| *d += v);
+        }
+    }
 }
 
 /// Images `first..first + images` of `x` unfolded into `cols`: row
 /// (channel, ky, kx), column (image, oy, ox).
-fn im2col<T: WithDType>(g: &ConvGeometry, x: &[T], first: usize, images: usize, cols: &mut [T]) {
-    let (out_h, out_w) = (g.out_h(), g.out_w());
-    let columns = images * out_h * out_w;
-    for channel in 0..g.in_channels {
-        for ky in 0..g.kernel_h {
-            let (y_first, y_end, iy_first) = valid_outputs(ky, g.in_h, out_h, g);
-            for kx in 0..g.kernel_w {
-                let (x_first, x_end, ix_first) = valid_outputs(kx, g.in_w, out_w, g);
-                let row = (channel * g.kernel_h + ky) * g.kernel_w + kx;
-                let row = &mut cols[row * columns..(row + 1) * columns];
-                for image in 0..images {
-                    let plane = ((first + image) * g.in_channels + channel) * g.in_pixels();
-                    let plane = &x[plane..plane + g.in_pixels()];
-                    let rows = &mut row[image * out_h * out_w..(image + 1) * out_h * out_w];
-                    for (oy, dst) in rows.chunks_exact_mut(out_w).enumerate() {
-                        if oy < y_first || oy >= y_end || x_first == x_end {
-                            dst.fill(T::zero());
-                            continue;
-                        }
-                        let iy = iy_first + (oy - y_first) * g.stride;
-                        let line = &plane[iy * g.in_w..(iy + 1) * g.in_w];
-                        dst[..x_first].fill(T::zero());
-                        dst[x_end..].fill(T::zero());
-                        let dst = &mut dst[x_first..x_end];
-                        if g.stride == 1 {
-                            dst.copy_from_slice(&line[ix_first..ix_first + dst.len()]);
-                        } else {
-                            let src = line[ix_first..].iter().step_by(g.stride);
-                            dst.iter_mut().zip(src).for_each(|(d, &v)| *d = v);
-                        }
+fn im2col<T: WithDType>(
+    g: &ConvGeometry,
+    taps: &TapTable,
+    x: &[T],
+    first: usize,
+    images: usize,
+    cols: &mut [T],
+) {
+    let (pixels, out_w) = (g.out_pixels(), g.out_w());
+    let columns = images * pixels;
+    let tap_count = g.kernel_h * g.kernel_w;
+    let mut padded = vec![T::zero(); taps.padded_len];
+    for image in 0..images {
+        for channel in 0..g.in_channels {
+            let plane = ((first + image) * g.in_channels + channel) * g.in_pixels();
+            taps.pad(g, &x[plane..plane + g.in_pixels()], &mut padded);
+            for tap in 0..tap_count {
+                let row = channel * tap_count + tap;
+                let dst = &mut cols[row * columns + image * pixels..][..pixels];
+                let offsets = &taps.offsets[tap * pixels..(tap + 1) * pixels];
+                if g.stride == 1 {
+                    for (dst, offsets) in
+                        dst.chunks_exact_mut(out_w).zip(offsets.chunks_exact(out_w))
+                    {
+                        dst.copy_from_slice(&padded[offsets[0]..offsets[0] + out_w]);
                     }
+                } else {
+                    dst.iter_mut()
+                        .zip(offsets)
+                        .for_each(|(d, &o)| *d = padded[o]);
                 }
             }
         }
@@ -553,42 +591,36 @@ fn im2col<T: WithDType>(g: &ConvGeometry, x: &[T], first: usize, images: usize, 
 
 /// The inverse scatter of [`im2col`]: adds each column entry back onto the
 /// input pixel it was read from, for the `images` images of `dx`.
-fn col2im<T: WithDType>(g: &ConvGeometry, cols: &[T], images: usize, dx: &mut [T]) {
-    let (out_h, out_w) = (g.out_h(), g.out_w());
-    let columns = images * out_h * out_w;
-    for channel in 0..g.in_channels {
-        for ky in 0..g.kernel_h {
-            let (y_first, y_end, iy_first) = valid_outputs(ky, g.in_h, out_h, g);
-            for kx in 0..g.kernel_w {
-                let (x_first, x_end, ix_first) = valid_outputs(kx, g.in_w, out_w, g);
-                let row = (channel * g.kernel_h + ky) * g.kernel_w + kx;
-                let row = &cols[row * columns..(row + 1) * columns];
-                for image in 0..images {
-                    let plane = (image * g.in_channels + channel) * g.in_pixels();
-                    let plane = &mut dx[plane..plane + g.in_pixels()];
-                    let rows = &row[image * out_h * out_w..(image + 1) * out_h * out_w];
-                    if x_first == x_end {
-                        continue;
+fn col2im<T: WithDType>(
+    g: &ConvGeometry,
+    taps: &TapTable,
+    cols: &[T],
+    images: usize,
+    dx: &mut [T],
+) {
+    let pixels = g.out_pixels();
+    let columns = images * pixels;
+    let tap_count = g.kernel_h * g.kernel_w;
+    let mut padded = vec![T::zero(); taps.padded_len];
+    for image in 0..images {
+        for channel in 0..g.in_channels {
+            padded.fill(T::zero());
+            for tap in 0..tap_count {
+                let row = channel * tap_count + tap;
+                let src = &cols[row * columns + image * pixels..][..pixels];
+                let offsets = &taps.offsets[tap * pixels..(tap + 1) * pixels];
+                if g.stride == 1 {
+                    let out_w = g.out_w();
+                    for (src, offsets) in src.chunks_exact(out_w).zip(offsets.chunks_exact(out_w)) {
+                        let dst = &mut padded[offsets[0]..offsets[0] + out_w];
+                        dst.iter_mut().zip(src).for_each(|(d, &v)| *d += v);
                     }
-                    for (oy, src) in rows
-                        .chunks_exact(out_w)
-                        .enumerate()
-                        .take(y_end)
-                        .skip(y_first)
-                    {
-                        let iy = iy_first + (oy - y_first) * g.stride;
-                        let line = &mut plane[iy * g.in_w..(iy + 1) * g.in_w];
-                        let src = &src[x_first..x_end];
-                        if g.stride == 1 {
-                            let line = &mut line[ix_first..ix_first + src.len()];
-                            line.iter_mut().zip(src).for_each(|(d, &v)| *d += v);
-                        } else {
-                            let line = line[ix_first..].iter_mut().step_by(g.stride);
-                            line.zip(src).for_each(|(d, &v)| *d += v);
-                        }
-                    }
+                } else {
+                    src.iter().zip(offsets).for_each(|(&v, &o)| padded[o] += v);
                 }
             }
+            let plane = (image * g.in_channels + channel) * g.in_pixels();
+            taps.unpad_add(g, &padded, &mut dx[plane..plane + g.in_pixels()]);
         }
     }
 }

@@ -45,9 +45,13 @@ impl<'a, T> MatRef<'a, T> {
     }
 }
 
+/// Products smaller than this many multiply-adds run on one thread: waking
+/// the others costs more than they save.
+const MIN_PARALLEL_MULTIPLY_ADDS: usize = 1 << 22;
+
 /// `dst = lhs * rhs`, or `dst += lhs * rhs` with `accumulate`; `dst` is
-/// row-major `lhs.rows` x `rhs.cols`. `parallel` lets the product use all of
-/// rayon's threads (for a single large product rather than many small ones
+/// row-major `lhs.rows` x `rhs.cols`. `parallel` lets a large product use all
+/// of rayon's threads (for a single product rather than many small ones
 /// already running in parallel).
 pub fn matmul<T: WithDType>(
     dst: &mut [T],
@@ -74,7 +78,7 @@ pub fn matmul<T: WithDType>(
         }
         return;
     }
-    let parallelism = match parallel {
+    let parallelism = match parallel && m * n * k >= MIN_PARALLEL_MULTIPLY_ADDS {
         true => Parallelism::Rayon(super::threads()),
         false => Parallelism::None,
     };

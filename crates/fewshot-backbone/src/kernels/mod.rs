@@ -14,6 +14,7 @@
 //! MAML differentiates through them exactly. [`crate::ops`] routes CPU tensors
 //! of f32 and f64 here and everything else to candle's own ops.
 
+mod batch_norm;
 mod channel;
 mod conv;
 mod gemm;
@@ -24,10 +25,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, DType, Layout, Tensor, WithDType};
 
-pub use channel::{
-    batch_norm, batch_norm_relu, channel_affine, channel_affine_relu, channel_dot, channel_moments,
-    channel_sum, relu,
-};
+pub use batch_norm::batch_norm_relu;
+pub use channel::{batch_norm, channel_affine, channel_dot, channel_moments, channel_sum, relu};
 pub use conv::{conv2d, conv2d_input_grad, conv2d_weight_grad, ConvGeometry};
 pub use pool::max_pool2x2;
 
@@ -60,6 +59,11 @@ fn contiguous<'a, T: WithDType>(
         None => candle_core::bail!("{op}: the kernels need contiguous inputs"),
     }
 }
+
+/// Elements below which an elementwise op or reduction is not worth splitting
+/// across threads: waking a thread costs more than the work (MAML's support
+/// sets are this small).
+const MIN_PARALLEL_ELEMENTS: usize = 1 << 16;
 
 /// Threads the kernels may use: the size of rayon's pool.
 fn threads() -> usize {

@@ -46,6 +46,10 @@ impl PoolGeometry {
         h * w
     }
 
+    fn planes_per_task(&self) -> usize {
+        super::MIN_PARALLEL_ELEMENTS.div_ceil(self.in_plane().max(1))
+    }
+
     fn input_shape(&self) -> Shape {
         self.dims.into()
     }
@@ -132,6 +136,7 @@ impl Body1 for Pool {
         let mut out = vec![T::zero(); x.len() / g.in_plane() * g.out_plane()];
         out.par_chunks_mut(g.out_plane())
             .zip(x.par_chunks(g.in_plane()))
+            .with_min_len(g.planes_per_task())
             .for_each(|(out, plane)| {
                 for (oy, out) in out.chunks_exact_mut(out_w.max(1)).take(out_h).enumerate() {
                     let top = &plane[2 * oy * width..(2 * oy + 1) * width];
@@ -163,6 +168,7 @@ fn scatter_kernel<T: WithDType>(g: &PoolGeometry, x: &[T], grad_out: &[T]) -> Ve
     dx.par_chunks_mut(g.in_plane())
         .zip(x.par_chunks(g.in_plane()))
         .zip(grad_out.par_chunks(g.out_plane()))
+        .with_min_len(g.planes_per_task())
         .for_each(|((dx, plane), grad)| {
             g.for_each_winner(plane, |o, i| dx[i] = grad[o]);
         });
@@ -174,6 +180,7 @@ fn gather_kernel<T: WithDType>(g: &PoolGeometry, x: &[T], values: &[T]) -> Vec<T
     out.par_chunks_mut(g.out_plane())
         .zip(x.par_chunks(g.in_plane()))
         .zip(values.par_chunks(g.in_plane()))
+        .with_min_len(g.planes_per_task())
         .for_each(|((out, plane), values)| {
             g.for_each_winner(plane, |o, i| out[o] = values[i]);
         });

@@ -1,0 +1,207 @@
+//! Batch norm followed by ReLU as one op, with batch statistics.
+//!
+//! As one op its input gets a single gradient from the backward pass rather
+//! than one per use (the statistics and the normalisation each use it), which
+//! saves candle a zero-fill and an addition over the whole activation per
+//! layer; the backward is three passes: the statistics again, two masked sums,
+//! and one pass for the input gradient.
+//!
+//! With `s = gamma / sqrt(var + eps)`, `shift = beta - mean * s`, the output is
+//! `relu(x * s + shift)`. With `m = [output > 0]` and `M` values per channel,
+//! the gradients are
+//!
+//! ```text
+//! dbeta  = sum m g
+//! dgamma = (sum m g x - mean * dbeta) / sqrt(var + eps)
+//! dx     = m g s + x A + B,  A = -s dgamma / (M sqrt(var + eps)),  B = -s dbeta / M - A mean
+//! ```
+//!
+//! The backward is written with differentiable ops (`channel_moments`,
+//! `masked_sums`, C-vector arithmetic and [`InputGrad`], whose own backward is
+//! built from channel ops), so second-order gradients are exact.
+
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, WithDType};
+
+use super::channel::{
+    channel_affine, channel_dot, channel_moments, channel_sum, masked_sums, Channels, Moments,
+};
+use super::{Body1, Body3};
+
+/// `relu(batch_norm(x))` with the statistics of this batch.
+pub fn batch_norm_relu(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Tensor> {
+    let channels = Channels::of(x)?;
+    channels.check_vector("batch_norm_relu gamma", gamma)?;
+    channels.check_vector("batch_norm_relu beta", beta)?;
+    x.contiguous()?.apply_op3(
+        &gamma.contiguous()?,
+        &beta.contiguous()?,
+        BatchNormRelu { channels, eps },
+    )
+}
+
+/// `[x * s + shift > 0] * g * s + x * A + B`, coefficients (4, C) = (s, shift, A, B).
+fn input_grad(g: &Tensor, x: &Tensor, coefficients: &Tensor) -> Result<Tensor> {
+    g.contiguous()?.apply_op3(
+        &x.contiguous()?,
+        &coefficients.contiguous()?,
+        InputGrad(Channels::of(x)?),
+    )
+}
+
+struct BatchNormRelu {
+    channels: Channels,
+    eps: f64,
+}
+
+struct InputGrad(Channels);
+
+impl Body3 for BatchNormRelu {
+    fn run<T: WithDType>(&self, x: &[T], gamma: &[T], beta: &[T]) -> Vec<T> {
+        let c = self.channels.channels;
+        let moments = Moments(self.channels).run(x);
+        let (scale, shift): (Vec<T>, Vec<T>) = (0..c)
+            .map(|i| {
+                let (mean, var) = (moments[i].to_f64(), moments[c + i].to_f64());
+                let s = gamma[i].to_f64() / (var + self.eps).sqrt();
+                (T::from_f64(s), T::from_f64(beta[i].to_f64() - mean * s))
+            })
+            .unzip();
+        let mut out = vec![T::zero(); x.len()];
+        self.channels.for_each_plane(&mut out, |ch, at, out| {
+            let (a, b) = (scale[ch], shift[ch]);
+            let x = &x[at..at + out.len()];
+            for (o, &v) in out.iter_mut().zip(x) {
+                let z = v * a + b;
+                *o = if z > T::zero() { z } else { T::zero() };
+            }
+        });
+        out
+    }
+}
+
+impl Body3 for InputGrad {
+    fn run<T: WithDType>(&self, g: &[T], x: &[T], coefficients: &[T]) -> Vec<T> {
+        let c = self.0.channels;
+        let mut out = vec![T::zero(); x.len()];
+        self.0.for_each_plane(&mut out, |ch, at, out| {
+            let [s, shift, a, b] = [0, 1, 2, 3].map(|row| coefficients[row * c + ch]);
+            let (g, x) = (&g[at..at + out.len()], &x[at..at + out.len()]);
+            for ((o, &g), &x) in out.iter_mut().zip(g).zip(x) {
+                let passed = if x * s + shift > T::zero() {
+                    g * s
+                } else {
+                    T::zero()
+                };
+                *o = passed + x * a + b;
+            }
+        });
+        out
+    }
+}
+
+impl CustomOp3 for BatchNormRelu {
+    fn name(&self) -> &'static str {
+        "fewshot-batch-norm-relu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let out = super::cpu3(self.name(), self, (s1, l1), (s2, l2), (s3, l3))?;
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        out: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let count = (self.channels.batch * self.channels.plane) as f64;
+        let moments = channel_moments(x)?;
+        let (mean, var) = (moments.get(0)?, moments.get(1)?);
+        let inv_std = (var + self.eps)?.sqrt()?.recip()?;
+        let scale = gamma.mul(&inv_std)?;
+        let sums = masked_sums(grad, x, out)?;
+        let d_beta = sums.get(1)?;
+        let d_gamma = inv_std.mul(&(sums.get(0)? - mean.mul(&d_beta)?)?)?;
+        let dx = match x.track_op() {
+            true => {
+                let shift = beta.sub(&mean.mul(&scale)?)?;
+                let a = (scale.mul(&inv_std)?.mul(&d_gamma)? / -count)?;
+                let b = ((scale.mul(&d_beta)? / -count)? - a.mul(&mean)?)?;
+                let coefficients = Tensor::stack(&[scale, shift, a, b], 0)?;
+                Some(input_grad(grad, x, &coefficients)?)
+            }
+            false => None,
+        };
+        let d_gamma = gamma.track_op().then_some(d_gamma);
+        let d_beta = beta.track_op().then_some(d_beta);
+        Ok((dx, d_gamma, d_beta))
+    }
+}
+
+impl CustomOp3 for InputGrad {
+    fn name(&self) -> &'static str {
+        "fewshot-batch-norm-relu-input-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let out = super::cpu3(self.name(), self, (s1, l1), (s2, l2), (s3, l3))?;
+        Ok((out, l2.shape().clone()))
+    }
+
+    /// Linear in `g`, and in `x` but for the mask (piecewise constant):
+    /// d/dg = [z > 0] u s, d/dx = u A, d/ds = sum [z > 0] g u, d/dshift = 0,
+    /// d/dA = sum u x, d/dB = sum u, with z = x s + shift.
+    fn bwd(
+        &self,
+        g: &Tensor,
+        x: &Tensor,
+        coefficients: &Tensor,
+        _out: &Tensor,
+        upstream: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let [scale, shift, a, _] = [0, 1, 2, 3].map(|row| coefficients.get(row));
+        let (scale, shift, a) = (scale?, shift?, a?);
+        let zero = scale.zeros_like()?;
+        let dg = match g.track_op() {
+            true => {
+                let only_mask = Tensor::stack(&[&scale, &shift, &zero, &zero], 0)?;
+                Some(input_grad(upstream, x, &only_mask)?)
+            }
+            false => None,
+        };
+        let dx = match x.track_op() {
+            true => Some(channel_affine(upstream, &a, &zero)?),
+            false => None,
+        };
+        let d_coefficients = match coefficients.track_op() {
+            true => {
+                let pre_activation = channel_affine(x, &scale, &shift)?;
+                let d_scale = masked_sums(g, upstream, &pre_activation)?.get(0)?;
+                let d_a = channel_dot(upstream, x)?;
+                let d_b = channel_sum(upstream)?;
+                Some(Tensor::stack(&[d_scale, zero, d_a, d_b], 0)?)
+            }
+            false => None,
+        };
+        Ok((dg, dx, d_coefficients))
+    }
+}

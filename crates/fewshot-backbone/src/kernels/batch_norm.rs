@@ -20,32 +20,24 @@
 //! `masked_sums`, C-vector arithmetic and [`InputGrad`], whose own backward is
 //! built from channel ops), so second-order gradients are exact.
 
-use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, WithDType};
+use candle_core::{Result, Tensor, WithDType};
 
 use super::channel::{
     channel_affine, channel_dot, channel_moments, channel_sum, masked_sums, Channels, Moments,
 };
-use super::{Body1, Body3};
+use super::op::{gradient_if, Kernel1, Kernel3};
 
 /// `relu(batch_norm(x))` with the statistics of this batch.
 pub fn batch_norm_relu(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Tensor> {
     let channels = Channels::of(x)?;
     channels.check_vector("batch_norm_relu gamma", gamma)?;
     channels.check_vector("batch_norm_relu beta", beta)?;
-    x.contiguous()?.apply_op3(
-        &gamma.contiguous()?,
-        &beta.contiguous()?,
-        BatchNormRelu { channels, eps },
-    )
+    super::op::apply3(x, gamma, beta, BatchNormRelu { channels, eps })
 }
 
 /// `[x * s + shift > 0] * g * s + x * A + B`, coefficients (4, C) = (s, shift, A, B).
 fn input_grad(g: &Tensor, x: &Tensor, coefficients: &Tensor) -> Result<Tensor> {
-    g.contiguous()?.apply_op3(
-        &x.contiguous()?,
-        &coefficients.contiguous()?,
-        InputGrad(Channels::of(x)?),
-    )
+    super::op::apply3(g, x, coefficients, InputGrad(Channels::of(x)?))
 }
 
 struct BatchNormRelu {
@@ -55,7 +47,9 @@ struct BatchNormRelu {
 
 struct InputGrad(Channels);
 
-impl Body3 for BatchNormRelu {
+impl Kernel3 for BatchNormRelu {
+    const NAME: &'static str = "fewshot-batch-norm-relu";
+
     fn run<T: WithDType>(&self, x: &[T], gamma: &[T], beta: &[T]) -> Vec<T> {
         let c = self.channels.channels;
         let moments = Moments(self.channels).run(x);
@@ -77,47 +71,8 @@ impl Body3 for BatchNormRelu {
         });
         out
     }
-}
 
-impl Body3 for InputGrad {
-    fn run<T: WithDType>(&self, g: &[T], x: &[T], coefficients: &[T]) -> Vec<T> {
-        let c = self.0.channels;
-        let mut out = vec![T::zero(); x.len()];
-        self.0.for_each_plane(&mut out, |ch, at, out| {
-            let [s, shift, a, b] = [0, 1, 2, 3].map(|row| coefficients[row * c + ch]);
-            let (g, x) = (&g[at..at + out.len()], &x[at..at + out.len()]);
-            for ((o, &g), &x) in out.iter_mut().zip(g).zip(x) {
-                let passed = if x * s + shift > T::zero() {
-                    g * s
-                } else {
-                    T::zero()
-                };
-                *o = passed + x * a + b;
-            }
-        });
-        out
-    }
-}
-
-impl CustomOp3 for BatchNormRelu {
-    fn name(&self) -> &'static str {
-        "fewshot-batch-norm-relu"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let out = super::cpu3(self.name(), self, (s1, l1), (s2, l2), (s3, l3))?;
-        Ok((out, l1.shape().clone()))
-    }
-
-    fn bwd(
+    fn backward(
         &self,
         x: &Tensor,
         gamma: &Tensor,
@@ -149,28 +104,31 @@ impl CustomOp3 for BatchNormRelu {
     }
 }
 
-impl CustomOp3 for InputGrad {
-    fn name(&self) -> &'static str {
-        "fewshot-batch-norm-relu-input-grad"
-    }
+impl Kernel3 for InputGrad {
+    const NAME: &'static str = "fewshot-batch-norm-relu-input-grad";
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let out = super::cpu3(self.name(), self, (s1, l1), (s2, l2), (s3, l3))?;
-        Ok((out, l2.shape().clone()))
+    fn run<T: WithDType>(&self, g: &[T], x: &[T], coefficients: &[T]) -> Vec<T> {
+        let c = self.0.channels;
+        let mut out = vec![T::zero(); x.len()];
+        self.0.for_each_plane(&mut out, |ch, at, out| {
+            let [s, shift, a, b] = [0, 1, 2, 3].map(|row| coefficients[row * c + ch]);
+            let (g, x) = (&g[at..at + out.len()], &x[at..at + out.len()]);
+            for ((o, &g), &x) in out.iter_mut().zip(g).zip(x) {
+                let passed = if x * s + shift > T::zero() {
+                    g * s
+                } else {
+                    T::zero()
+                };
+                *o = passed + x * a + b;
+            }
+        });
+        out
     }
 
     /// Linear in `g`, and in `x` but for the mask (piecewise constant):
     /// d/dg = [z > 0] u s, d/dx = u A, d/ds = sum [z > 0] g u, d/dshift = 0,
     /// d/dA = sum u x, d/dB = sum u, with z = x s + shift.
-    fn bwd(
+    fn backward(
         &self,
         g: &Tensor,
         x: &Tensor,
@@ -188,10 +146,7 @@ impl CustomOp3 for InputGrad {
             }
             false => None,
         };
-        let dx = match x.track_op() {
-            true => Some(channel_affine(upstream, &a, &zero)?),
-            false => None,
-        };
+        let dx = gradient_if(x, || channel_affine(upstream, &a, &zero))?;
         let d_coefficients = match coefficients.track_op() {
             true => {
                 let pre_activation = channel_affine(x, &scale, &shift)?;

@@ -10,12 +10,10 @@
 //! `channel_dot` and `channel_sum`, and ReLU's gradients go through masking
 //! ops whose own gradients are maskings again.
 
-use candle_core::{
-    bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, WithDType,
-};
+use candle_core::{bail, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
-use super::{Body1, Body2, Body3};
+use super::op::{gradient_if, Kernel1, Kernel2, Kernel3};
 
 use super::MIN_PARALLEL_ELEMENTS;
 
@@ -48,16 +46,19 @@ impl Channels {
         Ok(())
     }
 
-    /// `f(channel, offset of one of its planes)` summed over every image, per channel.
-    fn reduce(&self, f: impl Fn(usize, usize) -> f64 + Sync) -> Vec<f64> {
+    /// `f(channel, offset of one of its planes)` summed over every image, per
+    /// channel: `N` sums at once (`f` returns one value for each).
+    fn reduce<const N: usize>(&self, f: impl Fn(usize, usize) -> [f64; N] + Sync) -> Vec<[f64; N]> {
         let per_channel = (self.batch * self.plane).max(1);
         (0..self.channels)
             .into_par_iter()
             .with_min_len(MIN_PARALLEL_ELEMENTS.div_ceil(per_channel))
             .map(|c| {
-                (0..self.batch)
-                    .map(|n| f(c, (n * self.channels + c) * self.plane))
-                    .sum()
+                (0..self.batch).fold([0.0; N], |mut total, n| {
+                    let sums = f(c, (n * self.channels + c) * self.plane);
+                    total.iter_mut().zip(sums).for_each(|(t, s)| *t += s);
+                    total
+                })
             })
             .collect()
     }
@@ -70,7 +71,7 @@ impl Channels {
 
 /// Sum of `x` (N, C, H, W) over N, H and W: (C).
 pub fn channel_sum(x: &Tensor) -> Result<Tensor> {
-    x.contiguous()?.apply_op1(Sum(Channels::of(x)?))
+    super::op::apply1(x, Sum(Channels::of(x)?))
 }
 
 /// Per-channel inner product of `x` and `y`, both (N, C, H, W): (C).
@@ -82,8 +83,7 @@ pub fn channel_dot(x: &Tensor, y: &Tensor) -> Result<Tensor> {
             y.dims()
         );
     }
-    x.contiguous()?
-        .apply_op2(&y.contiguous()?, Dot(Channels::of(x)?))
+    super::op::apply2(x, y, Dot(Channels::of(x)?))
 }
 
 /// `x * scale[c] + shift[c]` for `x` (N, C, H, W), `scale` and `shift` (C).
@@ -91,14 +91,13 @@ pub fn channel_affine(x: &Tensor, scale: &Tensor, shift: &Tensor) -> Result<Tens
     let channels = Channels::of(x)?;
     channels.check_vector("channel_affine scale", scale)?;
     channels.check_vector("channel_affine shift", shift)?;
-    x.contiguous()?
-        .apply_op3(&scale.contiguous()?, &shift.contiguous()?, Affine(channels))
+    super::op::apply3(x, scale, shift, Affine(channels))
 }
 
 /// Per-channel batch mean and biased variance of `x` (N, C, H, W): a (2, C)
 /// tensor, means first.
 pub fn channel_moments(x: &Tensor) -> Result<Tensor> {
-    x.contiguous()?.apply_op1(Moments(Channels::of(x)?))
+    super::op::apply1(x, Moments(Channels::of(x)?))
 }
 
 /// The scale and shift that batch-normalise `x` with its own statistics and
@@ -127,31 +126,23 @@ pub fn batch_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result
 /// maps, in one pass.
 fn masked_affine(t: &Tensor, mask: &Tensor, scale: &Tensor, shift: &Tensor) -> Result<Tensor> {
     let coefficients = Tensor::stack(&[scale, shift], 0)?;
-    t.contiguous()?.apply_op3(
-        &mask.contiguous()?,
-        &coefficients.contiguous()?,
-        MaskedAffine(Channels::of(t)?),
-    )
+    super::op::apply3(t, mask, &coefficients, MaskedAffine(Channels::of(t)?))
 }
 
 /// Per channel, `sum [mask > 0] g x` and `sum [mask > 0] g`, as a (2, C)
 /// tensor: the scale and shift gradients of a ReLU-ed channel map, in one pass.
 pub(super) fn masked_sums(g: &Tensor, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
-    g.contiguous()?.apply_op3(
-        &x.contiguous()?,
-        &mask.contiguous()?,
-        MaskedSums(Channels::of(g)?),
-    )
+    super::op::apply3(g, x, mask, MaskedSums(Channels::of(g)?))
 }
 
 /// `max(x, 0)`, with gradient 0 at 0 (as PyTorch).
 pub fn relu(x: &Tensor) -> Result<Tensor> {
-    x.contiguous()?.apply_op1(Relu)
+    super::op::apply1(x, Relu)
 }
 
 /// `grad` where `out > 0`, else 0.
 fn relu_mask(grad: &Tensor, out: &Tensor) -> Result<Tensor> {
-    grad.contiguous()?.apply_op2(&out.contiguous()?, ReluMask)
+    super::op::apply2(grad, out, ReluMask)
 }
 
 struct Sum(Channels);
@@ -180,92 +171,6 @@ fn lane_sum<T: WithDType>(len: usize, f: impl Fn(usize) -> T) -> f64 {
     lanes.iter().map(|v| v.to_f64()).sum::<f64>() + tail
 }
 
-impl Body1 for Sum {
-    fn run<T: WithDType>(&self, x: &[T]) -> Vec<T> {
-        let plane = self.0.plane;
-        let sums = self.0.reduce(|_, at| {
-            let x = &x[at..at + plane];
-            lane_sum(plane, |i| x[i])
-        });
-        sums.into_iter().map(T::from_f64).collect()
-    }
-}
-
-impl Body2 for Dot {
-    fn run<T: WithDType>(&self, x: &[T], y: &[T]) -> Vec<T> {
-        let plane = self.0.plane;
-        let sums = self.0.reduce(|_, at| {
-            let (x, y) = (&x[at..at + plane], &y[at..at + plane]);
-            lane_sum(plane, |i| x[i] * y[i])
-        });
-        sums.into_iter().map(T::from_f64).collect()
-    }
-}
-
-impl Body1 for Moments {
-    fn run<T: WithDType>(&self, x: &[T]) -> Vec<T> {
-        let Channels { batch, plane, .. } = self.0;
-        let count = (batch * plane).max(1) as f64;
-        let sums = self.0.reduce(|_, at| {
-            let x = &x[at..at + plane];
-            lane_sum(plane, |i| x[i])
-        });
-        // Centred second moment: no cancellation when the mean is large.
-        let squares = self.0.reduce(|c, at| {
-            let mean = T::from_f64(sums[c] / count);
-            let x = &x[at..at + plane];
-            lane_sum(plane, |i| (x[i] - mean) * (x[i] - mean))
-        });
-        let means = sums.iter().map(|s| T::from_f64(s / count));
-        let vars = squares.iter().map(|s| T::from_f64(s / count));
-        means.chain(vars).collect()
-    }
-}
-
-impl Body3 for Affine {
-    fn run<T: WithDType>(&self, x: &[T], scale: &[T], shift: &[T]) -> Vec<T> {
-        self.0.map(x, scale, shift, |v| v)
-    }
-}
-
-impl Body3 for MaskedAffine {
-    fn run<T: WithDType>(&self, t: &[T], mask: &[T], coefficients: &[T]) -> Vec<T> {
-        let (scale, shift) = coefficients.split_at(self.0.channels);
-        let mut out = vec![T::zero(); t.len()];
-        self.0.for_each_plane(&mut out, |c, at, out| {
-            let (a, b) = (scale[c], shift[c]);
-            let (t, mask) = (&t[at..at + out.len()], &mask[at..at + out.len()]);
-            for ((o, &v), &m) in out.iter_mut().zip(t).zip(mask) {
-                *o = if m > T::zero() { v * a + b } else { T::zero() };
-            }
-        });
-        out
-    }
-}
-
-impl Body3 for MaskedSums {
-    fn run<T: WithDType>(&self, g: &[T], x: &[T], mask: &[T]) -> Vec<T> {
-        let plane = self.0.plane;
-        let keep = |m: T, v: T| if m > T::zero() { v } else { T::zero() };
-        let (dots, sums): (Vec<f64>, Vec<f64>) = self
-            .0
-            .reduce_pairs(|_, at| {
-                let (g, x, mask) = (
-                    &g[at..at + plane],
-                    &x[at..at + plane],
-                    &mask[at..at + plane],
-                );
-                // The plane is in cache for the second sum.
-                let dot = lane_sum(plane, |i| keep(mask[i], g[i] * x[i]));
-                let sum = lane_sum(plane, |i| keep(mask[i], g[i]));
-                (dot, sum)
-            })
-            .into_iter()
-            .unzip();
-        dots.into_iter().chain(sums).map(T::from_f64).collect()
-    }
-}
-
 impl Channels {
     /// `f(channel, offset, plane of out)` for every plane of `out` (shaped as
     /// the input), split across threads in tasks of whole planes.
@@ -284,20 +189,6 @@ impl Channels {
                     f(index % self.channels, index * plane, out);
                 }
             });
-    }
-
-    /// Like `reduce`, with two sums per plane.
-    fn reduce_pairs(&self, f: impl Fn(usize, usize) -> (f64, f64) + Sync) -> Vec<(f64, f64)> {
-        let per_channel = (self.batch * self.plane).max(1);
-        (0..self.channels)
-            .into_par_iter()
-            .with_min_len(MIN_PARALLEL_ELEMENTS.div_ceil(per_channel))
-            .map(|c| {
-                (0..self.batch)
-                    .map(|n| f(c, (n * self.channels + c) * self.plane))
-                    .fold((0.0, 0.0), |(a, b), (x, y)| (a + x, b + y))
-            })
-            .collect()
     }
 
     /// `post(x * scale[c] + shift[c])` for every element.
@@ -330,49 +221,23 @@ impl Channels {
     }
 }
 
-impl Body1 for Relu {
+impl Kernel1 for Sum {
+    const NAME: &'static str = "fewshot-channel-sum";
+
     fn run<T: WithDType>(&self, x: &[T]) -> Vec<T> {
-        let mut out = vec![T::zero(); x.len()];
-        out.par_chunks_mut(MIN_PARALLEL_ELEMENTS)
-            .zip(x.par_chunks(MIN_PARALLEL_ELEMENTS))
-            .for_each(|(out, x)| {
-                for (o, &v) in out.iter_mut().zip(x) {
-                    *o = if v > T::zero() { v } else { T::zero() };
-                }
-            });
-        out
-    }
-}
-
-impl Body2 for ReluMask {
-    fn run<T: WithDType>(&self, grad: &[T], out: &[T]) -> Vec<T> {
-        let mut masked = vec![T::zero(); grad.len()];
-        masked
-            .par_chunks_mut(MIN_PARALLEL_ELEMENTS)
-            .zip(grad.par_chunks(MIN_PARALLEL_ELEMENTS))
-            .zip(out.par_chunks(MIN_PARALLEL_ELEMENTS))
-            .for_each(|((masked, grad), out)| {
-                for ((m, &g), &o) in masked.iter_mut().zip(grad).zip(out) {
-                    *m = if o > T::zero() { g } else { T::zero() };
-                }
-            });
-        masked
-    }
-}
-
-impl CustomOp1 for Sum {
-    fn name(&self) -> &'static str {
-        "fewshot-channel-sum"
+        let plane = self.0.plane;
+        let sums = self.0.reduce(|_, at| {
+            let x = &x[at..at + plane];
+            [lane_sum(plane, |i| x[i])]
+        });
+        sums.into_iter().map(|[sum]| T::from_f64(sum)).collect()
     }
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        Ok((
-            super::cpu1(self.name(), self, s, l)?,
-            self.0.channels.into(),
-        ))
+    fn shape(&self, _: &Shape) -> Shape {
+        self.0.channels.into()
     }
 
-    fn bwd(&self, x: &Tensor, _out: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+    fn backward(&self, x: &Tensor, _out: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let spread = grad
             .reshape((1, self.0.channels, 1, 1))?
             .broadcast_as(x.shape())?;
@@ -380,25 +245,23 @@ impl CustomOp1 for Sum {
     }
 }
 
-impl CustomOp2 for Dot {
-    fn name(&self) -> &'static str {
-        "fewshot-channel-dot"
+impl Kernel2 for Dot {
+    const NAME: &'static str = "fewshot-channel-dot";
+
+    fn run<T: WithDType>(&self, x: &[T], y: &[T]) -> Vec<T> {
+        let plane = self.0.plane;
+        let sums = self.0.reduce(|_, at| {
+            let (x, y) = (&x[at..at + plane], &y[at..at + plane]);
+            [lane_sum(plane, |i| x[i] * y[i])]
+        });
+        sums.into_iter().map(|[sum]| T::from_f64(sum)).collect()
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        Ok((
-            super::cpu2(self.name(), self, (s1, l1), (s2, l2))?,
-            self.0.channels.into(),
-        ))
+    fn shape(&self, _: &Shape) -> Shape {
+        self.0.channels.into()
     }
 
-    fn bwd(
+    fn backward(
         &self,
         x: &Tensor,
         y: &Tensor,
@@ -406,33 +269,40 @@ impl CustomOp2 for Dot {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let zero = grad.zeros_like()?;
-        let dx = match x.track_op() {
-            true => Some(channel_affine(y, grad, &zero)?),
-            false => None,
-        };
-        let dy = match y.track_op() {
-            true => Some(channel_affine(x, grad, &zero)?),
-            false => None,
-        };
+        let dx = gradient_if(x, || channel_affine(y, grad, &zero))?;
+        let dy = gradient_if(y, || channel_affine(x, grad, &zero))?;
         Ok((dx, dy))
     }
 }
 
-impl CustomOp1 for Moments {
-    fn name(&self) -> &'static str {
-        "fewshot-channel-moments"
+impl Kernel1 for Moments {
+    const NAME: &'static str = "fewshot-channel-moments";
+
+    fn run<T: WithDType>(&self, x: &[T]) -> Vec<T> {
+        let Channels { batch, plane, .. } = self.0;
+        let count = (batch * plane).max(1) as f64;
+        let sums = self.0.reduce(|_, at| {
+            let x = &x[at..at + plane];
+            [lane_sum(plane, |i| x[i])]
+        });
+        // Centred second moment: no cancellation when the mean is large.
+        let squares = self.0.reduce(|c, at| {
+            let mean = T::from_f64(sums[c][0] / count);
+            let x = &x[at..at + plane];
+            [lane_sum(plane, |i| (x[i] - mean) * (x[i] - mean))]
+        });
+        let means = sums.iter().map(|[s]| T::from_f64(s / count));
+        let vars = squares.iter().map(|[s]| T::from_f64(s / count));
+        means.chain(vars).collect()
     }
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        Ok((
-            super::cpu1(self.name(), self, s, l)?,
-            (2, self.0.channels).into(),
-        ))
+    fn shape(&self, _: &Shape) -> Shape {
+        (2, self.0.channels).into()
     }
 
     /// d mean/dx = 1/M and d var/dx = 2 (x - mean)/M, so the gradient is the
     /// channel affine map `x * 2 g_var/M + (g_mean - 2 g_var mean)/M`.
-    fn bwd(&self, x: &Tensor, moments: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+    fn backward(&self, x: &Tensor, moments: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let count = (self.0.batch * self.0.plane) as f64;
         let (g_mean, g_var, mean) = (grad.get(0)?, grad.get(1)?, moments.get(0)?);
         let scale = (g_var * (2.0 / count))?;
@@ -441,26 +311,24 @@ impl CustomOp1 for Moments {
     }
 }
 
-impl CustomOp3 for MaskedAffine {
-    fn name(&self) -> &'static str {
-        "fewshot-masked-affine"
-    }
+impl Kernel3 for MaskedAffine {
+    const NAME: &'static str = "fewshot-masked-affine";
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let out = super::cpu3(self.name(), self, (s1, l1), (s2, l2), (s3, l3))?;
-        Ok((out, l1.shape().clone()))
+    fn run<T: WithDType>(&self, t: &[T], mask: &[T], coefficients: &[T]) -> Vec<T> {
+        let (scale, shift) = coefficients.split_at(self.0.channels);
+        let mut out = vec![T::zero(); t.len()];
+        self.0.for_each_plane(&mut out, |c, at, out| {
+            let (a, b) = (scale[c], shift[c]);
+            let (t, mask) = (&t[at..at + out.len()], &mask[at..at + out.len()]);
+            for ((o, &v), &m) in out.iter_mut().zip(t).zip(mask) {
+                *o = if m > T::zero() { v * a + b } else { T::zero() };
+            }
+        });
+        out
     }
 
     /// Linear in `t` and in the coefficients; the mask is piecewise constant.
-    fn bwd(
+    fn backward(
         &self,
         t: &Tensor,
         mask: &Tensor,
@@ -475,34 +343,39 @@ impl CustomOp3 for MaskedAffine {
             }
             false => None,
         };
-        let d_coefficients = match coefficients.track_op() {
-            true => Some(masked_sums(grad, t, mask)?),
-            false => None,
-        };
+        let d_coefficients = gradient_if(coefficients, || masked_sums(grad, t, mask))?;
         Ok((dt, None, d_coefficients))
     }
 }
 
-impl CustomOp3 for MaskedSums {
-    fn name(&self) -> &'static str {
-        "fewshot-masked-sums"
+impl Kernel3 for MaskedSums {
+    const NAME: &'static str = "fewshot-masked-sums";
+
+    fn run<T: WithDType>(&self, g: &[T], x: &[T], mask: &[T]) -> Vec<T> {
+        let plane = self.0.plane;
+        let keep = |m: T, v: T| if m > T::zero() { v } else { T::zero() };
+        let pairs = self.0.reduce(|_, at| {
+            let (g, x, mask) = (
+                &g[at..at + plane],
+                &x[at..at + plane],
+                &mask[at..at + plane],
+            );
+            // The plane is in cache for the second sum.
+            let dot = lane_sum(plane, |i| keep(mask[i], g[i] * x[i]));
+            let sum = lane_sum(plane, |i| keep(mask[i], g[i]));
+            [dot, sum]
+        });
+        let dots = pairs.iter().map(|[dot, _]| T::from_f64(*dot));
+        dots.chain(pairs.iter().map(|[_, sum]| T::from_f64(*sum)))
+            .collect()
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let out = super::cpu3(self.name(), self, (s1, l1), (s2, l2), (s3, l3))?;
-        Ok((out, (2, self.0.channels).into()))
+    fn shape(&self, _: &Shape) -> Shape {
+        (2, self.0.channels).into()
     }
 
     /// With u = (u_dot, u_sum): d/dg = m (x u_dot + u_sum), d/dx = m g u_dot.
-    fn bwd(
+    fn backward(
         &self,
         g: &Tensor,
         x: &Tensor,
@@ -511,37 +384,20 @@ impl CustomOp3 for MaskedSums {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (u_dot, u_sum) = (grad.get(0)?, grad.get(1)?);
-        let dg = match g.track_op() {
-            true => Some(masked_affine(x, mask, &u_dot, &u_sum)?),
-            false => None,
-        };
-        let dx = match x.track_op() {
-            true => Some(masked_affine(g, mask, &u_dot, &u_dot.zeros_like()?)?),
-            false => None,
-        };
+        let dg = gradient_if(g, || masked_affine(x, mask, &u_dot, &u_sum))?;
+        let dx = gradient_if(x, || masked_affine(g, mask, &u_dot, &u_dot.zeros_like()?))?;
         Ok((dg, dx, None))
     }
 }
 
-impl CustomOp3 for Affine {
-    fn name(&self) -> &'static str {
-        "fewshot-channel-affine"
+impl Kernel3 for Affine {
+    const NAME: &'static str = "fewshot-channel-affine";
+
+    fn run<T: WithDType>(&self, x: &[T], scale: &[T], shift: &[T]) -> Vec<T> {
+        self.0.map(x, scale, shift, |v| v)
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let out = super::cpu3(self.name(), self, (s1, l1), (s2, l2), (s3, l3))?;
-        Ok((out, l1.shape().clone()))
-    }
-
-    fn bwd(
+    fn backward(
         &self,
         x: &Tensor,
         scale: &Tensor,
@@ -549,55 +405,51 @@ impl CustomOp3 for Affine {
         _out: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let dx = match x.track_op() {
-            true => Some(channel_affine(grad, scale, &scale.zeros_like()?)?),
-            false => None,
-        };
-        let d_scale = match scale.track_op() {
-            true => Some(channel_dot(grad, x)?),
-            false => None,
-        };
-        let d_shift = match shift.track_op() {
-            true => Some(channel_sum(grad)?),
-            false => None,
-        };
+        let dx = gradient_if(x, || channel_affine(grad, scale, &scale.zeros_like()?))?;
+        let d_scale = gradient_if(scale, || channel_dot(grad, x))?;
+        let d_shift = gradient_if(shift, || channel_sum(grad))?;
         Ok((dx, d_scale, d_shift))
     }
 }
 
-impl CustomOp1 for Relu {
-    fn name(&self) -> &'static str {
-        "fewshot-relu"
+impl Kernel1 for Relu {
+    const NAME: &'static str = "fewshot-relu";
+
+    fn run<T: WithDType>(&self, x: &[T]) -> Vec<T> {
+        let mut out = vec![T::zero(); x.len()];
+        out.par_chunks_mut(MIN_PARALLEL_ELEMENTS)
+            .zip(x.par_chunks(MIN_PARALLEL_ELEMENTS))
+            .for_each(|(out, x)| {
+                for (o, &v) in out.iter_mut().zip(x) {
+                    *o = if v > T::zero() { v } else { T::zero() };
+                }
+            });
+        out
     }
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        Ok((super::cpu1(self.name(), self, s, l)?, l.shape().clone()))
-    }
-
-    fn bwd(&self, _x: &Tensor, out: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+    fn backward(&self, _x: &Tensor, out: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         Ok(Some(relu_mask(grad, out)?))
     }
 }
 
-impl CustomOp2 for ReluMask {
-    fn name(&self) -> &'static str {
-        "fewshot-relu-mask"
+impl Kernel2 for ReluMask {
+    const NAME: &'static str = "fewshot-relu-mask";
+
+    fn run<T: WithDType>(&self, grad: &[T], out: &[T]) -> Vec<T> {
+        let mut masked = vec![T::zero(); grad.len()];
+        masked
+            .par_chunks_mut(MIN_PARALLEL_ELEMENTS)
+            .zip(grad.par_chunks(MIN_PARALLEL_ELEMENTS))
+            .zip(out.par_chunks(MIN_PARALLEL_ELEMENTS))
+            .for_each(|((masked, grad), out)| {
+                for ((m, &g), &o) in masked.iter_mut().zip(grad).zip(out) {
+                    *m = if o > T::zero() { g } else { T::zero() };
+                }
+            });
+        masked
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        Ok((
-            super::cpu2(self.name(), self, (s1, l1), (s2, l2))?,
-            l1.shape().clone(),
-        ))
-    }
-
-    fn bwd(
+    fn backward(
         &self,
         grad: &Tensor,
         out: &Tensor,
@@ -605,10 +457,7 @@ impl CustomOp2 for ReluMask {
         upstream: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         // Linear in `grad`; the mask is piecewise constant in `out`.
-        let d_grad = match grad.track_op() {
-            true => Some(relu_mask(upstream, out)?),
-            false => None,
-        };
+        let d_grad = gradient_if(grad, || relu_mask(upstream, out))?;
         Ok((d_grad, None))
     }
 }

@@ -14,11 +14,11 @@
 
 use std::borrow::Cow;
 
-use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, WithDType};
+use candle_core::{bail, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
 use super::gemm::{matmul, MatRef};
-use super::Body2;
+use super::op::{gradient_if, Kernel2};
 
 /// Columns (output pixels) per chunk the kernels aim for: on this kind of
 /// machine the 64-channel layers of conv-4 ran 10-30% slower with chunks of
@@ -135,8 +135,7 @@ pub fn conv2d(x: &Tensor, weight: &Tensor, stride: usize, padding: usize) -> Res
         padding,
     }
     .validated()?;
-    x.contiguous()?
-        .apply_op2(&weight.contiguous()?, Forward(geometry))
+    super::op::apply2(x, weight, Forward(geometry))
 }
 
 /// The gradient of a convolution's input given the gradient `grad_out` of its
@@ -169,9 +168,7 @@ pub fn conv2d_input_grad(
             weight.dims()
         );
     }
-    grad_out
-        .contiguous()?
-        .apply_op2(&weight.contiguous()?, InputGrad(geometry))
+    super::op::apply2(grad_out, weight, InputGrad(geometry))
 }
 
 /// The gradient of a convolution's `kernel_h` x `kernel_w` weight given its
@@ -204,8 +201,7 @@ pub fn conv2d_weight_grad(
             x.dims()
         );
     }
-    x.contiguous()?
-        .apply_op2(&grad_out.contiguous()?, WeightGrad(geometry))
+    super::op::apply2(x, grad_out, WeightGrad(geometry))
 }
 
 /// `conv(x, weight)`.
@@ -217,29 +213,18 @@ struct InputGrad(ConvGeometry);
 /// `weight_grad(x, grad_out)`.
 struct WeightGrad(ConvGeometry);
 
-impl Body2 for Forward {
+impl Kernel2 for Forward {
+    const NAME: &'static str = "fewshot-conv2d";
+
     fn run<T: WithDType>(&self, a: &[T], b: &[T]) -> Vec<T> {
         forward(&self.0, a, b)
     }
-}
 
-impl CustomOp2 for Forward {
-    fn name(&self) -> &'static str {
-        "fewshot-conv2d"
+    fn shape(&self, _: &Shape) -> Shape {
+        self.0.output_shape()
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let out = super::cpu2(self.name(), self, (s1, l1), (s2, l2))?;
-        Ok((out, self.0.output_shape()))
-    }
-
-    fn bwd(
+    fn backward(
         &self,
         x: &Tensor,
         weight: &Tensor,
@@ -247,53 +232,28 @@ impl CustomOp2 for Forward {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let g = &self.0;
-        let dx = match x.track_op() {
-            true => Some(conv2d_input_grad(
-                grad,
-                weight,
-                g.stride,
-                g.padding,
-                (g.in_h, g.in_w),
-            )?),
-            false => None,
-        };
-        let dw = match weight.track_op() {
-            true => Some(conv2d_weight_grad(
-                x,
-                grad,
-                g.stride,
-                g.padding,
-                (g.kernel_h, g.kernel_w),
-            )?),
-            false => None,
-        };
+        let dx = gradient_if(x, || {
+            conv2d_input_grad(grad, weight, g.stride, g.padding, (g.in_h, g.in_w))
+        })?;
+        let dw = gradient_if(weight, || {
+            conv2d_weight_grad(x, grad, g.stride, g.padding, (g.kernel_h, g.kernel_w))
+        })?;
         Ok((dx, dw))
     }
 }
 
-impl Body2 for InputGrad {
+impl Kernel2 for InputGrad {
+    const NAME: &'static str = "fewshot-conv2d-input-grad";
+
     fn run<T: WithDType>(&self, a: &[T], b: &[T]) -> Vec<T> {
         input_grad(&self.0, a, b)
     }
-}
 
-impl CustomOp2 for InputGrad {
-    fn name(&self) -> &'static str {
-        "fewshot-conv2d-input-grad"
+    fn shape(&self, _: &Shape) -> Shape {
+        self.0.input_shape()
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let out = super::cpu2(self.name(), self, (s1, l1), (s2, l2))?;
-        Ok((out, self.0.input_shape()))
-    }
-
-    fn bwd(
+    fn backward(
         &self,
         grad_out: &Tensor,
         weight: &Tensor,
@@ -301,47 +261,32 @@ impl CustomOp2 for InputGrad {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let g = &self.0;
-        let d_grad_out = match grad_out.track_op() {
-            true => Some(conv2d(grad, weight, g.stride, g.padding)?),
-            false => None,
-        };
-        let d_weight = match weight.track_op() {
-            true => Some(conv2d_weight_grad(
+        let d_grad_out = gradient_if(grad_out, || conv2d(grad, weight, g.stride, g.padding))?;
+        let d_weight = gradient_if(weight, || {
+            conv2d_weight_grad(
                 grad,
                 grad_out,
                 g.stride,
                 g.padding,
                 (g.kernel_h, g.kernel_w),
-            )?),
-            false => None,
-        };
+            )
+        })?;
         Ok((d_grad_out, d_weight))
     }
 }
 
-impl Body2 for WeightGrad {
+impl Kernel2 for WeightGrad {
+    const NAME: &'static str = "fewshot-conv2d-weight-grad";
+
     fn run<T: WithDType>(&self, a: &[T], b: &[T]) -> Vec<T> {
         weight_grad(&self.0, a, b)
     }
-}
 
-impl CustomOp2 for WeightGrad {
-    fn name(&self) -> &'static str {
-        "fewshot-conv2d-weight-grad"
+    fn shape(&self, _: &Shape) -> Shape {
+        self.0.weight_shape()
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let out = super::cpu2(self.name(), self, (s1, l1), (s2, l2))?;
-        Ok((out, self.0.weight_shape()))
-    }
-
-    fn bwd(
+    fn backward(
         &self,
         x: &Tensor,
         grad_out: &Tensor,
@@ -349,20 +294,10 @@ impl CustomOp2 for WeightGrad {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let g = &self.0;
-        let dx = match x.track_op() {
-            true => Some(conv2d_input_grad(
-                grad_out,
-                grad,
-                g.stride,
-                g.padding,
-                (g.in_h, g.in_w),
-            )?),
-            false => None,
-        };
-        let d_grad_out = match grad_out.track_op() {
-            true => Some(conv2d(x, grad, g.stride, g.padding)?),
-            false => None,
-        };
+        let dx = gradient_if(x, || {
+            conv2d_input_grad(grad_out, grad, g.stride, g.padding, (g.in_h, g.in_w))
+        })?;
+        let d_grad_out = gradient_if(grad_out, || conv2d(x, grad, g.stride, g.padding))?;
         Ok((dx, d_grad_out))
     }
 }

@@ -18,12 +18,12 @@ mod batch_norm;
 mod channel;
 mod conv;
 mod gemm;
+mod op;
 mod pool;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, DType, Layout, Tensor, WithDType};
+use candle_core::{DType, Tensor};
 
 pub use batch_norm::batch_norm_relu;
 pub use channel::{batch_norm, channel_affine, channel_dot, channel_moments, channel_sum, relu};
@@ -48,18 +48,6 @@ fn count_flops(flops: usize) {
     CONV_FLOPS.fetch_add(flops as u64, Ordering::Relaxed);
 }
 
-/// The elements of a contiguous CPU tensor's storage.
-fn contiguous<'a, T: WithDType>(
-    op: &'static str,
-    storage: &'a CpuStorage,
-    layout: &Layout,
-) -> candle_core::Result<&'a [T]> {
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&T::cpu_storage_as_slice(storage)?[start..end]),
-        None => candle_core::bail!("{op}: the kernels need contiguous inputs"),
-    }
-}
-
 /// Elements below which an elementwise op or reduction is not worth splitting
 /// across threads: waking a thread costs more than the work (MAML's support
 /// sets are this small).
@@ -68,90 +56,4 @@ const MIN_PARALLEL_ELEMENTS: usize = 1 << 16;
 /// Threads the kernels may use: the size of rayon's pool.
 fn threads() -> usize {
     rayon::current_num_threads().max(1)
-}
-
-/// The arithmetic of a one-input op, for any element type.
-trait Body1 {
-    fn run<T: WithDType>(&self, a: &[T]) -> Vec<T>;
-}
-
-/// The arithmetic of a two-input op, for any element type.
-trait Body2 {
-    fn run<T: WithDType>(&self, a: &[T], b: &[T]) -> Vec<T>;
-}
-
-/// The arithmetic of a three-input op, for any element type.
-trait Body3 {
-    fn run<T: WithDType>(&self, a: &[T], b: &[T], c: &[T]) -> Vec<T>;
-}
-
-fn cpu1(
-    name: &'static str,
-    body: &impl Body1,
-    s: &CpuStorage,
-    l: &Layout,
-) -> candle_core::Result<CpuStorage> {
-    match s {
-        CpuStorage::F32(_) => Ok(f32::to_cpu_storage_owned(
-            body.run(contiguous::<f32>(name, s, l)?),
-        )),
-        CpuStorage::F64(_) => Ok(f64::to_cpu_storage_owned(
-            body.run(contiguous::<f64>(name, s, l)?),
-        )),
-        other => candle_core::bail!("{name}: unsupported dtype {:?}", other.dtype()),
-    }
-}
-
-fn cpu2(
-    name: &'static str,
-    body: &impl Body2,
-    (s1, l1): (&CpuStorage, &Layout),
-    (s2, l2): (&CpuStorage, &Layout),
-) -> candle_core::Result<CpuStorage> {
-    match (s1, s2) {
-        (CpuStorage::F32(_), CpuStorage::F32(_)) => Ok(f32::to_cpu_storage_owned(body.run(
-            contiguous::<f32>(name, s1, l1)?,
-            contiguous::<f32>(name, s2, l2)?,
-        ))),
-        (CpuStorage::F64(_), CpuStorage::F64(_)) => Ok(f64::to_cpu_storage_owned(body.run(
-            contiguous::<f64>(name, s1, l1)?,
-            contiguous::<f64>(name, s2, l2)?,
-        ))),
-        (a, b) => candle_core::bail!(
-            "{name}: unsupported dtypes {:?} and {:?}",
-            a.dtype(),
-            b.dtype()
-        ),
-    }
-}
-
-fn cpu3(
-    name: &'static str,
-    body: &impl Body3,
-    (s1, l1): (&CpuStorage, &Layout),
-    (s2, l2): (&CpuStorage, &Layout),
-    (s3, l3): (&CpuStorage, &Layout),
-) -> candle_core::Result<CpuStorage> {
-    match (s1, s2, s3) {
-        (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => {
-            Ok(f32::to_cpu_storage_owned(body.run(
-                contiguous::<f32>(name, s1, l1)?,
-                contiguous::<f32>(name, s2, l2)?,
-                contiguous::<f32>(name, s3, l3)?,
-            )))
-        }
-        (CpuStorage::F64(_), CpuStorage::F64(_), CpuStorage::F64(_)) => {
-            Ok(f64::to_cpu_storage_owned(body.run(
-                contiguous::<f64>(name, s1, l1)?,
-                contiguous::<f64>(name, s2, l2)?,
-                contiguous::<f64>(name, s3, l3)?,
-            )))
-        }
-        (a, b, c) => candle_core::bail!(
-            "{name}: unsupported dtypes {:?}, {:?} and {:?}",
-            a.dtype(),
-            b.dtype(),
-            c.dtype()
-        ),
-    }
 }

@@ -7,12 +7,10 @@
 //! `scatter` with respect to `dy`. The winner positions are piecewise constant
 //! in `x`, so neither `scatter` nor `gather` has a gradient with respect to it.
 
-use candle_core::{
-    bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, WithDType,
-};
+use candle_core::{bail, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
-use super::{Body1, Body2};
+use super::op::{Kernel1, Kernel2};
 
 /// Sizes of a pooling: `planes` = N * C images of `h` x `w`.
 #[derive(Debug, Clone, Copy)]
@@ -94,41 +92,26 @@ impl PoolGeometry {
 /// 2x2 max-pooling with stride 2 of `x` (N, C, H, W); an odd last row or column is dropped.
 pub fn max_pool2x2(x: &Tensor) -> Result<Tensor> {
     let geometry = PoolGeometry::of(x)?;
-    x.contiguous()?.apply_op1(Pool(geometry))
+    super::op::apply1(x, Pool(geometry))
 }
 
 fn scatter(x: &Tensor, grad_out: &Tensor) -> Result<Tensor> {
     let geometry = PoolGeometry::of(x)?;
-    x.contiguous()?
-        .apply_op2(&grad_out.contiguous()?, Scatter(geometry))
+    super::op::apply2(x, grad_out, Scatter(geometry))
 }
 
 fn gather(x: &Tensor, values: &Tensor) -> Result<Tensor> {
     let geometry = PoolGeometry::of(x)?;
-    x.contiguous()?
-        .apply_op2(&values.contiguous()?, Gather(geometry))
+    super::op::apply2(x, values, Gather(geometry))
 }
 
 struct Pool(PoolGeometry);
 struct Scatter(PoolGeometry);
 struct Gather(PoolGeometry);
 
-impl CustomOp1 for Pool {
-    fn name(&self) -> &'static str {
-        "fewshot-max-pool2x2"
-    }
+impl Kernel1 for Pool {
+    const NAME: &'static str = "fewshot-max-pool2x2";
 
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let out = super::cpu1(self.name(), self, storage, layout)?;
-        Ok((out, self.0.output_shape()))
-    }
-
-    fn bwd(&self, x: &Tensor, _out: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(scatter(x, grad)?))
-    }
-}
-
-impl Body1 for Pool {
     fn run<T: WithDType>(&self, x: &[T]) -> Vec<T> {
         let g = &self.0;
         let (width, (out_h, out_w)) = (g.dims.3, g.out_hw());
@@ -149,17 +132,13 @@ impl Body1 for Pool {
             });
         out
     }
-}
 
-impl Body2 for Scatter {
-    fn run<T: WithDType>(&self, x: &[T], grad_out: &[T]) -> Vec<T> {
-        scatter_kernel(&self.0, x, grad_out)
+    fn shape(&self, _: &Shape) -> Shape {
+        self.0.output_shape()
     }
-}
 
-impl Body2 for Gather {
-    fn run<T: WithDType>(&self, x: &[T], values: &[T]) -> Vec<T> {
-        gather_kernel(&self.0, x, values)
+    fn backward(&self, x: &Tensor, _out: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(scatter(x, grad)?))
     }
 }
 
@@ -187,23 +166,18 @@ fn gather_kernel<T: WithDType>(g: &PoolGeometry, x: &[T], values: &[T]) -> Vec<T
     out
 }
 
-impl CustomOp2 for Scatter {
-    fn name(&self) -> &'static str {
-        "fewshot-max-pool2x2-scatter"
+impl Kernel2 for Scatter {
+    const NAME: &'static str = "fewshot-max-pool2x2-scatter";
+
+    fn run<T: WithDType>(&self, x: &[T], grad_out: &[T]) -> Vec<T> {
+        scatter_kernel(&self.0, x, grad_out)
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let out = super::cpu2(self.name(), self, (s1, l1), (s2, l2))?;
-        Ok((out, self.0.input_shape()))
+    fn shape(&self, _: &Shape) -> Shape {
+        self.0.input_shape()
     }
 
-    fn bwd(
+    fn backward(
         &self,
         x: &Tensor,
         _grad_out: &Tensor,
@@ -214,23 +188,18 @@ impl CustomOp2 for Scatter {
     }
 }
 
-impl CustomOp2 for Gather {
-    fn name(&self) -> &'static str {
-        "fewshot-max-pool2x2-gather"
+impl Kernel2 for Gather {
+    const NAME: &'static str = "fewshot-max-pool2x2-gather";
+
+    fn run<T: WithDType>(&self, x: &[T], values: &[T]) -> Vec<T> {
+        gather_kernel(&self.0, x, values)
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let out = super::cpu2(self.name(), self, (s1, l1), (s2, l2))?;
-        Ok((out, self.0.output_shape()))
+    fn shape(&self, _: &Shape) -> Shape {
+        self.0.output_shape()
     }
 
-    fn bwd(
+    fn backward(
         &self,
         x: &Tensor,
         _values: &Tensor,

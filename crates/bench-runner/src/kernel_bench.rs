@@ -238,7 +238,13 @@ fn maml_case(
             query: &query,
             query_labels: &query_labels,
         };
-        maml::meta_gradient(&net, &params, &task, &inner)?;
+        maml::meta_gradient(
+            &net,
+            &params,
+            &task,
+            &inner,
+            maml::QueryNormalisation::Batch,
+        )?;
         Ok(())
     };
     Ok(Case {

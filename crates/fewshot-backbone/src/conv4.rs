@@ -215,6 +215,32 @@ impl Conv4 {
     /// (N, classifier_outputs) when the config has a classifier.
     pub fn forward(&self, params: &ParamSet, images: &Tensor) -> Result<Tensor> {
         let features = self.features(params, images)?;
+        self.head(params, features)
+    }
+
+    /// As [`Conv4::forward`] on `images`, but every batch norm uses the
+    /// statistics of `reference` (passed through the same layers) instead of
+    /// those of `images`: with a task's support set as the reference, each
+    /// query's output depends on the support set and itself only.
+    pub fn forward_normalised_by(
+        &self,
+        params: &ParamSet,
+        reference: &Tensor,
+        images: &Tensor,
+    ) -> Result<Tensor> {
+        let rows = reference.dim(0)?;
+        let both = Tensor::cat(&[reference, images], 0)?;
+        let features = self.blocks(params, &both, Some(rows))?;
+        let features = features.narrow(0, rows, images.dim(0)?)?;
+        self.head(params, features)
+    }
+
+    /// The feature vector, ignoring any classifier.
+    pub fn features(&self, params: &ParamSet, images: &Tensor) -> Result<Tensor> {
+        self.blocks(params, images, None)
+    }
+
+    fn head(&self, params: &ParamSet, features: Tensor) -> Result<Tensor> {
         match self.config.classifier_outputs {
             Some(_) => ops::linear(
                 &features,
@@ -225,8 +251,14 @@ impl Conv4 {
         }
     }
 
-    /// The feature vector, ignoring any classifier.
-    pub fn features(&self, params: &ParamSet, images: &Tensor) -> Result<Tensor> {
+    /// The blocks and the feature head; batch norm uses the statistics of the
+    /// first `reference_rows` images when given, else of the whole batch.
+    fn blocks(
+        &self,
+        params: &ParamSet,
+        images: &Tensor,
+        reference_rows: Option<usize>,
+    ) -> Result<Tensor> {
         let c = &self.config;
         let (_, channels, h, w) = images.dims4()?;
         if channels != c.in_channels || h != c.image_size || w != c.image_size {
@@ -250,7 +282,13 @@ impl Conv4 {
                 true => {
                     let gamma = params.get(&bn_gamma_name(block))?;
                     let beta = params.get(&bn_beta_name(block))?;
-                    ops::batch_norm_relu(&x, gamma, beta, c.batch_norm_eps)?
+                    let eps = c.batch_norm_eps;
+                    match reference_rows {
+                        None => ops::batch_norm_relu(&x, gamma, beta, eps)?,
+                        Some(rows) => {
+                            ops::batch_norm_relu_by_reference(&x, rows, gamma, beta, eps)?
+                        }
+                    }
                 }
                 false => ops::relu(&x)?,
             };
@@ -315,6 +353,39 @@ mod tests {
         let params = mini.init(7, DType::F32, &Device::Cpu).unwrap();
         let x = Tensor::rand(0f32, 1., (2, 3, 84, 84), &Device::Cpu).unwrap();
         assert_eq!(mini.forward(&params, &x).unwrap().dims(), [2, 100]);
+    }
+
+    #[test]
+    fn normalising_by_a_reference_uses_its_statistics_only() {
+        let config = Conv4Config {
+            filters: 8,
+            classifier_outputs: Some(5),
+            ..Conv4Config::omniglot()
+        };
+        let net = Conv4::new(config).unwrap();
+        let params = net.init(3, DType::F64, &Device::Cpu).unwrap();
+        let x = Tensor::rand(0f64, 1., (4, 1, 28, 28), &Device::Cpu).unwrap();
+        let max_gap = |a: &Tensor, b: &Tensor| -> f64 {
+            (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap()
+        };
+        // The images as their own reference: the plain forward pass.
+        let own = net.forward_normalised_by(&params, &x, &x).unwrap();
+        assert!(max_gap(&own, &net.forward(&params, &x).unwrap()) < 1e-12);
+        // Another reference: each image's output no longer depends on the others.
+        let reference = Tensor::rand(0f64, 1., (3, 1, 28, 28), &Device::Cpu).unwrap();
+        let all = net.forward_normalised_by(&params, &reference, &x).unwrap();
+        let first = x.narrow(0, 0, 1).unwrap();
+        let alone = net
+            .forward_normalised_by(&params, &reference, &first)
+            .unwrap();
+        assert!(max_gap(&all.narrow(0, 0, 1).unwrap(), &alone) < 1e-12);
     }
 
     #[test]

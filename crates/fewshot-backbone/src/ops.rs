@@ -41,6 +41,43 @@ pub fn batch_norm_relu(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> R
     }
 }
 
+/// `relu(batch_norm(x))` normalised with the statistics of the first
+/// `reference_rows` images of `x` only, applied to all of them. With the
+/// support set as the reference, each query is normalised by its task's
+/// support set alone: predictions that do not depend on the other queries
+/// (non-transductive), where batch statistics of the queries would.
+pub fn batch_norm_relu_by_reference(
+    x: &Tensor,
+    reference_rows: usize,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f64,
+) -> Result<Tensor> {
+    if reference_rows == 0 || reference_rows > x.dim(0)? {
+        return Err(BackboneError::InvalidConfig {
+            field: "batch norm reference rows",
+            value: reference_rows.to_string(),
+            reason: format!("must be between 1 and the batch size {}", x.dim(0)?),
+        });
+    }
+    let reference = x.narrow(0, 0, reference_rows)?;
+    let fast = kernels::supports(x);
+    let (mean, var) = match fast {
+        true => {
+            let moments = kernels::channel_moments(&reference)?;
+            (moments.get(0)?, moments.get(1)?)
+        }
+        false => candle_path::channel_moments(&reference)?,
+    };
+    let scale = gamma.div(&(var + eps)?.sqrt()?)?;
+    let shift = beta.sub(&mean.mul(&scale)?)?;
+    let normalised = match fast {
+        true => kernels::channel_affine(x, &scale, &shift)?,
+        false => candle_path::channel_affine(x, &scale, &shift)?,
+    };
+    relu(&normalised)
+}
+
 pub fn relu(x: &Tensor) -> Result<Tensor> {
     match kernels::supports(x) {
         true => Ok(kernels::relu(x)?),

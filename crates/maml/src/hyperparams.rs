@@ -24,6 +24,18 @@ pub enum Adapt {
     Head,
 }
 
+/// Whose statistics batch norm uses on the query images.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum QueryNormalisation {
+    /// The query batch's own, as the reference code, also at meta-test time:
+    /// transductive (a query's prediction depends on the other queries).
+    Batch,
+    /// The task's support set's (through the same adapted layers): each
+    /// query's prediction depends on the support set and itself only.
+    Support,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MamlConfig {
@@ -36,6 +48,9 @@ pub struct MamlConfig {
     pub inner_steps_test: usize,
     pub order: Order,
     pub adapt: Adapt,
+    /// Batch norm on the queries: `batch` (transductive, the paper's) or
+    /// `support` (non-transductive).
+    pub query_normalisation: QueryNormalisation,
     /// The meta-optimiser. Default Adam, lr 1e-3, no clipping (the paper's).
     pub optimizer: AdamConfig,
     /// Seeds the initial weights.
@@ -59,6 +74,7 @@ impl MamlConfig {
             inner_steps_test: 3,
             order: Order::Second,
             adapt: Adapt::All,
+            query_normalisation: QueryNormalisation::Batch,
             optimizer: AdamConfig::default(),
             init_seed: 0,
         }

@@ -5,7 +5,7 @@
 use candle_core::Tensor;
 use fewshot_backbone::{ops, Conv4, ParamSet, Result};
 
-use crate::hyperparams::{Adapt, Order};
+use crate::hyperparams::{Adapt, Order, QueryNormalisation};
 
 #[derive(Debug, Clone, Copy)]
 pub struct InnerLoop {
@@ -31,6 +31,21 @@ pub fn is_adapted(name: &str, adapt: Adapt) -> bool {
 pub fn support_loss(logits: &Tensor, labels: &Tensor, shots: usize) -> Result<Tensor> {
     let examples = labels.elem_count();
     Ok((ops::cross_entropy(logits, labels)? * (examples as f64 / shots as f64))?)
+}
+
+/// The query logits of the network at (adapted) `weights`, batch norm taking
+/// the statistics `normalisation` names.
+pub fn query_logits(
+    net: &Conv4,
+    weights: &ParamSet,
+    support: &Tensor,
+    query: &Tensor,
+    normalisation: QueryNormalisation,
+) -> Result<Tensor> {
+    match normalisation {
+        QueryNormalisation::Batch => net.forward(weights, query),
+        QueryNormalisation::Support => net.forward_normalised_by(weights, support, query),
+    }
 }
 
 /// `params` adapted to the support set by `inner.steps` SGD steps.

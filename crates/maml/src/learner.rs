@@ -8,7 +8,7 @@ use fewshot_backbone::{
 };
 
 use crate::hyperparams::{MamlConfig, Order};
-use crate::inner_loop::{adapt, InnerLoop};
+use crate::inner_loop::{adapt, query_logits, InnerLoop};
 use crate::meta_gradient::{meta_gradient, Task};
 use crate::ALGORITHM;
 
@@ -88,7 +88,13 @@ impl Maml {
             query: &episode.query,
             query_labels: labels,
         };
-        let result = meta_gradient(&self.net, params, &task, &inner)?;
+        let result = meta_gradient(
+            &self.net,
+            params,
+            &task,
+            &inner,
+            self.config.query_normalisation,
+        )?;
         Ok(EpisodeGradient {
             gradient: result.gradient,
             loss: result.query_loss,
@@ -128,7 +134,14 @@ impl Learner for Maml {
             shots,
             &inner,
         )?;
-        Ok(self.net.forward(&adapted, &episode.query)?.detach())
+        let logits = query_logits(
+            &self.net,
+            &adapted,
+            &episode.support,
+            &episode.query,
+            self.config.query_normalisation,
+        )?;
+        Ok(logits.detach())
     }
 
     fn state(&self) -> Result<ParamSet> {
@@ -143,6 +156,7 @@ impl Learner for Maml {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::hyperparams::QueryNormalisation;
     use fewshot_backbone::Conv4Config;
     use fewshot_data::{synthetic, EpisodeSampler, EpisodeSpec, SyntheticOptions};
 
@@ -191,6 +205,38 @@ mod tests {
                 last.loss
             );
         }
+    }
+
+    #[test]
+    fn support_normalisation_makes_each_prediction_independent_of_the_other_queries() {
+        let episode = &episodes(5, 1, 2)[0];
+        let first_query = |e: &EpisodeTensors| EpisodeTensors {
+            query: e.query.narrow(0, 0, 1).unwrap(),
+            query_labels: e.query_labels.as_ref().map(|l| l.narrow(0, 0, 1).unwrap()),
+            ..e.clone()
+        };
+        let gap = |normalisation| {
+            let maml = Maml::new(
+                MamlConfig {
+                    query_normalisation: normalisation,
+                    ..small(Order::First)
+                },
+                &Device::Cpu,
+            )
+            .unwrap();
+            let all = maml.predict(episode).unwrap().narrow(0, 0, 1).unwrap();
+            let alone = maml.predict(&first_query(episode)).unwrap();
+            (all - alone)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        assert!(gap(QueryNormalisation::Support) < 1e-5);
+        assert!(gap(QueryNormalisation::Batch) > 1e-3);
     }
 
     #[test]

@@ -13,7 +13,7 @@ pub mod inner_loop;
 pub mod learner;
 pub mod meta_gradient;
 
-pub use hyperparams::{Adapt, MamlConfig, Order};
+pub use hyperparams::{Adapt, MamlConfig, Order, QueryNormalisation};
 pub use inner_loop::{adapt, InnerLoop};
 pub use learner::Maml;
 pub use meta_gradient::{meta_gradient, MetaGradient, Task};

@@ -24,8 +24,8 @@
 use candle_core::{DType, Tensor};
 use fewshot_backbone::{ops, Conv4, ParamSet, Result, VarSet};
 
-use crate::hyperparams::Order;
-use crate::inner_loop::{is_adapted, support_loss, InnerLoop};
+use crate::hyperparams::{Order, QueryNormalisation};
+use crate::inner_loop::{is_adapted, query_logits, support_loss, InnerLoop};
 
 /// One task's images and labels.
 pub struct Task<'a> {
@@ -54,6 +54,7 @@ pub fn meta_gradient(
     params: &ParamSet,
     task: &Task<'_>,
     inner: &InnerLoop,
+    normalisation: QueryNormalisation,
 ) -> Result<MetaGradient> {
     let mut adapted = ParamSet::new();
     let mut fixed = ParamSet::new();
@@ -76,7 +77,8 @@ pub fn meta_gradient(
     }
 
     let (adapted_vars, fixed_vars) = (adapted.to_vars()?, fixed.to_vars()?);
-    let logits = net.forward(&joined(&adapted_vars, &fixed_vars)?, task.query)?;
+    let weights = joined(&adapted_vars, &fixed_vars)?;
+    let logits = query_logits(net, &weights, task.support, task.query, normalisation)?;
     let loss = ops::cross_entropy(&logits, task.query_labels)?;
     let grads = loss.backward()?;
     let mut v_adapted = adapted_vars.gradients(&grads)?.detach();

@@ -6,7 +6,10 @@
 
 use candle_core::{DType, Device, Tensor};
 use fewshot_backbone::{ops, Conv4, Conv4Config, Downsample, FeatureHead, ParamSet};
-use maml::{adapt, meta_gradient, Adapt, InnerLoop, Maml, MamlConfig, Order, Task};
+use maml::inner_loop::query_logits;
+use maml::{
+    adapt, meta_gradient, Adapt, InnerLoop, Maml, MamlConfig, Order, QueryNormalisation, Task,
+};
 
 fn tiny_net() -> Conv4 {
     Conv4::new(Conv4Config {
@@ -57,13 +60,16 @@ fn inner_loop(steps: usize, order: Order, adapt: Adapt) -> InnerLoop {
     }
 }
 
-fn meta_loss(net: &Conv4, params: &ParamSet, task: &Images, inner: &InnerLoop) -> Tensor {
+fn meta_loss(
+    net: &Conv4,
+    params: &ParamSet,
+    task: &Images,
+    inner: &InnerLoop,
+    normalisation: QueryNormalisation,
+) -> Tensor {
     let adapted = adapt(net, params, &task.support, &task.support_labels, 2, inner).unwrap();
-    ops::cross_entropy(
-        &net.forward(&adapted, &task.query).unwrap(),
-        &task.query_labels,
-    )
-    .unwrap()
+    let logits = query_logits(net, &adapted, &task.support, &task.query, normalisation).unwrap();
+    ops::cross_entropy(&logits, &task.query_labels).unwrap()
 }
 
 fn flat(params: &ParamSet) -> Vec<f64> {
@@ -75,14 +81,26 @@ fn flat(params: &ParamSet) -> Vec<f64> {
 }
 
 /// Backpropagation through the unrolled inner loop.
-fn unrolled_gradient(net: &Conv4, init: &ParamSet, task: &Images, inner: &InnerLoop) -> Vec<f64> {
+fn unrolled_gradient(
+    net: &Conv4,
+    init: &ParamSet,
+    task: &Images,
+    inner: &InnerLoop,
+    normalisation: QueryNormalisation,
+) -> Vec<f64> {
     let vars = init.to_vars().unwrap();
-    let loss = meta_loss(net, &vars.as_params(), task, inner);
+    let loss = meta_loss(net, &vars.as_params(), task, inner, normalisation);
     flat(&vars.gradients(&loss.backward().unwrap()).unwrap())
 }
 
 /// What the learner uses: reverse accumulation through the inner loop.
-fn reverse_gradient(net: &Conv4, init: &ParamSet, task: &Images, inner: &InnerLoop) -> Vec<f64> {
+fn reverse_gradient(
+    net: &Conv4,
+    init: &ParamSet,
+    task: &Images,
+    inner: &InnerLoop,
+    normalisation: QueryNormalisation,
+) -> Vec<f64> {
     let task = Task {
         support: &task.support,
         support_labels: &task.support_labels,
@@ -90,11 +108,18 @@ fn reverse_gradient(net: &Conv4, init: &ParamSet, task: &Images, inner: &InnerLo
         query: &task.query,
         query_labels: &task.query_labels,
     };
-    flat(&meta_gradient(net, init, &task, inner).unwrap().gradient)
+    let result = meta_gradient(net, init, &task, inner, normalisation).unwrap();
+    flat(&result.gradient)
 }
 
 /// Central differences of the meta-loss for every weight.
-fn numeric_gradient(net: &Conv4, init: &ParamSet, task: &Images, inner: &InnerLoop) -> Vec<f64> {
+fn numeric_gradient(
+    net: &Conv4,
+    init: &ParamSet,
+    task: &Images,
+    inner: &InnerLoop,
+    normalisation: QueryNormalisation,
+) -> Vec<f64> {
     let value_only = InnerLoop {
         order: Order::First,
         ..*inner
@@ -117,7 +142,7 @@ fn numeric_gradient(net: &Conv4, init: &ParamSet, task: &Images, inner: &InnerLo
                     moved.insert(other, t).unwrap();
                 }
                 // The value of the adapted weights does not depend on the order.
-                meta_loss(net, &moved, task, &value_only)
+                meta_loss(net, &moved, task, &value_only, normalisation)
                     .to_scalar::<f64>()
                     .unwrap()
             };
@@ -137,16 +162,22 @@ fn relative_error(a: &[f64], b: &[f64]) -> f64 {
     diff / b.iter().map(|y| y * y).sum::<f64>().sqrt()
 }
 
-fn check_steps(steps: usize, adapt: Adapt) {
+fn check_steps(steps: usize, adapt: Adapt, normalisation: QueryNormalisation) {
     fewshot_backbone::second_order::ensure_available().unwrap();
     let net = tiny_net();
     let init = net.init(11, DType::F64, &Device::Cpu).unwrap();
     let task = task();
     let exact = inner_loop(steps, Order::Second, adapt);
-    let numeric = numeric_gradient(&net, &init, &task, &exact);
+    let numeric = numeric_gradient(&net, &init, &task, &exact, normalisation);
     for (how, gradient) in [
-        ("reverse", reverse_gradient(&net, &init, &task, &exact)),
-        ("unrolled", unrolled_gradient(&net, &init, &task, &exact)),
+        (
+            "reverse",
+            reverse_gradient(&net, &init, &task, &exact, normalisation),
+        ),
+        (
+            "unrolled",
+            unrolled_gradient(&net, &init, &task, &exact, normalisation),
+        ),
     ] {
         let error = relative_error(&gradient, &numeric);
         assert!(
@@ -155,8 +186,8 @@ fn check_steps(steps: usize, adapt: Adapt) {
         );
     }
     let first = inner_loop(steps, Order::First, adapt);
-    let reverse_first = reverse_gradient(&net, &init, &task, &first);
-    let unrolled_first = unrolled_gradient(&net, &init, &task, &first);
+    let reverse_first = reverse_gradient(&net, &init, &task, &first, normalisation);
+    let unrolled_first = unrolled_gradient(&net, &init, &task, &first, normalisation);
     assert!(relative_error(&reverse_first, &unrolled_first) < 1e-10);
     let gap = relative_error(&reverse_first, &numeric);
     assert!(
@@ -167,22 +198,27 @@ fn check_steps(steps: usize, adapt: Adapt) {
 
 #[test]
 fn exact_through_one_inner_step() {
-    check_steps(1, Adapt::All);
+    check_steps(1, Adapt::All, QueryNormalisation::Batch);
 }
 
 #[test]
 fn exact_through_two_inner_steps() {
-    check_steps(2, Adapt::All);
+    check_steps(2, Adapt::All, QueryNormalisation::Batch);
 }
 
 #[test]
 fn exact_through_five_inner_steps() {
-    check_steps(5, Adapt::All);
+    check_steps(5, Adapt::All, QueryNormalisation::Batch);
+}
+
+#[test]
+fn exact_through_two_steps_with_queries_normalised_by_the_support_set() {
+    check_steps(2, Adapt::All, QueryNormalisation::Support);
 }
 
 #[test]
 fn exact_through_two_head_only_steps() {
-    check_steps(2, Adapt::Head);
+    check_steps(2, Adapt::Head, QueryNormalisation::Batch);
 }
 
 /// Re-runs this test binary with candle's detach switch off: building a

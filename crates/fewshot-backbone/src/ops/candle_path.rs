@@ -21,6 +21,21 @@ pub fn batch_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result
     Ok(normalised.broadcast_mul(&gamma)?.broadcast_add(&beta)?)
 }
 
+/// Per-channel mean and biased variance over N, H and W: two (C) tensors.
+pub fn channel_moments(x: &Tensor) -> Result<(Tensor, Tensor)> {
+    let mean = x.mean_keepdim((0, 2, 3))?;
+    let var = x.broadcast_sub(&mean)?.sqr()?.mean((0, 2, 3))?;
+    Ok((mean.flatten_all()?, var))
+}
+
+/// `x * scale[c] + shift[c]`.
+pub fn channel_affine(x: &Tensor, scale: &Tensor, shift: &Tensor) -> Result<Tensor> {
+    let channels = x.dim(1)?;
+    let scale = scale.reshape((1, channels, 1, 1))?;
+    let shift = shift.reshape((1, channels, 1, 1))?;
+    Ok(x.broadcast_mul(&scale)?.broadcast_add(&shift)?)
+}
+
 pub fn relu(x: &Tensor) -> Result<Tensor> {
     Ok(x.relu()?)
 }

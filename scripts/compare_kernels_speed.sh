@@ -6,14 +6,14 @@
 # the ratio ours/PyTorch, our achieved GFLOP/s and both peak memories, and
 # writes the rows as JSON to OUT. Installs PyTorch into scripts/.venv on first use.
 #
-# Usage: scripts/compare_kernels_speed.sh [ROUNDS] [REPEATS] [OUT]
+# Usage: [CASES="case ..."] scripts/compare_kernels_speed.sh [ROUNDS] [REPEATS] [OUT]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds=${1:-3}
 repeats=${2:-20}
 out=${3:-runs/kernel-comparison.json}
 venv=scripts/.venv
-cases="train-conv4-28 train-conv4-84 maml2-1step-28 maml2-5step-28 maml2-5step-84 eval-conv4-28"
+cases=${CASES:-"train-conv4-28 train-conv4-84 maml2-1step-28 maml2-5step-28 maml2-5step-84 eval-conv4-28"}
 
 if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"

@@ -209,10 +209,12 @@ fn main() {
         std::env::set_var(fewshot_backbone::second_order::ENV_VAR, "1");
     }
     // candle's elementwise thread pool spins 25,000 times after each op before
-    // parking; on two cores that spinning starves the kernels' rayon threads
-    // (MAML steps ~15% slower). Read when the pool starts, so set it first.
+    // parking; on two cores that spinning starves the kernels' rayon threads.
+    // 2,000 measured best on every kernel case (200 parks too early: MAML's
+    // tiny support-set ops then pay a wake-up each). Read when the pool
+    // starts, so set it first.
     if std::env::var_os(CANDLE_SPIN_VAR).is_none() {
-        std::env::set_var(CANDLE_SPIN_VAR, "200");
+        std::env::set_var(CANDLE_SPIN_VAR, "2000");
     }
     tracing_subscriber::fmt()
         .with_env_filter(

@@ -157,17 +157,21 @@ struct ReluMask;
 /// Independent partial sums, so that a reduction vectorises.
 const LANES: usize = 16;
 
-/// Sum of `f(i)` over `0..len`, in `LANES` partial sums of `T` (one plane is
-/// at most a few thousand elements) added up in f64.
-fn lane_sum<T: WithDType>(len: usize, f: impl Fn(usize) -> T) -> f64 {
-    let mut lanes = [T::zero(); LANES];
+/// Sum of `f` over the elements of `K` equally long slices, taken together,
+/// in `LANES` partial sums of `T` (one plane is at most a few thousand
+/// elements) added up in f64. Blocks of a fixed length keep the inner loop
+/// free of bounds checks, so that it vectorises.
+fn lane_sum<T: WithDType, const K: usize>(inputs: [&[T]; K], f: impl Fn([T; K]) -> T) -> f64 {
+    let len = inputs.iter().map(|x| x.len()).min().unwrap_or(0);
     let whole = len / LANES * LANES;
+    let mut lanes = [T::zero(); LANES];
     for base in (0..whole).step_by(LANES) {
+        let blocks = inputs.map(|x| &x[base..base + LANES]);
         for (lane, acc) in lanes.iter_mut().enumerate() {
-            *acc += f(base + lane);
+            *acc += f(blocks.map(|block| block[lane]));
         }
     }
-    let tail: f64 = (whole..len).map(|i| f(i).to_f64()).sum();
+    let tail: f64 = (whole..len).map(|i| f(inputs.map(|x| x[i])).to_f64()).sum();
     lanes.iter().map(|v| v.to_f64()).sum::<f64>() + tail
 }
 
@@ -228,7 +232,7 @@ impl Kernel1 for Sum {
         let plane = self.0.plane;
         let sums = self.0.reduce(|_, at| {
             let x = &x[at..at + plane];
-            [lane_sum(plane, |i| x[i])]
+            [lane_sum([x], |[v]| v)]
         });
         sums.into_iter().map(|[sum]| T::from_f64(sum)).collect()
     }
@@ -252,7 +256,7 @@ impl Kernel2 for Dot {
         let plane = self.0.plane;
         let sums = self.0.reduce(|_, at| {
             let (x, y) = (&x[at..at + plane], &y[at..at + plane]);
-            [lane_sum(plane, |i| x[i] * y[i])]
+            [lane_sum([x, y], |[a, b]| a * b)]
         });
         sums.into_iter().map(|[sum]| T::from_f64(sum)).collect()
     }
@@ -283,13 +287,13 @@ impl Kernel1 for Moments {
         let count = (batch * plane).max(1) as f64;
         let sums = self.0.reduce(|_, at| {
             let x = &x[at..at + plane];
-            [lane_sum(plane, |i| x[i])]
+            [lane_sum([x], |[v]| v)]
         });
         // Centred second moment: no cancellation when the mean is large.
         let squares = self.0.reduce(|c, at| {
             let mean = T::from_f64(sums[c][0] / count);
             let x = &x[at..at + plane];
-            [lane_sum(plane, |i| (x[i] - mean) * (x[i] - mean))]
+            [lane_sum([x], |[v]| (v - mean) * (v - mean))]
         });
         let means = sums.iter().map(|[s]| T::from_f64(s / count));
         let vars = squares.iter().map(|[s]| T::from_f64(s / count));
@@ -361,8 +365,8 @@ impl Kernel3 for MaskedSums {
                 &mask[at..at + plane],
             );
             // The plane is in cache for the second sum.
-            let dot = lane_sum(plane, |i| keep(mask[i], g[i] * x[i]));
-            let sum = lane_sum(plane, |i| keep(mask[i], g[i]));
+            let dot = lane_sum([mask, g, x], |[m, g, x]| keep(m, g * x));
+            let sum = lane_sum([mask, g], |[m, g]| keep(m, g));
             [dot, sum]
         });
         let dots = pairs.iter().map(|[dot, _]| T::from_f64(*dot));

@@ -8,6 +8,10 @@ queries, second order through `torch.autograd.grad(create_graph=True)`):
   maml2-1step-28  MAML's Omniglot net (stride-2 convs), 1 inner step, exact meta-gradient
   maml2-5step-28  the same with 5 inner steps
   maml2-5step-84  MAML's miniImageNet net, 5 inner steps
+  maml2-batch32-28  a meta-training step as the paper trains Omniglot 5-way 1-shot:
+                  32 tasks of 5 support and 5 query images, 1 inner step, Adam
+                  (tasks one after another, each one's meta-loss backpropagated
+                  as learn2learn's examples do)
   eval-conv4-28   the train-conv4-28 net, forward only
 Batch norm uses batch statistics (no running averages); the inner loop adapts
 every weight but batch norm's, with the support loss scaled as the MAML
@@ -111,6 +115,27 @@ def maml_case(net, channels, side, inner_lr, steps):
     return step
 
 
+def maml_batch_case(net, inner_lr, tasks):
+    config, params = net
+    batch = [(images(WAYS, 1, 28), images(WAYS, 1, 28)) for _ in range(tasks)]
+    y = labels(WAYS)
+    adapted_names = [n for n in params if ".bn." not in n]
+    optimizer = torch.optim.Adam(params.values(), lr=1e-3)
+
+    def step():
+        optimizer.zero_grad()
+        for support, query in batch:
+            loss = F.cross_entropy(forward(config, params, support), y, reduction="sum")
+            grads = torch.autograd.grad(loss, [params[n] for n in adapted_names], create_graph=True)
+            fast = dict(params)
+            for n, g in zip(adapted_names, grads):
+                fast[n] = fast[n] - inner_lr * g
+            (F.cross_entropy(forward(config, fast, query), y) / tasks).backward()
+        optimizer.step()
+
+    return step
+
+
 def build(name):
     pooled_28 = lambda: make_net(1, 28, 64, "max-pool", "flatten")
     if name == "train-conv4-28":
@@ -123,12 +148,14 @@ def build(name):
         return maml_case(make_net(1, 28, 64, "stride2", "mean"), 1, 28, 0.4, 1)
     if name == "maml2-5step-28":
         return maml_case(make_net(1, 28, 64, "stride2", "mean"), 1, 28, 0.4, 5)
+    if name == "maml2-batch32-28":
+        return maml_batch_case(make_net(1, 28, 64, "stride2", "mean"), 0.4, 32)
     if name == "maml2-5step-84":
         return maml_case(make_net(3, 84, 32, "max-pool", "flatten"), 3, 84, 0.01, 5)
     raise SystemExit(f"unknown case {name}")
 
 
-CASES = ["train-conv4-28", "train-conv4-84", "maml2-1step-28", "maml2-5step-28", "maml2-5step-84", "eval-conv4-28"]
+CASES = ["train-conv4-28", "train-conv4-84", "maml2-1step-28", "maml2-5step-28", "maml2-5step-84", "maml2-batch32-28", "eval-conv4-28"]
 
 
 def main():

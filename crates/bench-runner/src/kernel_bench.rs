@@ -7,7 +7,8 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
 use fewshot_backbone::{
-    kernels, ops, Adam, AdamConfig, Conv4, Conv4Config, Downsample, FeatureHead, ParamSet, VarSet,
+    kernels, ops, Adam, AdamConfig, Conv4, Conv4Config, Downsample, EpisodeTensors, FeatureHead,
+    Learner, ParamSet, VarSet,
 };
 use fewshot_data::Rng;
 use maml::{Adapt, InnerLoop, Order};
@@ -19,6 +20,8 @@ const WAYS: usize = 5;
 /// MAML tasks: 5-way 1-shot with 15 queries per class.
 const SUPPORT: usize = 5;
 const QUERY: usize = 75;
+/// The paper's Omniglot meta-batch: 32 tasks of 5-way 1-shot, 1 query per class.
+const META_BATCH: usize = 32;
 
 /// A benchmark case: a name and one step of work.
 struct Case {
@@ -28,12 +31,13 @@ struct Case {
 }
 
 /// Every case's name, in the order they run.
-pub const CASES: [&str; 6] = [
+pub const CASES: [&str; 7] = [
     "train-conv4-28",
     "train-conv4-84",
     "maml2-1step-28",
     "maml2-5step-28",
     "maml2-5step-84",
+    "maml2-batch32-28",
     "eval-conv4-28",
 ];
 
@@ -119,6 +123,7 @@ fn build(name: &'static str, device: &Device) -> Result<Case> {
             &mut rng,
             device,
         )?,
+        "maml2-batch32-28" => maml_batch_case(name, &mut rng, device)?,
         other => bail!("unknown kernel case `{other}`"),
     })
 }
@@ -250,6 +255,36 @@ fn maml_case(
     Ok(Case {
         name,
         what: "one 5-way 1-shot task, 75 queries: inner loop and exact meta-gradient",
+        step: Box::new(step),
+    })
+}
+
+/// One meta-training step of the `maml` learner as the paper trains Omniglot
+/// 5-way 1-shot: 32 tasks (5 support and 5 query images each), 1 inner step,
+/// the exact meta-gradient, Adam. The learner spreads the tasks over the
+/// threads; its peak memory is that of a whole meta-batch.
+fn maml_batch_case(name: &'static str, rng: &mut Rng, device: &Device) -> Result<Case> {
+    let config = maml::MamlConfig::omniglot_5way();
+    let network = config.network();
+    let batch = (0..META_BATCH)
+        .map(|_| {
+            Ok(EpisodeTensors {
+                ways: WAYS,
+                support: images(WAYS, &network, rng, device)?,
+                support_labels: labels(WAYS, device)?,
+                query: images(WAYS, &network, rng, device)?,
+                query_labels: Some(labels(WAYS, device)?),
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut learner = maml::Maml::new(config, device)?;
+    let step = move || -> Result<()> {
+        learner.meta_train(&batch)?;
+        Ok(())
+    };
+    Ok(Case {
+        name,
+        what: "meta-batch of 32 5-way 1-shot tasks, 1 query per class, 1 inner step, second order, Adam",
         step: Box::new(step),
     })
 }

@@ -102,6 +102,74 @@ pub fn max_pool2x2(x: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// 2x2 max-pooling with stride 2 in ceil mode (Chainer's default and Meta
+/// Networks': 28 -> 14 -> 7 -> 4 -> 2 -> 1): an odd last row or column forms
+/// a window of its own. The input is padded with -inf, which never wins a
+/// window, so the gradient is [`max_pool2x2`]'s on the real pixels.
+pub fn max_pool2x2_ceil(x: &Tensor) -> Result<Tensor> {
+    let (_, _, h, w) = x.dims4()?;
+    let mut padded = x.clone();
+    for (axis, size) in [(2, h), (3, w)] {
+        if size % 2 == 1 {
+            let mut shape = padded.dims().to_vec();
+            shape[axis] = 1;
+            let edge = Tensor::full(f64::NEG_INFINITY, shape, x.device())?.to_dtype(x.dtype())?;
+            padded = Tensor::cat(&[&padded, &edge], axis)?;
+        }
+    }
+    max_pool2x2(&padded)
+}
+
+/// Convolution with a different weight for every image, stride 1:
+/// `x`: (N, Cin, H, W), `weights`: (N, Cout, Cin, K, K) -> (N, Cout, H', W').
+/// Unfolds each image into its K*K shifted copies and multiplies batch by
+/// batch, so it is differentiable to any order in both arguments.
+pub fn conv2d_per_sample(x: &Tensor, weights: &Tensor, padding: usize) -> Result<Tensor> {
+    let (n, cin, h, w) = x.dims4()?;
+    let (wn, cout, wcin, k, k2) = weights.dims5()?;
+    if wn != n || wcin != cin || k != k2 || h + 2 * padding < k || w + 2 * padding < k {
+        return Err(BackboneError::InvalidConfig {
+            field: "conv2d_per_sample weights",
+            value: format!("{:?}", weights.dims()),
+            reason: format!(
+                "expected ({n}, Cout, {cin}, K, K) with K at most the padded input {}x{}",
+                h + 2 * padding,
+                w + 2 * padding
+            ),
+        });
+    }
+    let padded = x
+        .pad_with_zeros(2, padding, padding)?
+        .pad_with_zeros(3, padding, padding)?;
+    let (oh, ow) = (h + 2 * padding - k + 1, w + 2 * padding - k + 1);
+    let mut shifted = Vec::with_capacity(k * k);
+    for dy in 0..k {
+        for dx in 0..k {
+            shifted.push(padded.narrow(2, dy, oh)?.narrow(3, dx, ow)?);
+        }
+    }
+    // (N, Cin, K*K, OH, OW): the row order of a (Cout, Cin, K, K) weight.
+    let columns = Tensor::stack(&shifted, 2)?.reshape((n, cin * k * k, oh * ow))?;
+    let out = weights.reshape((n, cout, cin * k * k))?.matmul(&columns)?;
+    Ok(out.reshape((n, cout, oh, ow))?)
+}
+
+/// A linear map with a different weight for every row, no bias:
+/// `x`: (N, in), `weights`: (N, out, in) -> (N, out).
+pub fn linear_per_sample(x: &Tensor, weights: &Tensor) -> Result<Tensor> {
+    let (n, inputs) = x.dims2()?;
+    let (wn, outputs, win) = weights.dims3()?;
+    if wn != n || win != inputs {
+        return Err(BackboneError::InvalidConfig {
+            field: "linear_per_sample weights",
+            value: format!("{:?}", weights.dims()),
+            reason: format!("expected ({n}, out, {inputs})"),
+        });
+    }
+    let out = weights.matmul(&x.unsqueeze(2)?)?;
+    Ok(out.reshape((n, outputs))?)
+}
+
 /// Mean over the spatial axes: (N, C, H, W) -> (N, C).
 pub fn spatial_mean(x: &Tensor) -> Result<Tensor> {
     Ok(x.mean((2, 3))?)
@@ -207,6 +275,90 @@ mod tests {
             .to_vec1()
             .unwrap();
         assert_eq!(g, vec![0., 0., 0., 1.]);
+    }
+
+    #[test]
+    fn ceil_mode_pooling_keeps_odd_edges_as_windows() {
+        let x = Tensor::arange(0f32, 15., &Device::Cpu)
+            .unwrap()
+            .reshape((1, 1, 3, 5))
+            .unwrap();
+        let y = max_pool2x2_ceil(&x).unwrap();
+        assert_eq!(y.dims(), [1, 1, 2, 3]);
+        let y: Vec<f32> = y.flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(y, vec![6., 8., 9., 11., 13., 14.]);
+        // 28 -> 14 -> 7 -> 4 -> 2 -> 1, as Meta Networks' Omniglot net.
+        let mut side = Tensor::zeros((1, 1, 28, 28), DType::F32, &Device::Cpu).unwrap();
+        let mut sides = Vec::new();
+        for _ in 0..5 {
+            side = max_pool2x2_ceil(&side).unwrap();
+            sides.push(side.dim(2).unwrap());
+        }
+        assert_eq!(sides, vec![14, 7, 4, 2, 1]);
+    }
+
+    #[test]
+    fn ceil_mode_pooling_gradient_reaches_edge_pixels() {
+        let x = candle_core::Var::new(
+            &[[[[1f32, 5., 2.], [3., 4., -7.], [9., 0., -8.]]]],
+            &Device::Cpu,
+        )
+        .unwrap();
+        let grads = max_pool2x2_ceil(&x)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let g: Vec<f32> = grads
+            .get(&x)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        // Windows {1,5,3,4}, {2,-7}, {9,0}, {-8}: winners 5, 2, 9 and -8.
+        assert_eq!(g, vec![0., 1., 1., 0., 0., 0., 1., 0., 1.]);
+    }
+
+    #[test]
+    fn per_sample_convolution_matches_one_convolution_per_image() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f64, 1., (3, 2, 5, 4), &dev).unwrap();
+        let w = Tensor::randn(0f64, 1., (3, 4, 2, 3, 3), &dev).unwrap();
+        let y = conv2d_per_sample(&x, &w, 1).unwrap();
+        assert_eq!(y.dims(), [3, 4, 5, 4]);
+        for i in 0..3 {
+            let one = conv2d(&x.narrow(0, i, 1).unwrap(), &w.get(i).unwrap(), 1, 1).unwrap();
+            let diff = (one - y.narrow(0, i, 1).unwrap())
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap();
+            assert!(diff < 1e-12, "image {i}: {diff}");
+        }
+        let wrong = Tensor::zeros((2, 4, 2, 3, 3), DType::F64, &dev).unwrap();
+        let err = conv2d_per_sample(&x, &wrong, 1).unwrap_err().to_string();
+        assert!(err.contains("conv2d_per_sample"), "{err}");
+    }
+
+    #[test]
+    fn per_sample_linear_matches_one_product_per_row() {
+        let dev = Device::Cpu;
+        let x = Tensor::new(&[[1f64, 2.], [3., 4.]], &dev).unwrap();
+        let w = Tensor::new(
+            &[
+                [[1f64, 0.], [0., 1.], [1., 1.]],
+                [[2., 0.], [0., 0.], [1., -1.]],
+            ],
+            &dev,
+        )
+        .unwrap();
+        let y: Vec<Vec<f64>> = linear_per_sample(&x, &w).unwrap().to_vec2().unwrap();
+        assert_eq!(y, vec![vec![1., 2., 3.], vec![6., 0., -1.]]);
     }
 
     #[test]

@@ -173,6 +173,27 @@ fn max_pool_floor_mode_on_odd_sizes() {
 }
 
 #[test]
+fn max_pool_ceil_mode_on_odd_sizes() {
+    let mut rng = Rng::seed_from(9, 0);
+    let x = random(&[2, 2, 5, 3], &mut rng);
+    let f: Scalar = Box::new(|t| curved(&ops::max_pool2x2_ceil(&t[0]).unwrap()));
+    check("max_pool2x2_ceil", f, vec![x], &mut rng);
+}
+
+#[test]
+fn per_sample_convolution_and_linear() {
+    let mut rng = Rng::seed_from(10, 0);
+    let x = random(&[2, 2, 4, 3], &mut rng);
+    let w = random(&[2, 3, 2, 3, 3], &mut rng);
+    let f: Scalar = Box::new(|t| curved(&ops::conv2d_per_sample(&t[0], &t[1], 1).unwrap()));
+    check("conv2d_per_sample", f, vec![x, w], &mut rng);
+    let x = random(&[3, 4], &mut rng);
+    let w = random(&[3, 2, 4], &mut rng);
+    let f: Scalar = Box::new(|t| curved(&ops::linear_per_sample(&t[0], &t[1]).unwrap()));
+    check("linear_per_sample", f, vec![x, w], &mut rng);
+}
+
+#[test]
 fn spatial_mean_and_flatten() {
     let mut rng = Rng::seed_from(5, 0);
     let x = random(&[2, 3, 3, 2], &mut rng);

@@ -6,7 +6,11 @@ use candle_core::Device;
 use fewshot_backbone::{Checkpoint, Learner};
 
 /// The algorithms this build knows, by config name.
-pub const ALGORITHMS: &[&str] = &[eb_metanet::ALGORITHM, maml::ALGORITHM];
+pub const ALGORITHMS: &[&str] = &[
+    eb_metanet::ALGORITHM,
+    maml::ALGORITHM,
+    metanet_original::ALGORITHM,
+];
 
 /// Builds a fresh learner from a config's `algorithm` section.
 pub fn build(section: &serde_json::Value, device: &Device) -> Result<Box<dyn Learner>> {
@@ -21,6 +25,10 @@ pub fn build(section: &serde_json::Value, device: &Device) -> Result<Box<dyn Lea
         maml::ALGORITHM => {
             Box::new(maml::Maml::from_json(section, device).context("field `algorithm`")?)
         }
+        metanet_original::ALGORITHM => Box::new(
+            metanet_original::MetaNetOriginal::from_json(section, device)
+                .context("field `algorithm`")?,
+        ),
         other => bail!(
             "field `algorithm.name`: unknown algorithm `{other}` (this build knows: {})",
             ALGORITHMS.join(", ")

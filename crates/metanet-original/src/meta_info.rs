@@ -34,12 +34,6 @@ pub fn flat_gradient(
     Ok(Tensor::cat(&parts, 0)?)
 }
 
-/// Leaf copies of `params`' values, so that a backward pass through them
-/// yields gradients as inputs, independent of the graph being trained.
-pub fn detached_leaves(params: &ParamSet) -> Result<VarSet> {
-    params.detach().to_vars()
-}
-
 /// Splits the rows of `flat` (R, P) into one tensor per named shape, each
 /// (R, shape...): R copies of a group of weights, e.g. one per query.
 pub fn unflatten(flat: &Tensor, shapes: &[(String, Vec<usize>)]) -> Result<ParamSet> {

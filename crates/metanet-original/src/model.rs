@@ -10,7 +10,7 @@ use fewshot_data::Rng;
 use crate::generators::{ExampleGenerator, TaskGenerator};
 use crate::hyperparams::MetaNetConfig;
 use crate::memory;
-use crate::meta_info::{detached_leaves, flat_gradient, preprocess, unflatten};
+use crate::meta_info::{flat_gradient, preprocess, unflatten};
 use crate::network::{AugmentedNet, Fast};
 
 const BASE: &str = "base.";
@@ -93,7 +93,7 @@ impl MetaNetwork {
     /// gates' (1, so the cell keeps the earlier chunks at first), and zero
     /// generator output layers: every fast weight starts
     /// at 0, so training starts from the plain slow-weight networks rather
-    /// than from random fast weights an order of magnitude larger than the
+    /// than from random fast weights larger than the
     /// slow ones (which the reference's default initialisation gives).
     pub fn init(&self, seed: u64, device: &Device) -> Result<ParamSet> {
         let mut rng = Rng::seed_from(seed, 0);
@@ -118,7 +118,7 @@ impl MetaNetwork {
                 vec![0.0; count]
             } else if name.starts_with(BASE) || name.starts_with(KEY) {
                 // He: keeps the activations' scale through five ReLU blocks
-                // without batch norm (Glorot shrinks it ~30x by the fifth).
+                // without batch norm (Glorot halves the variance at every one).
                 let fan_in: usize = shape[1..].iter().product();
                 let std = (2.0 / fan_in as f64).sqrt();
                 (0..count).map(|_| rng.normal() * std).collect()
@@ -168,7 +168,7 @@ impl MetaNetwork {
             };
 
         let (key_conv, key_fc) = self.key_groups();
-        let leaves = detached_leaves(&params.strip_prefix(KEY))?;
+        let leaves = params.strip_prefix(KEY).detach().to_vars()?;
         let chunks = self.config.gradient_chunks.min(support_count);
         let (mut key_conv_steps, mut key_fc_steps) = (Vec::new(), Vec::new());
         for chunk in 0..chunks {
@@ -186,7 +186,7 @@ impl MetaNetwork {
         }
 
         let (base_conv, base_fc) = self.base_groups(ways);
-        let leaves = detached_leaves(&params.strip_prefix(BASE))?;
+        let leaves = params.strip_prefix(BASE).detach().to_vars()?;
         let (mut example_conv, mut example_fc) = (Vec::new(), Vec::new());
         for i in 0..support_count {
             let image = episode.support.narrow(0, i, 1)?;

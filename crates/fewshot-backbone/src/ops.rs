@@ -122,11 +122,10 @@ pub fn max_pool2x2_ceil(x: &Tensor) -> Result<Tensor> {
 
 /// Convolution with a different weight for every image, stride 1:
 /// `x`: (N, Cin, H, W), `weights`: (N, Cout, Cin, K, K) -> (N, Cout, H', W').
-/// Unfolds each image into its K*K shifted copies and multiplies batch by
-/// batch, so it is differentiable to any order in both arguments.
+/// Differentiable to any order in both arguments.
 pub fn conv2d_per_sample(x: &Tensor, weights: &Tensor, padding: usize) -> Result<Tensor> {
     let (n, cin, h, w) = x.dims4()?;
-    let (wn, cout, wcin, k, k2) = weights.dims5()?;
+    let (wn, _, wcin, k, k2) = weights.dims5()?;
     if wn != n || wcin != cin || k != k2 || h + 2 * padding < k || w + 2 * padding < k {
         return Err(BackboneError::InvalidConfig {
             field: "conv2d_per_sample weights",
@@ -138,20 +137,10 @@ pub fn conv2d_per_sample(x: &Tensor, weights: &Tensor, padding: usize) -> Result
             ),
         });
     }
-    let padded = x
-        .pad_with_zeros(2, padding, padding)?
-        .pad_with_zeros(3, padding, padding)?;
-    let (oh, ow) = (h + 2 * padding - k + 1, w + 2 * padding - k + 1);
-    let mut shifted = Vec::with_capacity(k * k);
-    for dy in 0..k {
-        for dx in 0..k {
-            shifted.push(padded.narrow(2, dy, oh)?.narrow(3, dx, ow)?);
-        }
+    match kernels::supports(x) {
+        true => Ok(kernels::conv2d_per_sample(x, weights, 1, padding)?),
+        false => candle_path::conv2d_per_sample(x, weights, padding),
     }
-    // (N, Cin, K*K, OH, OW): the row order of a (Cout, Cin, K, K) weight.
-    let columns = Tensor::stack(&shifted, 2)?.reshape((n, cin * k * k, oh * ow))?;
-    let out = weights.reshape((n, cout, cin * k * k))?.matmul(&columns)?;
-    Ok(out.reshape((n, cout, oh, ow))?)
 }
 
 /// A linear map with a different weight for every row, no bias:

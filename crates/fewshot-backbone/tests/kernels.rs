@@ -140,6 +140,25 @@ fn convolution_matches_candle_on_odd_sizes_strides_and_paddings() {
 }
 
 #[test]
+fn per_sample_convolution_matches_candle() {
+    // One image (its products use every thread), and several (images in
+    // parallel); odd sizes and paddings.
+    for (batch, padding, h, w, k) in [(1, 1, 5, 7, 3), (3, 0, 6, 5, 3), (5, 2, 4, 4, 5)] {
+        let kernel: Op =
+            Rc::new(move |t| kernels::conv2d_per_sample(&t[0], &t[1], 1, padding).unwrap());
+        let reference: Op =
+            Rc::new(move |t| candle_path::conv2d_per_sample(&t[0], &t[1], padding).unwrap());
+        agree(
+            &format!("conv2d_per_sample batch {batch} padding {padding} {h}x{w} kernel {k}"),
+            kernel,
+            reference,
+            &[&[batch, 2, h, w], &[batch, 4, 2, k, k]],
+            (batch * 100 + padding * 10 + h) as u64,
+        );
+    }
+}
+
+#[test]
 fn convolution_in_many_chunks_matches_candle() {
     // Enough images and pixels that the kernels split the batch into chunks.
     let kernel: Op = Rc::new(|t| kernels::conv2d(&t[0], &t[1], 1, 1).unwrap());

@@ -2,9 +2,14 @@
 //! independently, with shared weights: a coordinate's preprocessed gradient
 //! (2 features) in, its fast weight out. So one small network serves a layer
 //! of any size, and a batch of P coordinates is one matrix product.
+//!
+//! On the CPU both run as the fused kernels of [`crate::kernels`]; elsewhere
+//! (and as the reference the kernels are tested against) as candle ops.
 
 use candle_core::Tensor;
-use fewshot_backbone::{ops, ParamSet, Result};
+use fewshot_backbone::{kernels, ops, ParamSet, Result};
+
+use crate::kernels::{example_generator, task_generator};
 
 /// The task-level generator d: an LSTM (2 -> hidden) per coordinate, run over
 /// the gradients of T chunks of the support set, then a linear map of its
@@ -48,22 +53,31 @@ impl TaskGenerator {
         Ok((h, c))
     }
 
-    /// Fast weights (P) from the preprocessed gradients of each chunk, in
-    /// order: `steps[t]` is (P, 2).
-    pub fn forward(&self, params: &ParamSet, steps: &[Tensor]) -> Result<Tensor> {
-        let first =
-            steps
-                .first()
-                .ok_or_else(|| fewshot_backbone::BackboneError::InvalidConfig {
-                    field: "gradient_chunks",
-                    value: "0".into(),
-                    reason: "the task-level generator needs at least one gradient".into(),
-                })?;
-        let coordinates = first.dim(0)?;
-        let mut h = Tensor::zeros((coordinates, self.hidden), first.dtype(), first.device())?;
+    /// Fast weights (P) from the preprocessed gradients of the T chunks, in
+    /// order: `steps` is (T, P, 2).
+    pub fn forward(&self, params: &ParamSet, steps: &Tensor) -> Result<Tensor> {
+        if kernels::supports(steps) {
+            let packed = pack(params, &self.param_shapes())?;
+            return Ok(task_generator(steps, &packed, self.hidden)?);
+        }
+        self.forward_with_candle_ops(params, steps)
+    }
+
+    /// [`TaskGenerator::forward`] as a chain of candle ops, one LSTM step at
+    /// a time.
+    pub fn forward_with_candle_ops(&self, params: &ParamSet, steps: &Tensor) -> Result<Tensor> {
+        let (count, coordinates, _) = steps.dims3()?;
+        if count == 0 {
+            return Err(fewshot_backbone::BackboneError::InvalidConfig {
+                field: "gradient_chunks",
+                value: "0".into(),
+                reason: "the task-level generator needs at least one gradient".into(),
+            });
+        }
+        let mut h = Tensor::zeros((coordinates, self.hidden), steps.dtype(), steps.device())?;
         let mut c = h.clone();
-        for x in steps {
-            (h, c) = self.step(params, x, &h, &c)?;
+        for t in 0..count {
+            (h, c) = self.step(params, &steps.get(t)?, &h, &c)?;
         }
         let out = ops::linear(&h, params.get("out.weight")?, Some(params.get("out.bias")?))?;
         Ok(out.flatten_all()?)
@@ -92,6 +106,15 @@ impl ExampleGenerator {
 
     /// Preprocessed gradients (R, 2) -> fast weights (R).
     pub fn forward(&self, params: &ParamSet, x: &Tensor) -> Result<Tensor> {
+        if kernels::supports(x) {
+            let packed = pack(params, &self.param_shapes())?;
+            return Ok(example_generator(x, &packed, self.hidden)?);
+        }
+        self.forward_with_candle_ops(params, x)
+    }
+
+    /// [`ExampleGenerator::forward`] as a chain of candle ops.
+    pub fn forward_with_candle_ops(&self, params: &ParamSet, x: &Tensor) -> Result<Tensor> {
         let layer = |x: &Tensor, name: &str| -> Result<Tensor> {
             let weight = params.get(&format!("{name}.weight"))?;
             let bias = params.get(&format!("{name}.bias"))?;
@@ -101,6 +124,16 @@ impl ExampleGenerator {
         let h = ops::relu(&layer(&h, "l2")?)?;
         Ok(layer(&h, "out")?.flatten_all()?)
     }
+}
+
+/// The named weights, flattened and concatenated in order: the fused
+/// kernels' one weight input (`cat` routes its gradient back to each).
+fn pack(params: &ParamSet, shapes: &[(String, Vec<usize>)]) -> Result<Tensor> {
+    let parts = shapes
+        .iter()
+        .map(|(name, _)| Ok(params.get(name)?.flatten_all()?))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Tensor::cat(&parts, 0)?)
 }
 
 /// The logistic function through tanh, whose gradient candle knows:
@@ -120,6 +153,89 @@ mod tests {
 
     fn logistic(x: f64) -> f64 {
         1.0 / (1.0 + (-x).exp())
+    }
+
+    fn random_params(shapes: &[(String, Vec<usize>)], rng: &mut fewshot_data::Rng) -> ParamSet {
+        let mut params = ParamSet::new();
+        for (name, shape) in shapes {
+            let n = shape.iter().product();
+            let values: Vec<f64> = (0..n).map(|_| rng.normal() * 0.8).collect();
+            params.insert(name, tensor(&values, shape)).unwrap();
+        }
+        params
+    }
+
+    fn random_inputs(rows: usize, rng: &mut fewshot_data::Rng) -> Tensor {
+        let values: Vec<f64> = (0..rows * 2).map(|_| rng.normal()).collect();
+        tensor(&values, &[rows, 2])
+    }
+
+    /// The output and every weight's gradient of `f` under a fixed random
+    /// weighting of the outputs (so every output's gradient counts).
+    fn output_and_gradients(params: &ParamSet, f: impl Fn(&ParamSet) -> Tensor) -> Vec<Vec<f64>> {
+        let vars = params.to_vars().unwrap();
+        let out = f(&vars.as_params());
+        let weights = Tensor::arange(0f64, out.elem_count() as f64, &Device::Cpu)
+            .unwrap()
+            .affine(0.37, -2.0)
+            .unwrap()
+            .sin()
+            .unwrap();
+        let grads = (&out * weights)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let grads = vars.gradients(&grads).unwrap();
+        let mut all = vec![out.to_vec1::<f64>().unwrap()];
+        for (_, g) in grads.iter() {
+            all.push(g.flatten_all().unwrap().to_vec1::<f64>().unwrap());
+        }
+        all
+    }
+
+    fn assert_close(a: &[Vec<f64>], b: &[Vec<f64>]) {
+        assert_eq!(a.len(), b.len());
+        for (x, y) in a.iter().zip(b) {
+            assert_eq!(x.len(), y.len());
+            for (u, v) in x.iter().zip(y) {
+                assert!((u - v).abs() < 1e-10 * (1.0 + v.abs()), "{u} vs {v}");
+            }
+        }
+    }
+
+    #[test]
+    fn fused_task_generator_matches_the_candle_ops() {
+        // 300 coordinates: two full blocks and a partial one; 3 steps.
+        let mut rng = fewshot_data::Rng::seed_from(5, 0);
+        let generator = TaskGenerator { hidden: 3 };
+        let params = random_params(&generator.param_shapes(), &mut rng);
+        let steps = Tensor::stack(
+            &(0..3)
+                .map(|_| random_inputs(300, &mut rng))
+                .collect::<Vec<_>>(),
+            0,
+        )
+        .unwrap();
+        let fused = output_and_gradients(&params, |p| generator.forward(p, &steps).unwrap());
+        let composed = output_and_gradients(&params, |p| {
+            generator.forward_with_candle_ops(p, &steps).unwrap()
+        });
+        assert_close(&fused, &composed);
+    }
+
+    #[test]
+    fn fused_example_generator_matches_the_candle_ops() {
+        let mut rng = fewshot_data::Rng::seed_from(6, 0);
+        let generator = ExampleGenerator { hidden: 4 };
+        let params = random_params(&generator.param_shapes(), &mut rng);
+        let inputs = random_inputs(300, &mut rng);
+        let fused = output_and_gradients(&params, |p| generator.forward(p, &inputs).unwrap());
+        let composed = output_and_gradients(&params, |p| {
+            generator.forward_with_candle_ops(p, &inputs).unwrap()
+        });
+        assert_close(&fused, &composed);
     }
 
     #[test]

@@ -23,6 +23,7 @@
 
 pub mod generators;
 pub mod hyperparams;
+pub mod kernels;
 pub mod learner;
 pub mod memory;
 pub mod meta_info;

@@ -10,7 +10,7 @@ use fewshot_data::Rng;
 use crate::generators::{ExampleGenerator, TaskGenerator};
 use crate::hyperparams::MetaNetConfig;
 use crate::memory;
-use crate::meta_info::{flat_gradient, preprocess, unflatten};
+use crate::meta_info::preprocess;
 use crate::network::{AugmentedNet, Fast};
 
 const BASE: &str = "base.";
@@ -22,16 +22,18 @@ const EXAMPLE_FC: &str = "example_generator.fc.";
 
 type Shapes = Vec<(String, Vec<usize>)>;
 
-/// The support set's preprocessed loss gradients (each (P, 2) per step or
-/// per example, stacked).
+/// The support set's preprocessed loss gradients, per weight tensor that
+/// gets fast weights (named as in [`AugmentedNet`]; P its element count).
+/// Kept per tensor rather than concatenated so that the fast weights are made
+/// and read per tensor too: slicing one long vector per query costs a
+/// zero-padded copy of it per slice in the backward pass.
 #[derive(Debug, Clone)]
 pub struct MetaInfo {
-    /// u's gradients on each chunk of the support set: the LSTMs' inputs.
-    pub key_conv_steps: Vec<Tensor>,
-    pub key_fc_steps: Vec<Tensor>,
-    /// b's gradients on each support example, stacked (N * P, 2).
-    pub example_conv: Tensor,
-    pub example_fc: Tensor,
+    /// u's gradients on each of the T chunks of the support set, (T, P, 2):
+    /// the LSTMs' inputs.
+    pub key: ParamSet,
+    /// b's gradients on each of the N support examples alone, (N, P, 2).
+    pub example: ParamSet,
 }
 
 /// What a task's support set leaves for its queries.
@@ -42,9 +44,9 @@ pub struct TaskMemory {
     key_fast: ParamSet,
     /// u's representation of each support example (N, E).
     support_keys: Tensor,
-    /// b's example-level fast weights W*_i, one row per support example
-    /// (N, P): the convolutions', then fc1's and the head's.
-    memory: Tensor,
+    /// b's example-level fast weights W*_i, per weight tensor one row per
+    /// support example (N, P).
+    memory: ParamSet,
 }
 
 #[derive(Debug, Clone)]
@@ -155,22 +157,37 @@ impl MetaNetwork {
         self.net.check_ways(ways)?;
         let k = self.config.gradient_k;
         let support_count = episode.support.dim(0)?;
-        // One backward pass; both groups' gradients, preprocessed.
-        let gradients =
-            |leaves: &VarSet, images: &Tensor, labels: &Tensor, groups: (&Shapes, &Shapes)| {
-                let logits = self
-                    .net
-                    .logits(&leaves.as_params(), Fast::None, images, ways)?;
-                let grads = ops::cross_entropy(&logits, labels)?.backward()?;
-                let features =
-                    |group: &Shapes| preprocess(&flat_gradient(leaves, &grads, &names(group))?, k);
-                Ok::<_, BackboneError>((features(groups.0)?, features(groups.1)?))
-            };
+        // One backward pass; the preprocessed gradient (P, 2) of each of
+        // `shapes`' weights, appended to its list.
+        let gradients = |leaves: &VarSet,
+                         images: &Tensor,
+                         labels: &Tensor,
+                         shapes: &Shapes,
+                         lists: &mut Vec<Vec<Tensor>>| {
+            let logits = self
+                .net
+                .logits(&leaves.as_params(), Fast::None, images, ways)?;
+            let grads = ops::cross_entropy(&logits, labels)?.backward()?;
+            let grads = leaves.gradients(&grads)?;
+            lists.resize(shapes.len(), Vec::new());
+            for ((name, _), list) in shapes.iter().zip(lists.iter_mut()) {
+                list.push(preprocess(&grads.get(name)?.detach().flatten_all()?, k)?);
+            }
+            Ok::<_, BackboneError>(())
+        };
+        let stacked = |shapes: &Shapes, lists: Vec<Vec<Tensor>>| {
+            let mut out = ParamSet::new();
+            for ((name, _), list) in shapes.iter().zip(lists) {
+                out.insert(name, Tensor::stack(&list, 0)?)?;
+            }
+            Ok::<_, BackboneError>(out)
+        };
 
-        let (key_conv, key_fc) = self.key_groups();
+        let (mut key_shapes, key_fc) = self.key_groups();
+        key_shapes.extend(key_fc);
         let leaves = params.strip_prefix(KEY).detach().to_vars()?;
         let chunks = self.config.gradient_chunks.min(support_count);
-        let (mut key_conv_steps, mut key_fc_steps) = (Vec::new(), Vec::new());
+        let mut key_lists = Vec::new();
         for chunk in 0..chunks {
             // Strided, so that each chunk mixes classes (support is class-major).
             let rows: Vec<u32> = (chunk..support_count)
@@ -180,26 +197,21 @@ impl MetaNetwork {
             let rows = Tensor::new(rows.as_slice(), episode.support.device())?;
             let images = episode.support.index_select(&rows, 0)?;
             let labels = episode.support_labels.index_select(&rows, 0)?;
-            let (conv, fc) = gradients(&leaves, &images, &labels, (&key_conv, &key_fc))?;
-            key_conv_steps.push(conv);
-            key_fc_steps.push(fc);
+            gradients(&leaves, &images, &labels, &key_shapes, &mut key_lists)?;
         }
 
-        let (base_conv, base_fc) = self.base_groups(ways);
+        let (mut base_shapes, base_fc) = self.base_groups(ways);
+        base_shapes.extend(base_fc);
         let leaves = params.strip_prefix(BASE).detach().to_vars()?;
-        let (mut example_conv, mut example_fc) = (Vec::new(), Vec::new());
+        let mut example_lists = Vec::new();
         for i in 0..support_count {
             let image = episode.support.narrow(0, i, 1)?;
             let label = episode.support_labels.narrow(0, i, 1)?;
-            let (conv, fc) = gradients(&leaves, &image, &label, (&base_conv, &base_fc))?;
-            example_conv.push(conv);
-            example_fc.push(fc);
+            gradients(&leaves, &image, &label, &base_shapes, &mut example_lists)?;
         }
         Ok(MetaInfo {
-            key_conv_steps,
-            key_fc_steps,
-            example_conv: Tensor::cat(&example_conv, 0)?,
-            example_fc: Tensor::cat(&example_fc, 0)?,
+            key: stacked(&key_shapes, key_lists)?,
+            example: stacked(&base_shapes, example_lists)?,
         })
     }
 
@@ -213,34 +225,33 @@ impl MetaNetwork {
         info: &MetaInfo,
     ) -> Result<TaskMemory> {
         let (key_conv, key_fc) = self.key_groups();
-        let fast_conv = self
-            .task_generator
-            .forward(&params.strip_prefix(TASK_CONV), &info.key_conv_steps)?;
-        let fast_fc = self
-            .task_generator
-            .forward(&params.strip_prefix(TASK_FC), &info.key_fc_steps)?;
-        let mut key_fast = split(&fast_conv, &key_conv)?;
-        key_fast.extend(&split(&fast_fc, &key_fc)?)?;
+        let mut key_fast = ParamSet::new();
+        for (prefix, shapes) in [(TASK_CONV, key_conv), (TASK_FC, key_fc)] {
+            let generator = params.strip_prefix(prefix);
+            for (name, shape) in shapes {
+                let fast = self
+                    .task_generator
+                    .forward(&generator, info.key.get(&name)?)?;
+                key_fast.insert(name, fast.reshape(shape)?)?;
+            }
+        }
         let support_keys = self.net.embed(
             &params.strip_prefix(KEY),
             Fast::Shared(&key_fast),
             &episode.support,
         )?;
 
-        let support_count = episode.support.dim(0)?;
-        let generate = |prefix: &str, inputs: &Tensor| -> Result<Tensor> {
-            let fast = self
-                .example_generator
-                .forward(&params.strip_prefix(prefix), inputs)?;
-            Ok(fast.reshape((support_count, ()))?)
-        };
-        let memory = Tensor::cat(
-            &[
-                generate(EXAMPLE_CONV, &info.example_conv)?,
-                generate(EXAMPLE_FC, &info.example_fc)?,
-            ],
-            1,
-        )?;
+        let (base_conv, base_fc) = self.base_groups(episode.ways);
+        let mut memory = ParamSet::new();
+        for (prefix, shapes) in [(EXAMPLE_CONV, base_conv), (EXAMPLE_FC, base_fc)] {
+            let generator = params.strip_prefix(prefix);
+            for (name, _) in shapes {
+                let (examples, count, _) = info.example.get(&name)?.dims3()?;
+                let inputs = info.example.get(&name)?.reshape((examples * count, 2))?;
+                let fast = self.example_generator.forward(&generator, &inputs)?;
+                memory.insert(name, fast.reshape((examples, count))?)?;
+            }
+        }
         Ok(TaskMemory {
             ways: episode.ways,
             key_fast,
@@ -263,10 +274,15 @@ impl MetaNetwork {
             queries,
         )?;
         let attention = memory::attention(&task.support_keys, &query_keys)?;
-        let flat = memory::read(&attention, &task.memory)?;
         let (mut shapes, fc) = self.base_groups(task.ways);
         shapes.extend(fc);
-        let fast = unflatten(&flat, &shapes)?;
+        let mut fast = ParamSet::new();
+        for (name, shape) in shapes {
+            let rows = memory::read(&attention, task.memory.get(&name)?)?;
+            let mut dims = vec![rows.dim(0)?];
+            dims.extend(shape);
+            fast.insert(name, rows.reshape(dims)?)?;
+        }
         self.net.logits(
             &params.strip_prefix(BASE),
             Fast::PerSample(&fast),
@@ -290,18 +306,4 @@ impl MetaNetwork {
             vec![self.net.fc1_shape(), self.net.head_shape(ways)],
         )
     }
-}
-
-fn names(shapes: &Shapes) -> Vec<String> {
-    shapes.iter().map(|(name, _)| name.clone()).collect()
-}
-
-/// Splits one vector (P) into the named shapes.
-fn split(flat: &Tensor, shapes: &Shapes) -> Result<ParamSet> {
-    let rows = unflatten(&flat.unsqueeze(0)?, shapes)?;
-    let mut out = ParamSet::new();
-    for (name, tensor) in rows.iter() {
-        out.insert(name, tensor.squeeze(0)?)?;
-    }
-    Ok(out)
 }

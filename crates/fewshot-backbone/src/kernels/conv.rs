@@ -1,5 +1,7 @@
 //! 2-D convolution (no bias, no dilation, one group) by im2col and a matrix
-//! product, with its input and weight gradients as custom ops of their own.
+//! product, with its input and weight gradients as custom ops of their own;
+//! also with a different weight for every image (Meta Networks' fast
+//! weights), where each image is its own product.
 //!
 //! The three ops are bilinear and close under differentiation: with
 //! `y = conv(x, w)`, `dx = input_grad(dy, w)` and `dw = weight_grad(x, dy)`,
@@ -18,7 +20,7 @@ use candle_core::{bail, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
 use super::gemm::{matmul, MatRef};
-use super::op::{gradient_if, Kernel2};
+use super::op::{apply2, gradient_if, Kernel2};
 
 /// Columns (output pixels) per chunk the kernels aim for: on this kind of
 /// machine the 64-channel layers of conv-4 ran 10-30% slower with chunks of
@@ -37,6 +39,8 @@ pub struct ConvGeometry {
     pub kernel_w: usize,
     pub stride: usize,
     pub padding: usize,
+    /// Whether every image has a weight of its own (N, Cout, Cin, KH, KW).
+    pub per_sample: bool,
 }
 
 impl ConvGeometry {
@@ -86,7 +90,23 @@ impl ConvGeometry {
         2 * self.batch * self.out_channels * self.patch_len() * self.out_pixels()
     }
 
+    /// Elements of the weight one image is convolved with.
+    fn weight_len(&self) -> usize {
+        self.out_channels * self.patch_len()
+    }
+
+    /// The weight image `image` is convolved with.
+    fn weight_of<'a, T>(&self, weight: &'a [T], image: usize) -> &'a [T] {
+        match self.per_sample {
+            true => &weight[image * self.weight_len()..(image + 1) * self.weight_len()],
+            false => weight,
+        }
+    }
+
     fn images_per_chunk(&self) -> usize {
+        if self.per_sample {
+            return 1;
+        }
         let wanted = TARGET_CHUNK_COLUMNS.div_ceil(self.out_pixels());
         let spread = self.batch.div_ceil(super::threads());
         wanted.min(spread).max(1)
@@ -106,13 +126,16 @@ impl ConvGeometry {
     }
 
     fn weight_shape(&self) -> Shape {
-        (
+        let one = [
             self.out_channels,
             self.in_channels,
             self.kernel_h,
             self.kernel_w,
-        )
-            .into()
+        ];
+        match self.per_sample {
+            true => [&[self.batch][..], &one].concat().into(),
+            false => one.to_vec().into(),
+        }
     }
 }
 
@@ -133,9 +156,43 @@ pub fn conv2d(x: &Tensor, weight: &Tensor, stride: usize, padding: usize) -> Res
         kernel_w,
         stride,
         padding,
+        per_sample: false,
     }
     .validated()?;
-    super::op::apply2(x, weight, Forward(geometry))
+    apply2(x, weight, Forward(geometry))
+}
+
+/// `x` (N, Cin, H, W), each image convolved with its own weight from
+/// `weights` (N, Cout, Cin, KH, KW).
+pub fn conv2d_per_sample(
+    x: &Tensor,
+    weights: &Tensor,
+    stride: usize,
+    padding: usize,
+) -> Result<Tensor> {
+    let (batch, in_channels, in_h, in_w) = x.dims4()?;
+    let (weight_batch, out_channels, weight_in, kernel_h, kernel_w) = weights.dims5()?;
+    if weight_batch != batch || weight_in != in_channels {
+        bail!(
+            "conv2d_per_sample: input {:?} needs weights ({batch}, Cout, {in_channels}, KH, KW), got {:?}",
+            x.dims(),
+            weights.dims()
+        );
+    }
+    let geometry = ConvGeometry {
+        batch,
+        in_channels,
+        in_h,
+        in_w,
+        out_channels,
+        kernel_h,
+        kernel_w,
+        stride,
+        padding,
+        per_sample: true,
+    }
+    .validated()?;
+    apply2(x, weights, Forward(geometry))
 }
 
 /// The gradient of a convolution's input given the gradient `grad_out` of its
@@ -159,6 +216,7 @@ pub fn conv2d_input_grad(
         kernel_w,
         stride,
         padding,
+        per_sample: false,
     }
     .validated()?;
     if weight_out != out_channels || (geometry.out_h(), geometry.out_w()) != (out_h, out_w) {
@@ -168,7 +226,7 @@ pub fn conv2d_input_grad(
             weight.dims()
         );
     }
-    super::op::apply2(grad_out, weight, InputGrad(geometry))
+    apply2(grad_out, weight, InputGrad(geometry))
 }
 
 /// The gradient of a convolution's `kernel_h` x `kernel_w` weight given its
@@ -192,6 +250,7 @@ pub fn conv2d_weight_grad(
         kernel_w,
         stride,
         padding,
+        per_sample: false,
     }
     .validated()?;
     if grad_batch != batch || (geometry.out_h(), geometry.out_w()) != (out_h, out_w) {
@@ -201,7 +260,7 @@ pub fn conv2d_weight_grad(
             x.dims()
         );
     }
-    super::op::apply2(x, grad_out, WeightGrad(geometry))
+    apply2(x, grad_out, WeightGrad(geometry))
 }
 
 /// `conv(x, weight)`.
@@ -231,13 +290,9 @@ impl Kernel2 for Forward {
         _out: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let g = &self.0;
-        let dx = gradient_if(x, || {
-            conv2d_input_grad(grad, weight, g.stride, g.padding, (g.in_h, g.in_w))
-        })?;
-        let dw = gradient_if(weight, || {
-            conv2d_weight_grad(x, grad, g.stride, g.padding, (g.kernel_h, g.kernel_w))
-        })?;
+        let g = self.0;
+        let dx = gradient_if(x, || apply2(grad, weight, InputGrad(g)))?;
+        let dw = gradient_if(weight, || apply2(x, grad, WeightGrad(g)))?;
         Ok((dx, dw))
     }
 }
@@ -260,17 +315,9 @@ impl Kernel2 for InputGrad {
         _out: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let g = &self.0;
-        let d_grad_out = gradient_if(grad_out, || conv2d(grad, weight, g.stride, g.padding))?;
-        let d_weight = gradient_if(weight, || {
-            conv2d_weight_grad(
-                grad,
-                grad_out,
-                g.stride,
-                g.padding,
-                (g.kernel_h, g.kernel_w),
-            )
-        })?;
+        let g = self.0;
+        let d_grad_out = gradient_if(grad_out, || apply2(grad, weight, Forward(g)))?;
+        let d_weight = gradient_if(weight, || apply2(grad, grad_out, WeightGrad(g)))?;
         Ok((d_grad_out, d_weight))
     }
 }
@@ -293,11 +340,9 @@ impl Kernel2 for WeightGrad {
         _out: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let g = &self.0;
-        let dx = gradient_if(x, || {
-            conv2d_input_grad(grad_out, grad, g.stride, g.padding, (g.in_h, g.in_w))
-        })?;
-        let d_grad_out = gradient_if(grad_out, || conv2d(x, grad, g.stride, g.padding))?;
+        let g = self.0;
+        let dx = gradient_if(x, || apply2(grad_out, grad, InputGrad(g)))?;
+        let d_grad_out = gradient_if(grad_out, || apply2(x, grad, Forward(g)))?;
         Ok((dx, d_grad_out))
     }
 }
@@ -309,9 +354,9 @@ fn forward<T: WithDType>(g: &ConvGeometry, x: &[T], weight: &[T]) -> Vec<T> {
     let per_chunk = g.images_per_chunk();
     let parallel = g.parallel_chunks();
     let mut out = vec![T::zero(); g.batch * g.out_channels * pixels];
-    let weight = MatRef::row_major(weight, g.out_channels, patch);
     let run = |(chunk, out): (usize, &mut [T])| {
         let first = chunk * per_chunk;
+        let weight = MatRef::row_major(g.weight_of(weight, first), g.out_channels, patch);
         let images = out.len() / (g.out_channels * pixels);
         let columns = images * pixels;
         let mut cols = vec![T::zero(); patch * columns];
@@ -349,9 +394,9 @@ fn input_grad<T: WithDType>(g: &ConvGeometry, grad_out: &[T], weight: &[T]) -> V
     let per_chunk = g.images_per_chunk();
     let parallel = g.parallel_chunks();
     let mut dx = vec![T::zero(); g.batch * image_len];
-    let weight_t = MatRef::row_major(weight, g.out_channels, patch).t();
     let run = |(chunk, dx): (usize, &mut [T])| {
         let first = chunk * per_chunk;
+        let weight_t = MatRef::row_major(g.weight_of(weight, first), g.out_channels, patch).t();
         let images = dx.len() / image_len;
         let columns = images * pixels;
         let grad = gather_columns(g, grad_out, first, images);
@@ -379,7 +424,28 @@ fn weight_grad<T: WithDType>(g: &ConvGeometry, x: &[T], grad_out: &[T]) -> Vec<T
     let (pixels, patch) = (g.out_pixels(), g.patch_len());
     let per_chunk = g.images_per_chunk();
     let parallel = g.parallel_chunks();
-    let weight_len = g.out_channels * patch;
+    let weight_len = g.weight_len();
+    if g.per_sample {
+        // Each image's own weight gradient: one product per image, no sum.
+        let mut dw = vec![T::zero(); g.batch * weight_len];
+        let run = |(image, dw): (usize, &mut [T])| {
+            let mut cols = vec![T::zero(); patch * pixels];
+            im2col(g, &taps, x, image, 1, &mut cols);
+            let grad = gather_columns(g, grad_out, image, 1);
+            matmul(
+                dw,
+                MatRef::row_major(&grad, g.out_channels, pixels),
+                MatRef::row_major(&cols, patch, pixels).t(),
+                false,
+                !parallel,
+            );
+        };
+        match parallel {
+            true => dw.par_chunks_mut(weight_len).enumerate().for_each(run),
+            false => dw.chunks_mut(weight_len).enumerate().for_each(run),
+        }
+        return dw;
+    }
     let accumulate = |mut dw: Vec<T>, chunk: usize| {
         let first = chunk * per_chunk;
         let images = per_chunk.min(g.batch - first);

@@ -13,6 +13,10 @@
 //! a custom op whose backward is a convolution, and so on), so second-order
 //! MAML differentiates through them exactly. [`crate::ops`] routes CPU tensors
 //! of f32 and f64 here and everything else to candle's own ops.
+//!
+//! The glue ([`Kernel1`]..[`Kernel3`], [`apply1`]..[`apply3`]) and the
+//! matrix product ([`matmul`]) are public so that a learner crate can add
+//! kernels of its own the same way.
 
 mod batch_norm;
 mod channel;
@@ -25,9 +29,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use candle_core::{DType, Tensor};
 
+pub use self::gemm::{matmul, MatRef};
 pub use batch_norm::batch_norm_relu;
 pub use channel::{batch_norm, channel_affine, channel_dot, channel_moments, channel_sum, relu};
-pub use conv::{conv2d, conv2d_input_grad, conv2d_weight_grad, ConvGeometry};
+pub use conv::{conv2d, conv2d_input_grad, conv2d_per_sample, conv2d_weight_grad, ConvGeometry};
+pub use op::{apply1, apply2, apply3, gradient_if, Kernel1, Kernel2, Kernel3};
 pub use pool::max_pool2x2;
 
 /// Whether `tensor` takes the kernels of this module.

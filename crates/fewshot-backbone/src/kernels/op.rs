@@ -1,6 +1,6 @@
 //! The glue between a kernel and candle: each kernel names itself, computes
 //! its output for any float type, gives its output shape and its backward;
-//! [`Op`] turns that into a candle custom op, and `apply1`..`apply3` run it on
+//! `Op` turns that into a candle custom op, and `apply1`..`apply3` run it on
 //! contiguous inputs with the autograd graph recorded.
 
 use candle_core::backend::BackendStorage;
@@ -9,7 +9,7 @@ use candle_core::{
 };
 
 /// A one-input kernel.
-pub(super) trait Kernel1: Send + Sync + 'static {
+pub trait Kernel1: Send + Sync + 'static {
     const NAME: &'static str;
     /// The output, from contiguous input elements.
     fn run<T: WithDType>(&self, a: &[T]) -> Vec<T>;
@@ -22,7 +22,7 @@ pub(super) trait Kernel1: Send + Sync + 'static {
 }
 
 /// A two-input kernel.
-pub(super) trait Kernel2: Send + Sync + 'static {
+pub trait Kernel2: Send + Sync + 'static {
     const NAME: &'static str;
     fn run<T: WithDType>(&self, a: &[T], b: &[T]) -> Vec<T>;
     /// The output shape; by default the first input's.
@@ -39,7 +39,7 @@ pub(super) trait Kernel2: Send + Sync + 'static {
 }
 
 /// A three-input kernel.
-pub(super) trait Kernel3: Send + Sync + 'static {
+pub trait Kernel3: Send + Sync + 'static {
     const NAME: &'static str;
     fn run<T: WithDType>(&self, a: &[T], b: &[T], c: &[T]) -> Vec<T>;
     /// The output shape; by default the first input's.
@@ -60,15 +60,15 @@ pub(super) trait Kernel3: Send + Sync + 'static {
 /// A kernel as a candle custom op.
 pub(super) struct Op<K>(pub K);
 
-pub(super) fn apply1<K: Kernel1>(a: &Tensor, kernel: K) -> Result<Tensor> {
+pub fn apply1<K: Kernel1>(a: &Tensor, kernel: K) -> Result<Tensor> {
     a.contiguous()?.apply_op1(Op(kernel))
 }
 
-pub(super) fn apply2<K: Kernel2>(a: &Tensor, b: &Tensor, kernel: K) -> Result<Tensor> {
+pub fn apply2<K: Kernel2>(a: &Tensor, b: &Tensor, kernel: K) -> Result<Tensor> {
     a.contiguous()?.apply_op2(&b.contiguous()?, Op(kernel))
 }
 
-pub(super) fn apply3<K: Kernel3>(a: &Tensor, b: &Tensor, c: &Tensor, kernel: K) -> Result<Tensor> {
+pub fn apply3<K: Kernel3>(a: &Tensor, b: &Tensor, c: &Tensor, kernel: K) -> Result<Tensor> {
     a.contiguous()?
         .apply_op3(&b.contiguous()?, &c.contiguous()?, Op(kernel))
 }
@@ -200,10 +200,7 @@ impl<K: Kernel3> CustomOp3 for Op<K> {
 
 /// `f()` when `input` is part of an autograd graph (a variable or computed
 /// from one), else no gradient: images and constants need none.
-pub(super) fn gradient_if(
-    input: &Tensor,
-    f: impl FnOnce() -> Result<Tensor>,
-) -> Result<Option<Tensor>> {
+pub fn gradient_if(input: &Tensor, f: impl FnOnce() -> Result<Tensor>) -> Result<Option<Tensor>> {
     match input.track_op() {
         true => f().map(Some),
         false => Ok(None),

@@ -49,3 +49,24 @@ pub fn max_pool2x2(x: &Tensor) -> Result<Tensor> {
     let windows = x.reshape((n, c, oh, 2, ow, 2))?;
     Ok(windows.max(5)?.max(3)?)
 }
+
+/// [`crate::ops::conv2d_per_sample`] (arguments checked there): each image
+/// unfolded into its K*K shifted copies, then one batched product.
+pub fn conv2d_per_sample(x: &Tensor, weights: &Tensor, padding: usize) -> Result<Tensor> {
+    let (n, cin, h, w) = x.dims4()?;
+    let (_, cout, _, k, _) = weights.dims5()?;
+    let padded = x
+        .pad_with_zeros(2, padding, padding)?
+        .pad_with_zeros(3, padding, padding)?;
+    let (oh, ow) = (h + 2 * padding - k + 1, w + 2 * padding - k + 1);
+    let mut shifted = Vec::with_capacity(k * k);
+    for dy in 0..k {
+        for dx in 0..k {
+            shifted.push(padded.narrow(2, dy, oh)?.narrow(3, dx, ow)?);
+        }
+    }
+    // (N, Cin, K*K, OH, OW): the row order of a (Cout, Cin, K, K) weight.
+    let columns = Tensor::stack(&shifted, 2)?.reshape((n, cin * k * k, oh * ow))?;
+    let out = weights.reshape((n, cout, cin * k * k))?.matmul(&columns)?;
+    Ok(out.reshape((n, cout, oh, ow))?)
+}

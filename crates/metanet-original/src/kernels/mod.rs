@@ -1,0 +1,190 @@
+//! Fused CPU kernels for the two fast-weight generators.
+//!
+//! Both generators run a tiny network on every weight coordinate (148,032 of
+//! them for Omniglot's convolutions, times the support size for the example
+//! level). As chains of candle ops, each gate or layer is a whole-tensor
+//! temporary of tens to hundreds of MB, allocated, zero-filled by the OS and
+//! walked once per op, forward and backward. These kernels instead take
+//! coordinates in blocks small enough to stay in cache, run the whole network
+//! on a block (the products through the backbone's `gemm` front), and
+//! recompute a block's forward pass in the backward pass rather than keeping
+//! it. Weights come packed in one vector (each tensor flattened, in the
+//! generator's `param_shapes` order), so one kernel input carries them all
+//! and candle's `cat` splits their gradient back.
+//!
+//! The inputs (preprocessed gradients) are constants and get no gradient; the
+//! backward kernels are not differentiable again (Meta Networks needs first
+//! derivatives only).
+
+mod lstm;
+mod mlp;
+
+use candle_core::{bail, DType, Result, Tensor, WithDType};
+use rayon::prelude::*;
+
+pub use lstm::task_generator;
+pub use mlp::example_generator;
+
+/// Coordinates per block: a block's trace (every step's gates and states)
+/// stays within the L2 cache.
+const BLOCK: usize = 128;
+
+/// `tanh` of every element. In f32 through [`exp_f32`], a branch-free
+/// formula the compiler vectorises (libm's scalar `tanhf` took a fifth of a
+/// training step); in f64 (the tests' precision) through libm.
+fn tanh_in_place<T: WithDType>(values: &mut [T]) {
+    if T::DTYPE == DType::F32 {
+        // For T = f32 the conversions below are the identity and compile away.
+        for v in values.iter_mut() {
+            let x = v.to_f64() as f32;
+            *v = T::from_f64((1.0 - 2.0 / (1.0 + exp_f32(2.0 * x))) as f64);
+        }
+    } else {
+        values
+            .iter_mut()
+            .for_each(|v| *v = T::from_f64(v.to_f64().tanh()));
+    }
+}
+
+/// The logistic function of every element, as [`tanh_in_place`].
+fn sigmoid_in_place<T: WithDType>(values: &mut [T]) {
+    if T::DTYPE == DType::F32 {
+        for v in values.iter_mut() {
+            let x = v.to_f64() as f32;
+            *v = T::from_f64((1.0 / (1.0 + exp_f32(-x))) as f64);
+        }
+    } else {
+        values
+            .iter_mut()
+            .for_each(|v| *v = T::from_f64(1.0 / (1.0 + (-v.to_f64()).exp())));
+    }
+}
+
+/// e^x in f32 to about one unit in the last place, without branches or
+/// integer conversions (which the compiler does not vectorise): x = n ln 2 + r
+/// with |r| <= ln 2 / 2, e^r by its Taylor polynomial of degree 7 (remainder
+/// below 1e-8), 2^n written into the exponent bits. Inputs are clamped to
+/// [-87, 88], where 2^n stays a normal number; tanh and the logistic function
+/// are flat to f32 precision beyond that.
+#[inline(always)]
+fn exp_f32(x: f32) -> f32 {
+    // Adding 2^23 rounds to an integer kept in the low mantissa bits: there
+    // sits n + 127, the biased exponent of 2^n.
+    const SHIFT: f32 = 8_388_608.0 + 127.0;
+    // ln 2 split in two, the first part short enough that n * LN2_HIGH is
+    // exact, so r keeps its precision.
+    const LN2_HIGH: f32 = 0.693_359_4;
+    const LN2_LOW: f32 = -2.121_944_4e-4;
+    let x = x.clamp(-87.0, 88.0);
+    let shifted = x * std::f32::consts::LOG2_E + SHIFT;
+    let n = shifted - SHIFT;
+    let r = x - n * LN2_HIGH - n * LN2_LOW;
+    let mut p = 1.0 / 5040.0;
+    for c in [
+        1.0 / 720.0,
+        1.0 / 120.0,
+        1.0 / 24.0,
+        1.0 / 6.0,
+        0.5,
+        1.0,
+        1.0,
+    ] {
+        p = p * r + c;
+    }
+    p * f32::from_bits(shifted.to_bits() << 23)
+}
+
+/// Sum of a row.
+fn sum<T: WithDType>(row: &[T]) -> T {
+    row.iter().fold(T::zero(), |total, &v| total + v)
+}
+
+/// The first `len` elements of `slice`, then the rest.
+fn take<'a, T>(slice: &mut &'a [T], len: usize) -> &'a [T] {
+    let (head, tail) = slice.split_at(len);
+    *slice = tail;
+    head
+}
+
+fn take_mut<'a, T>(slice: &mut &'a mut [T], len: usize) -> &'a mut [T] {
+    let (head, tail) = std::mem::take(slice).split_at_mut(len);
+    *slice = tail;
+    head
+}
+
+/// The packed weights' gradient, summed over blocks of `items` coordinates:
+/// `block(first, count, gradient, scratch)` adds one block's share, with a
+/// scratch space per thread made by `scratch`.
+fn gradient_over_blocks<T: WithDType, S: Send>(
+    items: usize,
+    packed_len: usize,
+    scratch: impl Fn() -> S + Sync + Send,
+    block: impl Fn(usize, usize, &mut [T], &mut S) + Sync + Send,
+) -> Vec<T> {
+    (0..items.div_ceil(BLOCK))
+        .into_par_iter()
+        .fold(
+            || (vec![T::zero(); packed_len], scratch()),
+            |(mut gradient, mut scratch), index| {
+                let first = index * BLOCK;
+                block(first, BLOCK.min(items - first), &mut gradient, &mut scratch);
+                (gradient, scratch)
+            },
+        )
+        .map(|(gradient, _)| gradient)
+        .reduce(
+            || vec![T::zero(); packed_len],
+            |mut total, part| {
+                total.iter_mut().zip(part).for_each(|(t, p)| *t += p);
+                total
+            },
+        )
+}
+
+/// Checks a packed weight vector's length.
+fn check_packed(op: &str, packed: &Tensor, expected: usize) -> Result<()> {
+    if packed.dims() != [expected] {
+        bail!(
+            "{op}: expected the packed weights as a vector of {expected}, got shape {:?}",
+            packed.dims()
+        );
+    }
+    Ok(())
+}
+
+/// The error of differentiating a backward kernel.
+fn no_second_derivative(op: &str) -> candle_core::Error {
+    candle_core::Error::Msg(format!(
+        "{op}: the fused generator kernels have first derivatives only"
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fast_f32_functions_match_libm() {
+        let xs: Vec<f32> = (-4000..=4000).map(|i| i as f32 * 0.025).collect();
+        for &x in &xs {
+            let want = (x as f64).exp();
+            let got = exp_f32(x) as f64;
+            if x > -87.0 && x < 88.0 {
+                assert!(
+                    (got - want).abs() <= 3e-7 * want,
+                    "exp({x}) = {got}, want {want}"
+                );
+            }
+        }
+        let mut tanh = xs.clone();
+        tanh_in_place(&mut tanh);
+        let mut logistic = xs.clone();
+        sigmoid_in_place(&mut logistic);
+        for ((&x, t), s) in xs.iter().zip(tanh).zip(logistic) {
+            let x = x as f64;
+            assert!((t as f64 - x.tanh()).abs() < 3e-7, "tanh({x}) = {t}");
+            let want = 1.0 / (1.0 + (-x).exp());
+            assert!((s as f64 - want).abs() < 3e-7, "sigmoid({x}) = {s}");
+        }
+    }
+}

@@ -5,6 +5,16 @@
 use fewshot_backbone::{AdamConfig, BackboneError, Result};
 use serde::{Deserialize, Serialize};
 
+/// What the base learner b is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BaseLearner {
+    /// A conv net of u's shape on the images (Omniglot).
+    Conv,
+    /// An MLP on u's embeddings (the reference's miniImageNet model).
+    Mlp,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MetaNetConfig {
@@ -15,9 +25,23 @@ pub struct MetaNetConfig {
     /// Filters of every convolution, and the width of the hidden layer fc1.
     /// Default 64.
     pub filters: usize,
-    /// Blocks of [3x3 conv, ReLU, 2x2 ceil-mode max-pool] in both the base
-    /// learner and the representation network. Default 5 (28 -> ... -> 1).
+    /// Blocks of [3x3 conv, ReLU, 2x2 ceil-mode max-pool] in the
+    /// representation network (and a conv base learner). Default 5
+    /// (28 -> ... -> 1). Hidden layers are as wide as the last block's
+    /// flattened output (64 on Omniglot, 288 on miniImageNet).
     pub blocks: usize,
+    /// Leading blocks of the representation network with batch norm (before
+    /// the ReLU; statistics of the support set, see the crate's docs).
+    /// Default 0; 3 on miniImageNet.
+    pub key_batch_norm_blocks: usize,
+    /// Trailing conv blocks that take fast weights. Default (null): every
+    /// block without batch norm (5 on Omniglot, 2 on miniImageNet).
+    pub fast_blocks: Option<usize>,
+    /// The base learner b. Default `conv`; `mlp` on miniImageNet.
+    pub base: BaseLearner,
+    /// Hidden layers of b before its head. Default 1 (fc1); 2 on
+    /// miniImageNet.
+    pub base_hidden_layers: usize,
     /// Width of the softmax head used on training episodes. Default 5.
     pub n_outputs_train: usize,
     /// Width of the softmax head used on episodes with another way count
@@ -46,6 +70,10 @@ impl Default for MetaNetConfig {
             image_size: 28,
             filters: 64,
             blocks: 5,
+            key_batch_norm_blocks: 0,
+            fast_blocks: None,
+            base: BaseLearner::Conv,
+            base_hidden_layers: 1,
             n_outputs_train: 5,
             n_outputs_test: 5,
             generator_hidden: 20,
@@ -71,6 +99,25 @@ impl MetaNetConfig {
         }
     }
 
+    /// The reference's miniImageNet model: 84x84 RGB, 32 filters, batch
+    /// norm on u's first three blocks, fast weights on its last two and on
+    /// fc1, b an MLP with two hidden layers on u's embeddings, trained
+    /// 10-way and tested 5-way, the support gradients in up to 10 chunks.
+    pub fn mini_imagenet() -> Self {
+        Self {
+            in_channels: 3,
+            image_size: 84,
+            filters: 32,
+            key_batch_norm_blocks: 3,
+            base: BaseLearner::Mlp,
+            base_hidden_layers: 2,
+            n_outputs_train: 10,
+            n_outputs_test: 5,
+            gradient_chunks: 10,
+            ..Self::default()
+        }
+    }
+
     pub fn validate(&self) -> Result<()> {
         for (field, value) in [
             ("in_channels", self.in_channels),
@@ -80,6 +127,7 @@ impl MetaNetConfig {
             ("generator_hidden", self.generator_hidden),
             ("gradient_chunks", self.gradient_chunks),
             ("query_chunk", self.query_chunk),
+            ("base_hidden_layers", self.base_hidden_layers),
         ] {
             if value == 0 {
                 return invalid(field, "0".into(), "must be at least 1");
@@ -93,6 +141,25 @@ impl MetaNetConfig {
                 return invalid(field, value.to_string(), "a task needs at least 2 ways");
             }
         }
+        if self.key_batch_norm_blocks > self.blocks {
+            return invalid(
+                "key_batch_norm_blocks",
+                self.key_batch_norm_blocks.to_string(),
+                &format!("the network has {} blocks", self.blocks),
+            );
+        }
+        if self.key_batch_norm_blocks + self.fast_block_count() > self.blocks {
+            return invalid(
+                "fast_blocks",
+                self.fast_block_count().to_string(),
+                &format!(
+                    "with key_batch_norm_blocks = {}, at most {} of the {} blocks can take fast weights (batch-normalised blocks take none)",
+                    self.key_batch_norm_blocks,
+                    self.blocks.saturating_sub(self.key_batch_norm_blocks),
+                    self.blocks
+                ),
+            );
+        }
         if !(self.gradient_k > 0.0 && self.gradient_k.is_finite()) {
             return invalid(
                 "gradient_k",
@@ -101,6 +168,12 @@ impl MetaNetConfig {
             );
         }
         self.optimizer.validate()
+    }
+
+    /// Trailing conv blocks with fast weights.
+    pub fn fast_block_count(&self) -> usize {
+        self.fast_blocks
+            .unwrap_or(self.blocks.saturating_sub(self.key_batch_norm_blocks))
     }
 
     /// The way counts that have a softmax head, without repeats.
@@ -162,5 +235,22 @@ mod tests {
         };
         let err = config.validate().unwrap_err().to_string();
         assert!(err.contains("gradient_k"), "{err}");
+        let config = MetaNetConfig {
+            key_batch_norm_blocks: 4,
+            fast_blocks: Some(2),
+            ..MetaNetConfig::default()
+        };
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("fast_blocks"), "{err}");
+    }
+
+    #[test]
+    fn the_mini_imagenet_model_pools_84_down_to_3() {
+        let config = MetaNetConfig::mini_imagenet();
+        config.validate().unwrap();
+        // 32 filters x 3 x 3 = 288 features, as the reference's fc1.
+        assert_eq!(config.sides(), vec![42, 21, 11, 6, 3]);
+        assert_eq!(config.head_widths(), vec![10, 5]);
+        assert_eq!(config.fast_block_count(), 2);
     }
 }

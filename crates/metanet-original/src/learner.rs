@@ -132,9 +132,27 @@ mod tests {
             .collect()
     }
 
+    /// [`small_config`] shaped as the miniImageNet model: batch norm in u,
+    /// b an MLP on u's embeddings.
+    fn small_mini_imagenet_config() -> MetaNetConfig {
+        MetaNetConfig {
+            key_batch_norm_blocks: 3,
+            base: crate::BaseLearner::Mlp,
+            base_hidden_layers: 2,
+            ..small_config()
+        }
+    }
+
     #[test]
     fn predictions_do_not_depend_on_the_query_chunking() {
-        let mut learner = MetaNetOriginal::new(small_config(), &Device::Cpu).unwrap();
+        // With batch norm too: queries are normalised by the support set.
+        for config in [small_config(), small_mini_imagenet_config()] {
+            predictions_match_unchunked(config);
+        }
+    }
+
+    fn predictions_match_unchunked(config: MetaNetConfig) {
+        let mut learner = MetaNetOriginal::new(config, &Device::Cpu).unwrap();
         // A few steps first, so the fast weights are not all zero.
         let batch = episodes(1, 0, 5);
         for _ in 0..3 {
@@ -160,7 +178,13 @@ mod tests {
 
     #[test]
     fn training_lowers_the_loss_on_a_fixed_batch() {
-        let mut learner = MetaNetOriginal::new(small_config(), &Device::Cpu).unwrap();
+        for config in [small_config(), small_mini_imagenet_config()] {
+            training_lowers_the_loss(config);
+        }
+    }
+
+    fn training_lowers_the_loss(config: MetaNetConfig) {
+        let mut learner = MetaNetOriginal::new(config, &Device::Cpu).unwrap();
         let batch = episodes(2, 2, 5);
         let first = learner.meta_train(&batch).unwrap();
         let mut last = first;

@@ -31,7 +31,7 @@ pub mod model;
 pub mod network;
 
 pub use generators::{ExampleGenerator, TaskGenerator};
-pub use hyperparams::MetaNetConfig;
+pub use hyperparams::{BaseLearner, MetaNetConfig};
 pub use learner::MetaNetOriginal;
 pub use model::MetaNetwork;
 pub use network::{AugmentedNet, Fast};

@@ -1,7 +1,8 @@
 //! The whole Meta Network: base learner b, representation network u and the
 //! two generator pairs, with their weights in one [`ParamSet`]:
 //! `base.*`, `key.*`, `task_generator.{conv,fc}.*`,
-//! `example_generator.{conv,fc}.*`.
+//! `example_generator.{conv,fc}.*` (a conv generator only where its network
+//! has conv layers with fast weights).
 
 use candle_core::{DType, Device, Tensor};
 use fewshot_backbone::{ops, BackboneError, EpisodeTensors, ParamSet, Result, VarSet};
@@ -40,6 +41,9 @@ pub struct MetaInfo {
 #[derive(Debug, Clone)]
 pub struct TaskMemory {
     ways: usize,
+    /// The support images: with batch norm in u, a query is embedded with
+    /// the support set's statistics.
+    support: Tensor,
     /// u's task-level fast weights Q*.
     key_fast: ParamSet,
     /// u's representation of each support example (N, E).
@@ -52,7 +56,8 @@ pub struct TaskMemory {
 #[derive(Debug, Clone)]
 pub struct MetaNetwork {
     config: MetaNetConfig,
-    net: AugmentedNet,
+    key: AugmentedNet,
+    base: AugmentedNet,
     task_generator: TaskGenerator,
     example_generator: ExampleGenerator,
 }
@@ -62,7 +67,8 @@ impl MetaNetwork {
         config.validate()?;
         Ok(Self {
             config: config.clone(),
-            net: AugmentedNet::new(config),
+            key: AugmentedNet::key(config),
+            base: AugmentedNet::base(config),
             task_generator: TaskGenerator {
                 hidden: config.generator_hidden,
             },
@@ -79,18 +85,40 @@ impl MetaNetwork {
                 .map(|(name, shape)| (format!("{prefix}{name}"), shape))
                 .collect()
         };
-        let mut shapes = prefixed(BASE, self.net.param_shapes());
-        shapes.extend(prefixed(KEY, self.net.param_shapes()));
-        for prefix in [TASK_CONV, TASK_FC] {
-            shapes.extend(prefixed(prefix, self.task_generator.param_shapes()));
-        }
-        for prefix in [EXAMPLE_CONV, EXAMPLE_FC] {
-            shapes.extend(prefixed(prefix, self.example_generator.param_shapes()));
+        let mut shapes = prefixed(BASE, self.base.param_shapes());
+        shapes.extend(prefixed(KEY, self.key.param_shapes()));
+        let generators = [
+            (
+                TASK_CONV,
+                self.key.fast_conv_shapes(),
+                self.task_generator.param_shapes(),
+            ),
+            (
+                TASK_FC,
+                self.key.hidden_shapes(),
+                self.task_generator.param_shapes(),
+            ),
+            (
+                EXAMPLE_CONV,
+                self.base.fast_conv_shapes(),
+                self.example_generator.param_shapes(),
+            ),
+            (
+                EXAMPLE_FC,
+                self.base.hidden_shapes(),
+                self.example_generator.param_shapes(),
+            ),
+        ];
+        for (prefix, serves, generator) in generators {
+            if !serves.is_empty() {
+                shapes.extend(prefixed(prefix, generator));
+            }
         }
         shapes
     }
 
     /// Fresh weights: He-normal convolutions and linear maps in b and u,
+    /// batch-norm scales 1 and shifts 0,
     /// Glorot-uniform generator layers, zero biases but the LSTMs' forget
     /// gates' (1, so the cell keeps the earlier chunks at first), and zero
     /// generator output layers: every fast weight starts
@@ -118,6 +146,8 @@ impl MetaNetwork {
                     .collect()
             } else if name.ends_with("bias") {
                 vec![0.0; count]
+            } else if AugmentedNet::is_batch_norm_scale(&name) {
+                vec![1.0; count]
             } else if name.starts_with(BASE) || name.starts_with(KEY) {
                 // He: keeps the activations' scale through five ReLU blocks
                 // without batch norm (Glorot halves the variance at every one).
@@ -151,24 +181,24 @@ impl MetaNetwork {
 
     /// The support set's loss gradients, preprocessed: u's representation
     /// loss on T chunks of it, and b's loss on each example alone. Computed
-    /// on detached copies of the slow weights: constants to what follows.
+    /// on detached copies of the weights: constants to what follows.
     pub fn meta_info(&self, params: &ParamSet, episode: &EpisodeTensors) -> Result<MetaInfo> {
         let ways = episode.ways;
-        self.net.check_ways(ways)?;
+        self.key.check_ways(ways)?;
         let k = self.config.gradient_k;
         let support_count = episode.support.dim(0)?;
-        // One backward pass; the preprocessed gradient (P, 2) of each of
-        // `shapes`' weights, appended to its list.
+        // The preprocessed gradient (P, 2) of each of `shapes`' weights for
+        // the loss of `logits` on support examples `rows`, appended to its
+        // list.
         let gradients = |leaves: &VarSet,
-                         images: &Tensor,
-                         labels: &Tensor,
+                         logits: &Tensor,
+                         rows: &[u32],
                          shapes: &Shapes,
                          lists: &mut Vec<Vec<Tensor>>| {
-            let logits = self
-                .net
-                .logits(&leaves.as_params(), Fast::None, images, ways)?;
-            let grads = ops::cross_entropy(&logits, labels)?.backward()?;
-            let grads = leaves.gradients(&grads)?;
+            let rows = Tensor::new(rows, logits.device())?;
+            let labels = episode.support_labels.index_select(&rows, 0)?;
+            let loss = ops::cross_entropy(logits, &labels)?;
+            let grads = leaves.gradients(&loss.backward()?)?;
             lists.resize(shapes.len(), Vec::new());
             for ((name, _), list) in shapes.iter().zip(lists.iter_mut()) {
                 list.push(preprocess(&grads.get(name)?.detach().flatten_all()?, k)?);
@@ -183,9 +213,14 @@ impl MetaNetwork {
             Ok::<_, BackboneError>(out)
         };
 
+        // u on the whole support set (batch norm sees all of it, as in the
+        // reference), then one loss per chunk.
         let (mut key_shapes, key_fc) = self.key_groups();
         key_shapes.extend(key_fc);
         let leaves = params.strip_prefix(KEY).detach().to_vars()?;
+        let logits = self
+            .key
+            .logits(&leaves.as_params(), Fast::None, &episode.support, ways)?;
         let chunks = self.config.gradient_chunks.min(support_count);
         let mut key_lists = Vec::new();
         for chunk in 0..chunks {
@@ -194,25 +229,77 @@ impl MetaNetwork {
                 .step_by(chunks)
                 .map(|i| i as u32)
                 .collect();
-            let rows = Tensor::new(rows.as_slice(), episode.support.device())?;
-            let images = episode.support.index_select(&rows, 0)?;
-            let labels = episode.support_labels.index_select(&rows, 0)?;
-            gradients(&leaves, &images, &labels, &key_shapes, &mut key_lists)?;
+            let chunk_logits =
+                logits.index_select(&Tensor::new(rows.as_slice(), logits.device())?, 0)?;
+            gradients(&leaves, &chunk_logits, &rows, &key_shapes, &mut key_lists)?;
         }
+        let key = stacked(&key_shapes, key_lists)?;
 
+        // b on each support example alone: its image, or (an MLP b) its
+        // embedding by u with the task-level fast weights.
+        let base_input = match self.base.reads_images() {
+            true => episode.support.clone(),
+            false => {
+                let detached = params.detach();
+                let key_fast = self.key_fast_weights(&detached, &key)?;
+                self.embed_support(&detached, &key_fast, &episode.support)?
+            }
+        };
         let (mut base_shapes, base_fc) = self.base_groups(ways);
         base_shapes.extend(base_fc);
         let leaves = params.strip_prefix(BASE).detach().to_vars()?;
         let mut example_lists = Vec::new();
         for i in 0..support_count {
-            let image = episode.support.narrow(0, i, 1)?;
-            let label = episode.support_labels.narrow(0, i, 1)?;
-            gradients(&leaves, &image, &label, &base_shapes, &mut example_lists)?;
+            let logits = self.base.logits(
+                &leaves.as_params(),
+                Fast::None,
+                &base_input.narrow(0, i, 1)?,
+                ways,
+            )?;
+            gradients(
+                &leaves,
+                &logits,
+                &[i as u32],
+                &base_shapes,
+                &mut example_lists,
+            )?;
         }
         Ok(MetaInfo {
-            key: stacked(&key_shapes, key_lists)?,
+            key,
             example: stacked(&base_shapes, example_lists)?,
         })
+    }
+
+    /// u's task-level fast weights Q* from its meta information.
+    fn key_fast_weights(&self, params: &ParamSet, key_info: &ParamSet) -> Result<ParamSet> {
+        let (key_conv, key_fc) = self.key_groups();
+        let mut key_fast = ParamSet::new();
+        for (prefix, shapes) in [(TASK_CONV, key_conv), (TASK_FC, key_fc)] {
+            let generator = params.strip_prefix(prefix);
+            for (name, shape) in shapes {
+                let fast = self
+                    .task_generator
+                    .forward(&generator, key_info.get(&name)?)?;
+                key_fast.insert(name, fast.reshape(shape)?)?;
+            }
+        }
+        Ok(key_fast)
+    }
+
+    /// u's embeddings of the support set, augmented with Q*.
+    fn embed_support(
+        &self,
+        params: &ParamSet,
+        key_fast: &ParamSet,
+        support: &Tensor,
+    ) -> Result<Tensor> {
+        let rows = support.dim(0)?;
+        self.key.embed(
+            &params.strip_prefix(KEY),
+            Fast::Shared(key_fast),
+            support,
+            rows,
+        )
     }
 
     /// From the meta information: u's task-level fast weights Q*, the
@@ -224,23 +311,8 @@ impl MetaNetwork {
         episode: &EpisodeTensors,
         info: &MetaInfo,
     ) -> Result<TaskMemory> {
-        let (key_conv, key_fc) = self.key_groups();
-        let mut key_fast = ParamSet::new();
-        for (prefix, shapes) in [(TASK_CONV, key_conv), (TASK_FC, key_fc)] {
-            let generator = params.strip_prefix(prefix);
-            for (name, shape) in shapes {
-                let fast = self
-                    .task_generator
-                    .forward(&generator, info.key.get(&name)?)?;
-                key_fast.insert(name, fast.reshape(shape)?)?;
-            }
-        }
-        let support_keys = self.net.embed(
-            &params.strip_prefix(KEY),
-            Fast::Shared(&key_fast),
-            &episode.support,
-        )?;
-
+        let key_fast = self.key_fast_weights(params, &info.key)?;
+        let support_keys = self.embed_support(params, &key_fast, &episode.support)?;
         let (base_conv, base_fc) = self.base_groups(episode.ways);
         let mut memory = ParamSet::new();
         for (prefix, shapes) in [(EXAMPLE_CONV, base_conv), (EXAMPLE_FC, base_fc)] {
@@ -254,6 +326,7 @@ impl MetaNetwork {
         }
         Ok(TaskMemory {
             ways: episode.ways,
+            support: episode.support.clone(),
             key_fast,
             support_keys,
             memory,
@@ -268,11 +341,22 @@ impl MetaNetwork {
         task: &TaskMemory,
         queries: &Tensor,
     ) -> Result<Tensor> {
-        let query_keys = self.net.embed(
-            &params.strip_prefix(KEY),
-            Fast::Shared(&task.key_fast),
-            queries,
-        )?;
+        let key_params = params.strip_prefix(KEY);
+        let key_fast = Fast::Shared(&task.key_fast);
+        let query_keys = match self.key.has_batch_norm() {
+            // Normalised with the support set's statistics: a query's
+            // output depends on its task, not on the other queries.
+            true => {
+                let support_count = task.support.dim(0)?;
+                let both = Tensor::cat(&[&task.support, queries], 0)?;
+                self.key
+                    .embed(&key_params, key_fast, &both, support_count)?
+                    .narrow(0, support_count, queries.dim(0)?)?
+            }
+            false => self
+                .key
+                .embed(&key_params, key_fast, queries, queries.dim(0)?)?,
+        };
         let attention = memory::attention(&task.support_keys, &query_keys)?;
         let (mut shapes, fc) = self.base_groups(task.ways);
         shapes.extend(fc);
@@ -283,27 +367,30 @@ impl MetaNetwork {
             dims.extend(shape);
             fast.insert(name, rows.reshape(dims)?)?;
         }
-        self.net.logits(
+        let base_input = match self.base.reads_images() {
+            true => queries,
+            false => &query_keys,
+        };
+        self.base.logits(
             &params.strip_prefix(BASE),
             Fast::PerSample(&fast),
-            queries,
+            base_input,
             task.ways,
         )
     }
 
-    /// u's weights with task-level fast weights: the convolutions, and fc1
-    /// (its head only makes the representation loss).
+    /// u's weights with task-level fast weights: its fast conv blocks, and
+    /// its hidden layer fc1 (its head only makes the representation loss).
     fn key_groups(&self) -> (Shapes, Shapes) {
-        (self.net.conv_shapes(), vec![self.net.fc1_shape()])
+        (self.key.fast_conv_shapes(), self.key.hidden_shapes())
     }
 
     /// b's weights with example-level fast weights, in the reference's two
-    /// groups (each with its own generator): the convolutions, and fc1 with
-    /// the episode's head.
+    /// groups (each with its own generator): its fast conv blocks, and its
+    /// hidden layers with the episode's head.
     fn base_groups(&self, ways: usize) -> (Shapes, Shapes) {
-        (
-            self.net.conv_shapes(),
-            vec![self.net.fc1_shape(), self.net.head_shape(ways)],
-        )
+        let mut fc = self.base.hidden_shapes();
+        fc.push(self.base.head_shape(ways));
+        (self.base.fast_conv_shapes(), fc)
     }
 }

@@ -8,7 +8,7 @@ use candle_core::{Device, Tensor};
 use fewshot_backbone::{ops, EpisodeTensors, ParamSet};
 use fewshot_data::Rng;
 use metanet_original::model::MetaInfo;
-use metanet_original::{MetaNetConfig, MetaNetwork};
+use metanet_original::{BaseLearner, MetaNetConfig, MetaNetwork};
 
 const STEP: f64 = 1e-6;
 const TOLERANCE: f64 = 1e-6;
@@ -19,8 +19,13 @@ fn random(shape: &[usize], scale: f64, rng: &mut Rng) -> Tensor {
     Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
 }
 
+/// The Omniglot model's shape, tiny.
 fn tiny() -> MetaNetwork {
-    MetaNetwork::new(&MetaNetConfig {
+    MetaNetwork::new(&tiny_config()).unwrap()
+}
+
+fn tiny_config() -> MetaNetConfig {
+    MetaNetConfig {
         image_size: 5,
         filters: 2,
         blocks: 2,
@@ -29,6 +34,17 @@ fn tiny() -> MetaNetwork {
         generator_hidden: 3,
         gradient_chunks: 2,
         ..MetaNetConfig::default()
+    }
+}
+
+/// The miniImageNet model's shape, tiny: batch norm on u's first block,
+/// fast weights on its second, b an MLP with two hidden layers.
+fn tiny_mini_imagenet() -> MetaNetwork {
+    MetaNetwork::new(&MetaNetConfig {
+        key_batch_norm_blocks: 1,
+        base: BaseLearner::Mlp,
+        base_hidden_layers: 2,
+        ..tiny_config()
     })
     .unwrap()
 }
@@ -79,10 +95,11 @@ fn gradient(params: &ParamSet, f: impl Fn(&ParamSet) -> Tensor) -> ParamSet {
     vars.gradients(&grads).unwrap()
 }
 
-#[test]
-fn whole_model_gradient_matches_finite_differences() {
-    let mut rng = Rng::seed_from(11, 0);
-    let network = tiny();
+/// Checks every weight's gradient against central differences, and that
+/// each of `groups` gets some gradient.
+fn check_against_finite_differences(network: &MetaNetwork, groups: &[&str], seed: u64) {
+    let network = network.clone();
+    let mut rng = Rng::seed_from(seed, 0);
     let episode = episode(&mut rng);
     let params = random_params(&network, &mut rng);
     let info = network.meta_info(&params, &episode).unwrap();
@@ -137,8 +154,18 @@ fn whole_model_gradient_matches_finite_differences() {
         worst.0,
         worst.1
     );
+    for group in groups {
+        assert!(
+            nonzero_groups.contains(*group),
+            "{group} gets no gradient: {nonzero_groups:?}"
+        );
+    }
+}
+
+#[test]
+fn whole_model_gradient_matches_finite_differences() {
     // Every part of the model is on the queries' loss path.
-    for group in [
+    let groups = [
         "base.conv0",
         "base.fc1",
         "base.out3",
@@ -148,12 +175,33 @@ fn whole_model_gradient_matches_finite_differences() {
         "task_generator.fc",
         "example_generator.conv",
         "example_generator.fc",
-    ] {
-        assert!(
-            nonzero_groups.contains(group),
-            "{group} gets no gradient: {nonzero_groups:?}"
-        );
-    }
+    ];
+    check_against_finite_differences(&tiny(), &groups, 11);
+}
+
+#[test]
+fn mini_imagenet_model_gradient_matches_finite_differences() {
+    // b reads u's embeddings, so u's slow weights (batch norm's too) get
+    // gradient through b as well; b has no conv layers, so no conv
+    // example-level generator.
+    let network = tiny_mini_imagenet();
+    assert!(!network
+        .param_shapes()
+        .iter()
+        .any(|(name, _)| name.starts_with("example_generator.conv")));
+    let groups = [
+        "base.fc1",
+        "base.fc2",
+        "base.out3",
+        "key.conv0",
+        "key.bn0",
+        "key.conv1",
+        "key.fc1",
+        "task_generator.conv",
+        "task_generator.fc",
+        "example_generator.fc",
+    ];
+    check_against_finite_differences(&network, &groups, 13);
 }
 
 #[test]
@@ -161,8 +209,14 @@ fn the_learner_treats_meta_information_as_constant() {
     // The gradient of the full forward pass (meta information computed from
     // the weights inside it) equals the one with the information held fixed:
     // no second-order terms flow through the support gradients.
+    for network in [tiny(), tiny_mini_imagenet()] {
+        assert_meta_information_is_constant(&network);
+    }
+}
+
+fn assert_meta_information_is_constant(network: &MetaNetwork) {
+    let network = network.clone();
     let mut rng = Rng::seed_from(12, 0);
-    let network = tiny();
     let episode = episode(&mut rng);
     let params = random_params(&network, &mut rng);
     let info = network.meta_info(&params, &episode).unwrap();

@@ -3,11 +3,10 @@
 //! Gates in the order input, forget, cell, output, as
 //! [`crate::TaskGenerator`].
 
-use candle_core::{bail, Result, Shape, Tensor, WithDType};
-use fewshot_backbone::kernels::{apply2, apply3, gradient_if, matmul, Kernel2, Kernel3, MatRef};
-use rayon::prelude::*;
+use candle_core::{bail, Result, Tensor, WithDType};
+use fewshot_backbone::kernels::{matmul, MatRef};
 
-use super::{sigmoid_in_place, sum, take, take_mut, tanh_in_place, BLOCK};
+use super::{sigmoid_in_place, sum, take, take_mut, tanh_in_place, BlockNetwork, BLOCK};
 
 /// The generator's output (P) from `steps` (T, P, 2) and its weights packed
 /// as `[lstm.w_ih (4h x 2), lstm.w_hh (4h x h), lstm.bias (4h), out.weight
@@ -20,23 +19,23 @@ pub fn task_generator(steps: &Tensor, packed: &Tensor, hidden: usize) -> Result<
             steps.dims()
         );
     }
-    let dims = Dims {
+    let dims = Lstm {
         steps: steps_count,
         coordinates,
         hidden,
     };
-    super::check_packed("task_generator", packed, dims.packed_len())?;
-    apply2(steps, packed, Forward(dims))
+    super::apply_network(dims, steps, packed)
 }
 
+/// The task-level generator's sizes: T steps, P coordinates, h hidden units.
 #[derive(Debug, Clone, Copy)]
-struct Dims {
+struct Lstm {
     steps: usize,
     coordinates: usize,
     hidden: usize,
 }
 
-impl Dims {
+impl Lstm {
     fn gates(&self) -> usize {
         4 * self.hidden
     }
@@ -56,7 +55,7 @@ struct Weights<S> {
     out_bias: S,
 }
 
-fn unpack<T>(mut packed: &[T], dims: Dims) -> Weights<&[T]> {
+fn unpack<T>(mut packed: &[T], dims: Lstm) -> Weights<&[T]> {
     let (h, g) = (dims.hidden, dims.gates());
     Weights {
         w_ih: take(&mut packed, g * 2),
@@ -67,7 +66,7 @@ fn unpack<T>(mut packed: &[T], dims: Dims) -> Weights<&[T]> {
     }
 }
 
-fn unpack_mut<T>(mut packed: &mut [T], dims: Dims) -> Weights<&mut [T]> {
+fn unpack_mut<T>(mut packed: &mut [T], dims: Lstm) -> Weights<&mut [T]> {
     let (h, g) = (dims.hidden, dims.gates());
     Weights {
         w_ih: take_mut(&mut packed, g * 2),
@@ -92,7 +91,7 @@ struct Trace<T> {
 }
 
 impl<T: WithDType> Trace<T> {
-    fn new(dims: Dims) -> Self {
+    fn new(dims: Lstm) -> Self {
         let (t, h) = (dims.steps, dims.hidden);
         Self {
             n: 0,
@@ -105,7 +104,7 @@ impl<T: WithDType> Trace<T> {
     }
 
     /// Runs the LSTM on coordinates `first..first + n`.
-    fn run(&mut self, dims: Dims, weights: &Weights<&[T]>, steps: &[T], first: usize, n: usize) {
+    fn run(&mut self, dims: Lstm, weights: &Weights<&[T]>, steps: &[T], first: usize, n: usize) {
         self.n = n;
         let (h, g) = (dims.hidden, dims.gates());
         for t in 0..dims.steps {
@@ -163,120 +162,89 @@ impl<T: WithDType> Trace<T> {
     }
 
     /// The last hidden state (h x n).
-    fn last_hidden(&self, dims: Dims) -> &[T] {
+    fn last_hidden(&self, dims: Lstm) -> &[T] {
         let (h, n) = (dims.hidden, self.n);
         &self.hidden[dims.steps * h * n..(dims.steps + 1) * h * n]
     }
 }
 
-struct Forward(Dims);
-
-impl Kernel2 for Forward {
+impl BlockNetwork for Lstm {
     const NAME: &'static str = "task-generator";
+    const BACKWARD_NAME: &'static str = "task-generator-backward";
+    type Scratch<T: WithDType> = Scratch<T>;
 
-    fn run<T: WithDType>(&self, steps: &[T], packed: &[T]) -> Vec<T> {
-        let dims = self.0;
-        let weights = unpack(packed, dims);
-        let mut out = vec![T::zero(); dims.coordinates];
-        out.par_chunks_mut(BLOCK).enumerate().for_each_init(
-            || Trace::new(dims),
-            |trace, (index, out)| {
-                let n = out.len();
-                trace.run(dims, &weights, steps, index * BLOCK, n);
-                matmul(
-                    out,
-                    MatRef::row_major(weights.out_weight, 1, dims.hidden),
-                    MatRef::row_major(trace.last_hidden(dims), dims.hidden, n),
-                    false,
-                    false,
-                );
-                out.iter_mut().for_each(|v| *v += weights.out_bias[0]);
-            },
-        );
-        out
+    fn items(&self) -> usize {
+        self.coordinates
     }
 
-    fn shape(&self, _steps: &Shape) -> Shape {
-        Shape::from(self.0.coordinates)
+    fn packed_len(&self) -> usize {
+        Lstm::packed_len(self)
     }
 
-    fn backward(
+    fn scratch<T: WithDType>(&self) -> Scratch<T> {
+        Scratch {
+            trace: Trace::new(*self),
+            gate_grad: vec![T::zero(); self.gates() * BLOCK],
+            hidden_grad: vec![T::zero(); self.hidden * BLOCK],
+            cell_grad: vec![T::zero(); self.hidden * BLOCK],
+        }
+    }
+
+    fn forward_block<T: WithDType>(
         &self,
-        steps: &Tensor,
-        packed: &Tensor,
-        _out: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let packed_grad = gradient_if(packed, || apply3(steps, packed, grad, Backward(self.0)))?;
-        Ok((None, packed_grad))
+        steps: &[T],
+        packed: &[T],
+        first: usize,
+        out: &mut [T],
+        scratch: &mut Scratch<T>,
+    ) {
+        let weights = unpack(packed, *self);
+        let n = out.len();
+        scratch.trace.run(*self, &weights, steps, first, n);
+        matmul(
+            out,
+            MatRef::row_major(weights.out_weight, 1, self.hidden),
+            MatRef::row_major(scratch.trace.last_hidden(*self), self.hidden, n),
+            false,
+            false,
+        );
+        out.iter_mut().for_each(|v| *v += weights.out_bias[0]);
+    }
+
+    fn backward_block<T: WithDType>(
+        &self,
+        steps: &[T],
+        packed: &[T],
+        first: usize,
+        out_grad: &[T],
+        gradient: &mut [T],
+        scratch: &mut Scratch<T>,
+    ) {
+        let weights = unpack(packed, *self);
+        scratch
+            .trace
+            .run(*self, &weights, steps, first, out_grad.len());
+        backward_block(*self, &weights, out_grad, gradient, scratch);
     }
 }
 
-/// The packed weights' gradient from the output's, by backpropagation through
-/// time on each block's recomputed trace.
-struct Backward(Dims);
-
-/// A thread's scratch space for the backward pass.
-struct BackwardScratch<T> {
+/// A thread's working memory: the block's trace, and for the backward pass
+/// d loss / d pre-activation of each gate (4h x n) and d loss / d hidden and
+/// cell state (h x n each).
+struct Scratch<T> {
     trace: Trace<T>,
-    /// d loss / d pre-activation of each gate (4h x n).
     gate_grad: Vec<T>,
-    /// d loss / d hidden and cell state (h x n each).
     hidden_grad: Vec<T>,
     cell_grad: Vec<T>,
 }
 
-impl Kernel3 for Backward {
-    const NAME: &'static str = "task-generator-backward";
-
-    fn run<T: WithDType>(&self, steps: &[T], packed: &[T], out_grad: &[T]) -> Vec<T> {
-        let dims = self.0;
-        let weights = unpack(packed, dims);
-        super::gradient_over_blocks(
-            dims.coordinates,
-            dims.packed_len(),
-            || BackwardScratch {
-                trace: Trace::new(dims),
-                gate_grad: vec![T::zero(); dims.gates() * BLOCK],
-                hidden_grad: vec![T::zero(); dims.hidden * BLOCK],
-                cell_grad: vec![T::zero(); dims.hidden * BLOCK],
-            },
-            |first, n, gradient, scratch| {
-                scratch.trace.run(dims, &weights, steps, first, n);
-                backward_block(
-                    dims,
-                    &weights,
-                    &out_grad[first..first + n],
-                    gradient,
-                    scratch,
-                );
-            },
-        )
-    }
-
-    fn shape(&self, _steps: &Shape) -> Shape {
-        Shape::from(self.0.packed_len())
-    }
-
-    fn backward(
-        &self,
-        _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        Err(super::no_second_derivative(Self::NAME))
-    }
-}
-
 /// Adds one block's share of the weights' gradient to `gradient`.
 fn backward_block<T: WithDType>(
-    dims: Dims,
+    dims: Lstm,
     weights: &Weights<&[T]>,
     out_grad: &[T],
     gradient: &mut [T],
-    scratch: &mut BackwardScratch<T>,
+    scratch: &mut Scratch<T>,
 ) {
     let (h, g, n) = (dims.hidden, dims.gates(), out_grad.len());
     let trace = &scratch.trace;

@@ -1,11 +1,10 @@
 //! The example-level generator m as one kernel: per coordinate, the MLP
 //! 2 -> h -> h -> 1 with ReLUs of [`crate::ExampleGenerator`].
 
-use candle_core::{bail, Result, Shape, Tensor, WithDType};
-use fewshot_backbone::kernels::{apply2, apply3, gradient_if, matmul, Kernel2, Kernel3, MatRef};
-use rayon::prelude::*;
+use candle_core::{bail, Result, Tensor, WithDType};
+use fewshot_backbone::kernels::{matmul, MatRef};
 
-use super::{sum, take, take_mut, BLOCK};
+use super::{sum, take, take_mut, BlockNetwork, BLOCK};
 
 /// The generator's output (R) from `inputs` (R, 2) and its weights packed as
 /// `[l1.weight (h x 2), l1.bias (h), l2.weight (h x h), l2.bias (h),
@@ -18,18 +17,18 @@ pub fn example_generator(inputs: &Tensor, packed: &Tensor, hidden: usize) -> Res
             inputs.dims()
         );
     }
-    let dims = Dims { rows, hidden };
-    super::check_packed("example_generator", packed, dims.packed_len())?;
-    apply2(inputs, packed, Forward(dims))
+    let dims = Mlp { rows, hidden };
+    super::apply_network(dims, inputs, packed)
 }
 
+/// The example-level generator's sizes: R rows (coordinates), h hidden units.
 #[derive(Debug, Clone, Copy)]
-struct Dims {
+struct Mlp {
     rows: usize,
     hidden: usize,
 }
 
-impl Dims {
+impl Mlp {
     fn packed_len(&self) -> usize {
         let h = self.hidden;
         2 * h + h + h * h + h + h + 1
@@ -134,96 +133,73 @@ impl<T: WithDType> Trace<T> {
     }
 }
 
-struct Forward(Dims);
-
-impl Kernel2 for Forward {
+impl BlockNetwork for Mlp {
     const NAME: &'static str = "example-generator";
+    const BACKWARD_NAME: &'static str = "example-generator-backward";
+    type Scratch<T: WithDType> = Scratch<T>;
 
-    fn run<T: WithDType>(&self, inputs: &[T], packed: &[T]) -> Vec<T> {
-        let h = self.0.hidden;
-        let weights = unpack(packed, h);
-        let mut out = vec![T::zero(); self.0.rows];
-        out.par_chunks_mut(BLOCK).enumerate().for_each_init(
-            || Trace::new(h),
-            |trace, (index, out)| {
-                let n = out.len();
-                trace.run(h, &weights, inputs, index * BLOCK, n);
-                matmul(
-                    out,
-                    MatRef::row_major(weights.out_weight, 1, h),
-                    MatRef::row_major(trace.second(h), h, n),
-                    false,
-                    false,
-                );
-                out.iter_mut().for_each(|v| *v += weights.out_bias[0]);
-            },
-        );
-        out
+    fn items(&self) -> usize {
+        self.rows
     }
 
-    fn shape(&self, _inputs: &Shape) -> Shape {
-        Shape::from(self.0.rows)
+    fn packed_len(&self) -> usize {
+        Mlp::packed_len(self)
     }
 
-    fn backward(
+    fn scratch<T: WithDType>(&self) -> Scratch<T> {
+        Scratch {
+            trace: Trace::new(self.hidden),
+            first_grad: vec![T::zero(); self.hidden * BLOCK],
+            second_grad: vec![T::zero(); self.hidden * BLOCK],
+        }
+    }
+
+    fn forward_block<T: WithDType>(
         &self,
-        inputs: &Tensor,
-        packed: &Tensor,
-        _out: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let packed_grad = gradient_if(packed, || apply3(inputs, packed, grad, Backward(self.0)))?;
-        Ok((None, packed_grad))
+        inputs: &[T],
+        packed: &[T],
+        first: usize,
+        out: &mut [T],
+        scratch: &mut Scratch<T>,
+    ) {
+        let h = self.hidden;
+        let weights = unpack(packed, h);
+        let n = out.len();
+        scratch.trace.run(h, &weights, inputs, first, n);
+        matmul(
+            out,
+            MatRef::row_major(weights.out_weight, 1, h),
+            MatRef::row_major(scratch.trace.second(h), h, n),
+            false,
+            false,
+        );
+        out.iter_mut().for_each(|v| *v += weights.out_bias[0]);
+    }
+
+    fn backward_block<T: WithDType>(
+        &self,
+        inputs: &[T],
+        packed: &[T],
+        first: usize,
+        out_grad: &[T],
+        gradient: &mut [T],
+        scratch: &mut Scratch<T>,
+    ) {
+        let h = self.hidden;
+        let weights = unpack(packed, h);
+        scratch
+            .trace
+            .run(h, &weights, inputs, first, out_grad.len());
+        backward_block(h, &weights, out_grad, gradient, scratch);
     }
 }
 
-/// The packed weights' gradient from the output's, on each block's
-/// recomputed forward pass.
-struct Backward(Dims);
-
-/// A thread's scratch space: the trace and the gradients of both layers'
-/// pre-activations (h x n each).
-struct BackwardScratch<T> {
+/// A thread's working memory: the block's trace and, for the backward pass,
+/// the gradients of both layers' pre-activations (h x n each).
+struct Scratch<T> {
     trace: Trace<T>,
     first_grad: Vec<T>,
     second_grad: Vec<T>,
-}
-
-impl Kernel3 for Backward {
-    const NAME: &'static str = "example-generator-backward";
-
-    fn run<T: WithDType>(&self, inputs: &[T], packed: &[T], out_grad: &[T]) -> Vec<T> {
-        let h = self.0.hidden;
-        let weights = unpack(packed, h);
-        super::gradient_over_blocks(
-            self.0.rows,
-            self.0.packed_len(),
-            || BackwardScratch {
-                trace: Trace::new(h),
-                first_grad: vec![T::zero(); h * BLOCK],
-                second_grad: vec![T::zero(); h * BLOCK],
-            },
-            |first, n, gradient, scratch| {
-                scratch.trace.run(h, &weights, inputs, first, n);
-                backward_block(h, &weights, &out_grad[first..first + n], gradient, scratch);
-            },
-        )
-    }
-
-    fn shape(&self, _inputs: &Shape) -> Shape {
-        Shape::from(self.0.packed_len())
-    }
-
-    fn backward(
-        &self,
-        _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        Err(super::no_second_derivative(Self::NAME))
-    }
 }
 
 /// Adds one block's share of the weights' gradient to `gradient`.
@@ -232,7 +208,7 @@ fn backward_block<T: WithDType>(
     weights: &Weights<&[T]>,
     out_grad: &[T],
     gradient: &mut [T],
-    scratch: &mut BackwardScratch<T>,
+    scratch: &mut Scratch<T>,
 ) {
     let n = out_grad.len();
     let trace = &scratch.trace;

@@ -19,7 +19,8 @@
 mod lstm;
 mod mlp;
 
-use candle_core::{bail, DType, Result, Tensor, WithDType};
+use candle_core::{bail, DType, Result, Shape, Tensor, WithDType};
+use fewshot_backbone::kernels::{apply2, apply3, gradient_if, Kernel2, Kernel3};
 use rayon::prelude::*;
 
 pub use lstm::task_generator;
@@ -33,30 +34,38 @@ const BLOCK: usize = 128;
 /// formula the compiler vectorises (libm's scalar `tanhf` took a fifth of a
 /// training step); in f64 (the tests' precision) through libm.
 fn tanh_in_place<T: WithDType>(values: &mut [T]) {
-    if T::DTYPE == DType::F32 {
-        // For T = f32 the conversions below are the identity and compile away.
-        for v in values.iter_mut() {
-            let x = v.to_f64() as f32;
-            *v = T::from_f64((1.0 - 2.0 / (1.0 + exp_f32(2.0 * x))) as f64);
-        }
-    } else {
-        values
-            .iter_mut()
-            .for_each(|v| *v = T::from_f64(v.to_f64().tanh()));
-    }
+    map_in_place(
+        values,
+        |x| 1.0 - 2.0 / (1.0 + exp_f32(2.0 * x)),
+        |x| x.tanh(),
+    );
 }
 
 /// The logistic function of every element, as [`tanh_in_place`].
 fn sigmoid_in_place<T: WithDType>(values: &mut [T]) {
+    map_in_place(
+        values,
+        |x| 1.0 / (1.0 + exp_f32(-x)),
+        |x| 1.0 / (1.0 + (-x).exp()),
+    );
+}
+
+/// `single` of every element of an f32 slice, `double` of any other.
+#[inline(always)]
+fn map_in_place<T: WithDType>(
+    values: &mut [T],
+    single: impl Fn(f32) -> f32,
+    double: impl Fn(f64) -> f64,
+) {
     if T::DTYPE == DType::F32 {
+        // For T = f32 the conversions below are the identity and compile away.
         for v in values.iter_mut() {
-            let x = v.to_f64() as f32;
-            *v = T::from_f64((1.0 / (1.0 + exp_f32(-x))) as f64);
+            *v = T::from_f64(single(v.to_f64() as f32) as f64);
         }
     } else {
-        values
-            .iter_mut()
-            .for_each(|v| *v = T::from_f64(1.0 / (1.0 + (-v.to_f64()).exp())));
+        for v in values.iter_mut() {
+            *v = T::from_f64(double(v.to_f64()));
+        }
     }
 }
 
@@ -112,51 +121,142 @@ fn take_mut<'a, T>(slice: &mut &'a mut [T], len: usize) -> &'a mut [T] {
     head
 }
 
-/// The packed weights' gradient, summed over blocks of `items` coordinates:
-/// `block(first, count, gradient, scratch)` adds one block's share, with a
-/// scratch space per thread made by `scratch`.
-fn gradient_over_blocks<T: WithDType, S: Send>(
-    items: usize,
-    packed_len: usize,
-    scratch: impl Fn() -> S + Sync + Send,
-    block: impl Fn(usize, usize, &mut [T], &mut S) + Sync + Send,
-) -> Vec<T> {
-    (0..items.div_ceil(BLOCK))
-        .into_par_iter()
-        .fold(
-            || (vec![T::zero(); packed_len], scratch()),
-            |(mut gradient, mut scratch), index| {
-                let first = index * BLOCK;
-                block(first, BLOCK.min(items - first), &mut gradient, &mut scratch);
-                (gradient, scratch)
-            },
-        )
-        .map(|(gradient, _)| gradient)
-        .reduce(
-            || vec![T::zero(); packed_len],
-            |mut total, part| {
-                total.iter_mut().zip(part).for_each(|(t, p)| *t += p);
-                total
-            },
-        )
+/// A small network run on every coordinate (or row) on its own, a block of
+/// them at a time: what the two generators' kernels have in common. Its
+/// weights come packed in one vector.
+trait BlockNetwork: Copy + Send + Sync + 'static {
+    const NAME: &'static str;
+    const BACKWARD_NAME: &'static str;
+    /// A thread's working memory for one block.
+    type Scratch<T: WithDType>: Send;
+
+    /// Coordinates: one output each.
+    fn items(&self) -> usize;
+    fn packed_len(&self) -> usize;
+    fn scratch<T: WithDType>(&self) -> Self::Scratch<T>;
+    /// The outputs of coordinates `first..first + out.len()`.
+    fn forward_block<T: WithDType>(
+        &self,
+        inputs: &[T],
+        packed: &[T],
+        first: usize,
+        out: &mut [T],
+        scratch: &mut Self::Scratch<T>,
+    );
+    /// Adds to `gradient` the packed weights' gradient from coordinates
+    /// `first..first + out_grad.len()`, recomputing their forward pass.
+    fn backward_block<T: WithDType>(
+        &self,
+        inputs: &[T],
+        packed: &[T],
+        first: usize,
+        out_grad: &[T],
+        gradient: &mut [T],
+        scratch: &mut Self::Scratch<T>,
+    );
 }
 
-/// Checks a packed weight vector's length.
-fn check_packed(op: &str, packed: &Tensor, expected: usize) -> Result<()> {
-    if packed.dims() != [expected] {
+/// A [`BlockNetwork`]'s output (one value per coordinate) from its inputs
+/// and packed weights, as a candle op whose gradient reaches the weights.
+fn apply_network<N: BlockNetwork>(network: N, inputs: &Tensor, packed: &Tensor) -> Result<Tensor> {
+    if packed.dims() != [network.packed_len()] {
         bail!(
-            "{op}: expected the packed weights as a vector of {expected}, got shape {:?}",
+            "{}: expected the packed weights as a vector of {}, got shape {:?}",
+            N::NAME,
+            network.packed_len(),
             packed.dims()
         );
     }
-    Ok(())
+    apply2(inputs, packed, Forward(network))
 }
 
-/// The error of differentiating a backward kernel.
-fn no_second_derivative(op: &str) -> candle_core::Error {
-    candle_core::Error::Msg(format!(
-        "{op}: the fused generator kernels have first derivatives only"
-    ))
+struct Forward<N>(N);
+
+/// The packed weights' gradient from the output's.
+struct Backward<N>(N);
+
+impl<N: BlockNetwork> Kernel2 for Forward<N> {
+    const NAME: &'static str = N::NAME;
+
+    fn run<T: WithDType>(&self, inputs: &[T], packed: &[T]) -> Vec<T> {
+        let network = self.0;
+        let mut out = vec![T::zero(); network.items()];
+        out.par_chunks_mut(BLOCK).enumerate().for_each_init(
+            || network.scratch(),
+            |scratch, (index, out)| {
+                network.forward_block(inputs, packed, index * BLOCK, out, scratch)
+            },
+        );
+        out
+    }
+
+    fn shape(&self, _inputs: &Shape) -> Shape {
+        Shape::from(self.0.items())
+    }
+
+    fn backward(
+        &self,
+        inputs: &Tensor,
+        packed: &Tensor,
+        _out: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let packed_grad = gradient_if(packed, || apply3(inputs, packed, grad, Backward(self.0)))?;
+        Ok((None, packed_grad))
+    }
+}
+
+impl<N: BlockNetwork> Kernel3 for Backward<N> {
+    const NAME: &'static str = N::BACKWARD_NAME;
+
+    fn run<T: WithDType>(&self, inputs: &[T], packed: &[T], out_grad: &[T]) -> Vec<T> {
+        let network = self.0;
+        let (items, packed_len) = (network.items(), network.packed_len());
+        (0..items.div_ceil(BLOCK))
+            .into_par_iter()
+            .fold(
+                || (vec![T::zero(); packed_len], network.scratch()),
+                |(mut gradient, mut scratch), index| {
+                    let first = index * BLOCK;
+                    let out_grad = &out_grad[first..(first + BLOCK).min(items)];
+                    network.backward_block(
+                        inputs,
+                        packed,
+                        first,
+                        out_grad,
+                        &mut gradient,
+                        &mut scratch,
+                    );
+                    (gradient, scratch)
+                },
+            )
+            .map(|(gradient, _)| gradient)
+            .reduce(
+                || vec![T::zero(); packed_len],
+                |mut total, part| {
+                    total.iter_mut().zip(part).for_each(|(t, p)| *t += p);
+                    total
+                },
+            )
+    }
+
+    fn shape(&self, _inputs: &Shape) -> Shape {
+        Shape::from(self.0.packed_len())
+    }
+
+    fn backward(
+        &self,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        Err(candle_core::Error::Msg(format!(
+            "{}: the fused generator kernels have first derivatives only",
+            Self::NAME
+        )))
+    }
 }
 
 #[cfg(test)]

@@ -44,24 +44,40 @@ pub struct ConvGeometry {
 }
 
 impl ConvGeometry {
-    /// Checks that the kernel fits the padded input and the stride is positive.
-    fn validated(self) -> Result<Self> {
-        if self.stride == 0 {
+    /// The geometry of an (N, Cin, H, W) input and (Cout, KH, KW) kernels,
+    /// checked: the kernel fits the padded input and the stride is positive.
+    fn new(
+        (batch, in_channels, in_h, in_w): (usize, usize, usize, usize),
+        (out_channels, kernel_h, kernel_w): (usize, usize, usize),
+        stride: usize,
+        padding: usize,
+        per_sample: bool,
+    ) -> Result<Self> {
+        if stride == 0 {
             bail!("conv2d: stride must be at least 1");
         }
-        if self.in_h + 2 * self.padding < self.kernel_h
-            || self.in_w + 2 * self.padding < self.kernel_w
-        {
+        if in_h + 2 * padding < kernel_h || in_w + 2 * padding < kernel_w {
             bail!(
                 "conv2d: a {}x{} kernel does not fit a {}x{} input with padding {}",
-                self.kernel_h,
-                self.kernel_w,
-                self.in_h,
-                self.in_w,
-                self.padding
+                kernel_h,
+                kernel_w,
+                in_h,
+                in_w,
+                padding
             );
         }
-        Ok(self)
+        Ok(Self {
+            batch,
+            in_channels,
+            in_h,
+            in_w,
+            out_channels,
+            kernel_h,
+            kernel_w,
+            stride,
+            padding,
+            per_sample,
+        })
     }
 
     pub fn out_h(&self) -> usize {
@@ -146,19 +162,13 @@ pub fn conv2d(x: &Tensor, weight: &Tensor, stride: usize, padding: usize) -> Res
     if weight_in != in_channels {
         bail!("conv2d: input has {in_channels} channels, weight expects {weight_in}");
     }
-    let geometry = ConvGeometry {
-        batch,
-        in_channels,
-        in_h,
-        in_w,
-        out_channels,
-        kernel_h,
-        kernel_w,
+    let geometry = ConvGeometry::new(
+        (batch, in_channels, in_h, in_w),
+        (out_channels, kernel_h, kernel_w),
         stride,
         padding,
-        per_sample: false,
-    }
-    .validated()?;
+        false,
+    )?;
     apply2(x, weight, Forward(geometry))
 }
 
@@ -179,19 +189,13 @@ pub fn conv2d_per_sample(
             weights.dims()
         );
     }
-    let geometry = ConvGeometry {
-        batch,
-        in_channels,
-        in_h,
-        in_w,
-        out_channels,
-        kernel_h,
-        kernel_w,
+    let geometry = ConvGeometry::new(
+        (batch, in_channels, in_h, in_w),
+        (out_channels, kernel_h, kernel_w),
         stride,
         padding,
-        per_sample: true,
-    }
-    .validated()?;
+        true,
+    )?;
     apply2(x, weights, Forward(geometry))
 }
 
@@ -206,19 +210,13 @@ pub fn conv2d_input_grad(
 ) -> Result<Tensor> {
     let (batch, out_channels, out_h, out_w) = grad_out.dims4()?;
     let (weight_out, in_channels, kernel_h, kernel_w) = weight.dims4()?;
-    let geometry = ConvGeometry {
-        batch,
-        in_channels,
-        in_h,
-        in_w,
-        out_channels,
-        kernel_h,
-        kernel_w,
+    let geometry = ConvGeometry::new(
+        (batch, in_channels, in_h, in_w),
+        (out_channels, kernel_h, kernel_w),
         stride,
         padding,
-        per_sample: false,
-    }
-    .validated()?;
+        false,
+    )?;
     if weight_out != out_channels || (geometry.out_h(), geometry.out_w()) != (out_h, out_w) {
         bail!(
             "conv2d_input_grad: gradient {:?} does not match weight {:?} on a {in_h}x{in_w} input",
@@ -240,19 +238,13 @@ pub fn conv2d_weight_grad(
 ) -> Result<Tensor> {
     let (batch, in_channels, in_h, in_w) = x.dims4()?;
     let (grad_batch, out_channels, out_h, out_w) = grad_out.dims4()?;
-    let geometry = ConvGeometry {
-        batch,
-        in_channels,
-        in_h,
-        in_w,
-        out_channels,
-        kernel_h,
-        kernel_w,
+    let geometry = ConvGeometry::new(
+        (batch, in_channels, in_h, in_w),
+        (out_channels, kernel_h, kernel_w),
         stride,
         padding,
-        per_sample: false,
-    }
-    .validated()?;
+        false,
+    )?;
     if grad_batch != batch || (geometry.out_h(), geometry.out_w()) != (out_h, out_w) {
         bail!(
             "conv2d_weight_grad: gradient {:?} does not match input {:?}",

@@ -1,10 +1,11 @@
 //! Times the parts of one Meta Networks training step on the Omniglot model
-//! (5-way 1-shot, 10 queries per class, built-in synthetic glyphs): the meta
+//! (1-shot, 10 queries per class, built-in synthetic glyphs; 5 ways, or as
+//! many as the first argument says): the meta
 //! information, the fast-weight generation, the queries' classification and
 //! the backward pass, as medians over steps. Used to find where a step's time
 //! goes; the training speed itself is `fewshot train ... --stop-after N`.
 //!
-//! Run: cargo run --release -p metanet-original --example step_parts
+//! Run: cargo run --release -p metanet-original --example step_parts [WAYS]
 
 use std::time::Instant;
 
@@ -20,15 +21,25 @@ const STEPS: usize = 7;
 
 fn main() -> anyhow::Result<()> {
     let device = Device::Cpu;
+    let ways: usize = match std::env::args().nth(1) {
+        Some(arg) => arg
+            .parse()
+            .map_err(|_| anyhow::anyhow!("WAYS must be a number, got {arg:?}"))?,
+        None => 5,
+    };
     let data = synthetic::generate(&SyntheticOptions::default())?;
     let spec = EpisodeSpec {
-        ways: 5,
+        ways,
         shots: 1,
         queries: 10,
         same_group: false,
     };
     let sampler = EpisodeSampler::new(data.store.clone(), data.train.clone(), spec, 0)?;
-    let network = MetaNetwork::new(&MetaNetConfig::default())?;
+    let network = MetaNetwork::new(&MetaNetConfig {
+        n_outputs_train: ways,
+        n_outputs_test: ways,
+        ..MetaNetConfig::default()
+    })?;
     // Fresh weights, but random generator output layers: their zero
     // initialisation would leave the fast-weight paths idle.
     let mut rng = Rng::seed_from(1, 0);

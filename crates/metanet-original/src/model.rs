@@ -188,16 +188,13 @@ impl MetaNetwork {
         let k = self.config.gradient_k;
         let support_count = episode.support.dim(0)?;
         // The preprocessed gradient (P, 2) of each of `shapes`' weights for
-        // the loss of `logits` on support examples `rows`, appended to its
-        // list.
+        // the loss of `logits` against `labels`, appended to its list.
         let gradients = |leaves: &VarSet,
                          logits: &Tensor,
-                         rows: &[u32],
+                         labels: &Tensor,
                          shapes: &Shapes,
                          lists: &mut Vec<Vec<Tensor>>| {
-            let rows = Tensor::new(rows, logits.device())?;
-            let labels = episode.support_labels.index_select(&rows, 0)?;
-            let loss = ops::cross_entropy(logits, &labels)?;
+            let loss = ops::cross_entropy(logits, labels)?;
             let grads = leaves.gradients(&loss.backward()?)?;
             lists.resize(shapes.len(), Vec::new());
             for ((name, _), list) in shapes.iter().zip(lists.iter_mut()) {
@@ -229,9 +226,14 @@ impl MetaNetwork {
                 .step_by(chunks)
                 .map(|i| i as u32)
                 .collect();
-            let chunk_logits =
-                logits.index_select(&Tensor::new(rows.as_slice(), logits.device())?, 0)?;
-            gradients(&leaves, &chunk_logits, &rows, &key_shapes, &mut key_lists)?;
+            let rows = Tensor::new(rows.as_slice(), logits.device())?;
+            gradients(
+                &leaves,
+                &logits.index_select(&rows, 0)?,
+                &episode.support_labels.index_select(&rows, 0)?,
+                &key_shapes,
+                &mut key_lists,
+            )?;
         }
         let key = stacked(&key_shapes, key_lists)?;
 
@@ -259,7 +261,7 @@ impl MetaNetwork {
             gradients(
                 &leaves,
                 &logits,
-                &[i as u32],
+                &episode.support_labels.narrow(0, i, 1)?,
                 &base_shapes,
                 &mut example_lists,
             )?;

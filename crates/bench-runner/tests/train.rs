@@ -260,3 +260,87 @@ fn predict_names_a_corrupt_support_image() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("broken.png"), "{stderr}");
 }
+
+/// The Ravi & Larochelle layout under `root`: `splits/{train,val,test}.csv`
+/// and `images/`, with `classes` classes of 6 small RGB JPEGs per split.
+fn write_mini_imagenet(root: &Path, classes: [usize; 3]) {
+    std::fs::create_dir_all(root.join("splits")).unwrap();
+    std::fs::create_dir_all(root.join("images")).unwrap();
+    let mut class = 0u32;
+    for (split, count) in ["train", "val", "test"].into_iter().zip(classes) {
+        let mut csv = String::from("filename,label\n");
+        for _ in 0..count {
+            let label = format!("n{:08}", 1000 + class);
+            for i in 0..6u32 {
+                let name = format!("{label}{i:08}.jpg");
+                let image = image::RgbImage::from_fn(20, 20, |x, y| {
+                    image::Rgb([(class * 37 % 256) as u8, (x * 12 + i) as u8, (y * 12) as u8])
+                });
+                image.save(root.join("images").join(&name)).unwrap();
+                csv.push_str(&format!("{name},{label}\n"));
+            }
+            class += 1;
+        }
+        std::fs::write(root.join("splits").join(format!("{split}.csv")), csv).unwrap();
+    }
+}
+
+#[test]
+fn metanet_original_mini_imagenet_model_trains_from_a_config() {
+    // The miniImageNet shape of Meta Networks (batch norm in u, b an MLP on
+    // u's embeddings), small, on generated images in that dataset's layout.
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("mini-imagenet");
+    write_mini_imagenet(&root, [6, 3, 3]);
+    let config = dir.path().join("mini.json");
+    let json = serde_json::json!({
+        "name": "mini",
+        "data": { "dataset": "mini-imagenet", "root": root, "image_size": 84 },
+        "train_episodes": { "ways": 5, "shots": 1, "queries": 2 },
+        "test_episodes": { "ways": 3, "shots": 1, "queries": 2 },
+        "training": { "steps": 2, "meta_batch": 1, "validate_every": 2, "validation_episodes": 2 },
+        "evaluation": { "episodes": 3, "seed": 1 },
+        "algorithm": {
+            "name": "metanet-original",
+            "in_channels": 3,
+            "image_size": 84,
+            "filters": 4,
+            "key_batch_norm_blocks": 3,
+            "base": "mlp",
+            "base_hidden_layers": 2,
+            "n_outputs_train": 5,
+            "n_outputs_test": 3,
+            "generator_hidden": 4
+        }
+    });
+    std::fs::write(&config, serde_json::to_string_pretty(&json).unwrap()).unwrap();
+    let run = dir.path().join("run");
+    fewshot(&["train", str(&config), "--out", str(&run)]);
+    let names: Vec<String> = tensors(&run.join("checkpoints/last.safetensors"))
+        .into_iter()
+        .map(|(name, _)| name)
+        .collect();
+    for expected in [
+        "key.bn2.weight",
+        "key.conv4.weight",
+        "base.fc2.weight",
+        "base.out3.weight",
+    ] {
+        assert!(
+            names.iter().any(|n| n == expected),
+            "{expected} missing: {names:?}"
+        );
+    }
+    assert!(
+        !names.iter().any(|n| n.starts_with("base.conv")),
+        "{names:?}"
+    );
+    let results: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("results.json")).unwrap()).unwrap();
+    let accuracy = results["evaluation"]["accuracy"]["mean"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&accuracy), "{accuracy}");
+    assert_eq!(
+        results["evaluation"]["episodes"].as_array().unwrap().len(),
+        3
+    );
+}

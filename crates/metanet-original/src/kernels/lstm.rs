@@ -19,12 +19,12 @@ pub fn task_generator(steps: &Tensor, packed: &Tensor, hidden: usize) -> Result<
             steps.dims()
         );
     }
-    let dims = Lstm {
+    let lstm = Lstm {
         steps: steps_count,
         coordinates,
         hidden,
     };
-    super::apply_network(dims, steps, packed)
+    super::apply_network(lstm, steps, packed)
 }
 
 /// The task-level generator's sizes: T steps, P coordinates, h hidden units.
@@ -55,8 +55,8 @@ struct Weights<S> {
     out_bias: S,
 }
 
-fn unpack<T>(mut packed: &[T], dims: Lstm) -> Weights<&[T]> {
-    let (h, g) = (dims.hidden, dims.gates());
+fn unpack<T>(mut packed: &[T], lstm: Lstm) -> Weights<&[T]> {
+    let (h, g) = (lstm.hidden, lstm.gates());
     Weights {
         w_ih: take(&mut packed, g * 2),
         w_hh: take(&mut packed, g * h),
@@ -66,8 +66,8 @@ fn unpack<T>(mut packed: &[T], dims: Lstm) -> Weights<&[T]> {
     }
 }
 
-fn unpack_mut<T>(mut packed: &mut [T], dims: Lstm) -> Weights<&mut [T]> {
-    let (h, g) = (dims.hidden, dims.gates());
+fn unpack_mut<T>(mut packed: &mut [T], lstm: Lstm) -> Weights<&mut [T]> {
+    let (h, g) = (lstm.hidden, lstm.gates());
     Weights {
         w_ih: take_mut(&mut packed, g * 2),
         w_hh: take_mut(&mut packed, g * h),
@@ -91,33 +91,33 @@ struct Trace<T> {
 }
 
 impl<T: WithDType> Trace<T> {
-    fn new(dims: Lstm) -> Self {
-        let (t, h) = (dims.steps, dims.hidden);
+    fn new(lstm: Lstm) -> Self {
+        let (t, h) = (lstm.steps, lstm.hidden);
         Self {
             n: 0,
             inputs: vec![T::zero(); t * 2 * BLOCK],
             hidden: vec![T::zero(); (t + 1) * h * BLOCK],
             cell: vec![T::zero(); (t + 1) * h * BLOCK],
             tanh_cell: vec![T::zero(); t * h * BLOCK],
-            gates: vec![T::zero(); t * dims.gates() * BLOCK],
+            gates: vec![T::zero(); t * lstm.gates() * BLOCK],
         }
     }
 
     /// Runs the LSTM on coordinates `first..first + n`.
-    fn run(&mut self, dims: Lstm, weights: &Weights<&[T]>, steps: &[T], first: usize, n: usize) {
+    fn run(&mut self, lstm: Lstm, weights: &Weights<&[T]>, steps: &[T], first: usize, n: usize) {
         self.n = n;
-        let (h, g) = (dims.hidden, dims.gates());
-        for t in 0..dims.steps {
+        let (h, g) = (lstm.hidden, lstm.gates());
+        for t in 0..lstm.steps {
             let inputs = &mut self.inputs[t * 2 * n..(t + 1) * 2 * n];
             for j in 0..n {
-                let at = (t * dims.coordinates + first + j) * 2;
+                let at = (t * lstm.coordinates + first + j) * 2;
                 inputs[j] = steps[at];
                 inputs[n + j] = steps[at + 1];
             }
         }
         self.hidden[..h * n].fill(T::zero());
         self.cell[..h * n].fill(T::zero());
-        for t in 0..dims.steps {
+        for t in 0..lstm.steps {
             let (x0, x1) = self.inputs[t * 2 * n..(t + 1) * 2 * n].split_at(n);
             let gates = &mut self.gates[t * g * n..(t + 1) * g * n];
             let previous = &self.hidden[t * h * n..(t + 1) * h * n];
@@ -162,9 +162,9 @@ impl<T: WithDType> Trace<T> {
     }
 
     /// The last hidden state (h x n).
-    fn last_hidden(&self, dims: Lstm) -> &[T] {
-        let (h, n) = (dims.hidden, self.n);
-        &self.hidden[dims.steps * h * n..(dims.steps + 1) * h * n]
+    fn last_hidden(&self, lstm: Lstm) -> &[T] {
+        let (h, n) = (lstm.hidden, self.n);
+        &self.hidden[lstm.steps * h * n..(lstm.steps + 1) * h * n]
     }
 }
 
@@ -240,20 +240,20 @@ struct Scratch<T> {
 
 /// Adds one block's share of the weights' gradient to `gradient`.
 fn backward_block<T: WithDType>(
-    dims: Lstm,
+    lstm: Lstm,
     weights: &Weights<&[T]>,
     out_grad: &[T],
     gradient: &mut [T],
     scratch: &mut Scratch<T>,
 ) {
-    let (h, g, n) = (dims.hidden, dims.gates(), out_grad.len());
+    let (h, g, n) = (lstm.hidden, lstm.gates(), out_grad.len());
     let trace = &scratch.trace;
-    let grads = unpack_mut(gradient, dims);
+    let grads = unpack_mut(gradient, lstm);
     // The output layer.
     matmul(
         grads.out_weight,
         MatRef::row_major(out_grad, 1, n),
-        MatRef::row_major(trace.last_hidden(dims), h, n).t(),
+        MatRef::row_major(trace.last_hidden(lstm), h, n).t(),
         true,
         false,
     );
@@ -268,7 +268,7 @@ fn backward_block<T: WithDType>(
     }
     cell_grad.fill(T::zero());
     let one = T::one();
-    for t in (0..dims.steps).rev() {
+    for t in (0..lstm.steps).rev() {
         let gates = &trace.gates[t * g * n..(t + 1) * g * n];
         let c_old = &trace.cell[t * h * n..(t + 1) * h * n];
         let tanh_c = &trace.tanh_cell[t * h * n..(t + 1) * h * n];

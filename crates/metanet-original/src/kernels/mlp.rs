@@ -17,8 +17,8 @@ pub fn example_generator(inputs: &Tensor, packed: &Tensor, hidden: usize) -> Res
             inputs.dims()
         );
     }
-    let dims = Mlp { rows, hidden };
-    super::apply_network(dims, inputs, packed)
+    let mlp = Mlp { rows, hidden };
+    super::apply_network(mlp, inputs, packed)
 }
 
 /// The example-level generator's sizes: R rows (coordinates), h hidden units.

@@ -6,6 +6,8 @@
 //! goes; the training speed itself is `fewshot train ... --stop-after N`.
 //!
 //! Run: cargo run --release -p metanet-original --example step_parts [WAYS]
+//! with `MIMALLOC_PURGE_DELAY=-1 MIMALLOC_RESERVE_OS_MEMORY=4GiB`, the
+//! allocator settings the `fewshot` binary makes itself.
 
 use std::time::Instant;
 

@@ -254,7 +254,11 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     keep_freed_memory();
-    if let Err(error) = run(Cli::parse()) {
+    let cli = Cli::parse();
+    // Run the command on one of rayon's worker threads: the kernels' parallel
+    // loops then split from inside the pool instead of handing every op from
+    // the main thread to a worker and back, two thread switches per op.
+    if let Err(error) = rayon::scope(|_| run(cli)) {
         eprintln!("error: {error:#}");
         std::process::exit(1);
     }

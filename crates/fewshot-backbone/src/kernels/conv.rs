@@ -24,7 +24,9 @@ use super::op::{apply2, gradient_if, Kernel2};
 
 /// Columns (output pixels) per chunk the kernels aim for: on this kind of
 /// machine the 64-channel layers of conv-4 ran 10-30% slower with chunks of
-/// 256 columns and with chunks of 4096 (`examples/conv_layers.rs`).
+/// 256 columns and with chunks of 4096 (`examples/conv_layers.rs`). An image
+/// with more output pixels than this is a chunk on its own, so that its
+/// product is written straight into the output (no reordering copy).
 const TARGET_CHUNK_COLUMNS: usize = 1024;
 
 /// The sizes of one convolution.
@@ -123,7 +125,7 @@ impl ConvGeometry {
         if self.per_sample {
             return 1;
         }
-        let wanted = TARGET_CHUNK_COLUMNS.div_ceil(self.out_pixels());
+        let wanted = TARGET_CHUNK_COLUMNS / self.out_pixels();
         let spread = self.batch.div_ceil(super::threads());
         wanted.min(spread).max(1)
     }

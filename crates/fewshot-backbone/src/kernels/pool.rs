@@ -58,35 +58,28 @@ impl PoolGeometry {
         (n, c, h, w).into()
     }
 
-    /// Calls `visit(output index, winner index)` for each output pixel of one
-    /// input plane, the winner being the index in the plane of its window's
-    /// maximum (the first one on ties).
-    fn for_each_winner<T: WithDType>(&self, plane: &[T], mut visit: impl FnMut(usize, usize)) {
+    /// Rows `2 * oy` and `2 * oy + 1` of one plane.
+    fn row_pair<'a, T>(&self, plane: &'a [T], oy: usize) -> (&'a [T], &'a [T]) {
         let width = self.dims.3;
-        let (out_h, out_w) = self.out_hw();
-        for oy in 0..out_h {
-            let top = 2 * oy * width;
-            let rows = (
-                &plane[top..top + width],
-                &plane[top + width..top + 2 * width],
-            );
-            for ox in 0..out_w {
-                let x = 2 * ox;
-                // Selects rather than branches: the winner is data-dependent.
-                let (mut best, mut at) = (rows.0[x], x);
-                for (value, index) in [
-                    (rows.0[x + 1], x + 1),
-                    (rows.1[x], width + x),
-                    (rows.1[x + 1], width + x + 1),
-                ] {
-                    let better = value > best;
-                    best = if better { value } else { best };
-                    at = if better { index } else { at };
-                }
-                visit(oy * out_w + ox, top + at);
-            }
-        }
+        let (top, bottom) = plane[2 * oy * width..(2 * oy + 2) * width].split_at(width);
+        (top, bottom)
     }
+}
+
+/// Which of a window's four pixels is its maximum, reading the top pair then
+/// the bottom pair, the first one on ties: 0, 1 (top), 2, 3 (bottom).
+///
+/// Selects rather than branches: the winner is data-dependent, and straight
+/// code lets the compiler run many windows at once.
+#[inline(always)]
+fn winner<T: WithDType>(top: &[T], bottom: &[T]) -> usize {
+    let (mut best, mut at) = (top[0], 0);
+    for (value, index) in [(top[1], 1), (bottom[0], 2), (bottom[1], 3)] {
+        let better = value > best;
+        best = if better { value } else { best };
+        at = if better { index } else { at };
+    }
+    at
 }
 
 /// 2x2 max-pooling with stride 2 of `x` (N, C, H, W); an odd last row or column is dropped.
@@ -114,19 +107,18 @@ impl Kernel1 for Pool {
 
     fn run<T: WithDType>(&self, x: &[T]) -> Vec<T> {
         let g = &self.0;
-        let (width, (out_h, out_w)) = (g.dims.3, g.out_hw());
+        let out_w = g.out_hw().1;
         let max = |a: T, b: T| if b > a { b } else { a };
         let mut out = vec![T::zero(); x.len() / g.in_plane() * g.out_plane()];
         out.par_chunks_mut(g.out_plane())
             .zip(x.par_chunks(g.in_plane()))
             .with_min_len(g.planes_per_task())
             .for_each(|(out, plane)| {
-                for (oy, out) in out.chunks_exact_mut(out_w.max(1)).take(out_h).enumerate() {
-                    let top = &plane[2 * oy * width..(2 * oy + 1) * width];
-                    let bottom = &plane[(2 * oy + 1) * width..(2 * oy + 2) * width];
-                    for (ox, o) in out.iter_mut().enumerate() {
-                        let x = 2 * ox;
-                        *o = max(max(top[x], top[x + 1]), max(bottom[x], bottom[x + 1]));
+                for (oy, out) in out.chunks_exact_mut(out_w).enumerate() {
+                    let (top, bottom) = g.row_pair(plane, oy);
+                    let windows = top.chunks_exact(2).zip(bottom.chunks_exact(2));
+                    for ((top, bottom), out) in windows.zip(out) {
+                        *out = max(max(top[0], top[1]), max(bottom[0], bottom[1]));
                     }
                 }
             });
@@ -142,26 +134,68 @@ impl Kernel1 for Pool {
     }
 }
 
+/// Each output gradient written onto its window's winner; every other pixel
+/// of the window gets zero, and so does an odd last row or column.
 fn scatter_kernel<T: WithDType>(g: &PoolGeometry, x: &[T], grad_out: &[T]) -> Vec<T> {
+    let (width, (out_h, out_w)) = (g.dims.3, g.out_hw());
     let mut dx = vec![T::zero(); x.len()];
     dx.par_chunks_mut(g.in_plane())
         .zip(x.par_chunks(g.in_plane()))
         .zip(grad_out.par_chunks(g.out_plane()))
         .with_min_len(g.planes_per_task())
         .for_each(|((dx, plane), grad)| {
-            g.for_each_winner(plane, |o, i| dx[i] = grad[o]);
+            for oy in 0..out_h {
+                let (top, bottom) = g.row_pair(plane, oy);
+                let (dx_top, dx_bottom) =
+                    dx[2 * oy * width..(2 * oy + 2) * width].split_at_mut(width);
+                let windows = top.chunks_exact(2).zip(bottom.chunks_exact(2));
+                let dx_windows = dx_top
+                    .chunks_exact_mut(2)
+                    .zip(dx_bottom.chunks_exact_mut(2));
+                let grad = &grad[oy * out_w..(oy + 1) * out_w];
+                for (((top, bottom), (dx_top, dx_bottom)), &grad) in
+                    windows.zip(dx_windows).zip(grad)
+                {
+                    let at = winner(top, bottom);
+                    let on = |index| if at == index { grad } else { T::zero() };
+                    dx_top[0] = on(0);
+                    dx_top[1] = on(1);
+                    dx_bottom[0] = on(2);
+                    dx_bottom[1] = on(3);
+                }
+            }
         });
     dx
 }
 
+/// `values` read at each window's winner.
 fn gather_kernel<T: WithDType>(g: &PoolGeometry, x: &[T], values: &[T]) -> Vec<T> {
+    let out_w = g.out_hw().1;
     let mut out = vec![T::zero(); x.len() / g.in_plane() * g.out_plane()];
     out.par_chunks_mut(g.out_plane())
         .zip(x.par_chunks(g.in_plane()))
         .zip(values.par_chunks(g.in_plane()))
         .with_min_len(g.planes_per_task())
         .for_each(|((out, plane), values)| {
-            g.for_each_winner(plane, |o, i| out[o] = values[i]);
+            for (oy, out) in out.chunks_exact_mut(out_w).enumerate() {
+                let (top, bottom) = g.row_pair(plane, oy);
+                let (values_top, values_bottom) = g.row_pair(values, oy);
+                let windows = top.chunks_exact(2).zip(bottom.chunks_exact(2));
+                let value_windows = values_top
+                    .chunks_exact(2)
+                    .zip(values_bottom.chunks_exact(2));
+                for (((top, bottom), (values_top, values_bottom)), out) in
+                    windows.zip(value_windows).zip(out)
+                {
+                    let picked = [
+                        values_top[0],
+                        values_top[1],
+                        values_bottom[0],
+                        values_bottom[1],
+                    ];
+                    *out = picked[winner(top, bottom)];
+                }
+            }
         });
     out
 }

@@ -15,11 +15,13 @@
 //! product uses every thread.
 
 use std::borrow::Cow;
+use std::mem::MaybeUninit;
 
 use candle_core::{bail, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
-use super::gemm::{matmul, MatRef};
+use super::filled_by;
+use super::gemm::{matmul, matmul_uninit, MatRef};
 use super::op::{apply2, gradient_if, Kernel2};
 
 /// Columns (output pixels) per chunk the kernels aim for: on this kind of
@@ -347,37 +349,47 @@ fn forward<T: WithDType>(g: &ConvGeometry, x: &[T], weight: &[T]) -> Vec<T> {
     let (pixels, patch) = (g.out_pixels(), g.patch_len());
     let per_chunk = g.images_per_chunk();
     let parallel = g.parallel_chunks();
-    let mut out = vec![T::zero(); g.batch * g.out_channels * pixels];
-    let run = |(chunk, out): (usize, &mut [T])| {
+    // Each chunk of the output is one chunk of images' product, written whole.
+    let run = |(chunk, out): (usize, &mut [MaybeUninit<T>])| {
         let first = chunk * per_chunk;
         let weight = MatRef::row_major(g.weight_of(weight, first), g.out_channels, patch);
         let images = out.len() / (g.out_channels * pixels);
         let columns = images * pixels;
-        let mut cols = vec![T::zero(); patch * columns];
-        im2col(g, &taps, x, first, images, &mut cols);
+        let cols = im2col(g, &taps, x, first, images);
         let cols = MatRef::row_major(&cols, patch, columns);
         if images == 1 {
             // One image's (Cout, pixel) product is its output plane.
-            matmul(out, weight, cols, false, !parallel);
+            matmul_uninit(out, weight, cols, !parallel);
             return;
         }
-        let mut product = vec![T::zero(); g.out_channels * columns];
-        matmul(&mut product, weight, cols, false, !parallel);
+        let product = new_product(weight, cols, !parallel);
         // (Cout, image, pixel) -> (image, Cout, pixel).
         for image in 0..images {
             for channel in 0..g.out_channels {
                 let from = channel * columns + image * pixels;
                 let to = (image * g.out_channels + channel) * pixels;
-                out[to..to + pixels].copy_from_slice(&product[from..from + pixels]);
+                out[to..to + pixels].write_copy_of_slice(&product[from..from + pixels]);
             }
         }
     };
     let chunk_len = per_chunk * g.out_channels * pixels;
-    match parallel {
-        true => out.par_chunks_mut(chunk_len).enumerate().for_each(run),
-        false => out.chunks_mut(chunk_len).enumerate().for_each(run),
+    // SAFETY: the chunks cover the output and `run` writes each whole.
+    unsafe {
+        filled_by(g.batch * g.out_channels * pixels, |out| match parallel {
+            true => out.par_chunks_mut(chunk_len).enumerate().for_each(run),
+            false => out.chunks_mut(chunk_len).enumerate().for_each(run),
+        })
     }
-    out
+}
+
+/// The product `lhs * rhs` in a new row-major vector.
+fn new_product<T: WithDType>(lhs: MatRef<'_, T>, rhs: MatRef<'_, T>, parallel: bool) -> Vec<T> {
+    // SAFETY: `matmul_uninit` writes every element of its destination.
+    unsafe {
+        filled_by(lhs.rows() * rhs.cols(), |dst| {
+            matmul_uninit(dst, lhs, rhs, parallel)
+        })
+    }
 }
 
 fn input_grad<T: WithDType>(g: &ConvGeometry, grad_out: &[T], weight: &[T]) -> Vec<T> {
@@ -394,14 +406,8 @@ fn input_grad<T: WithDType>(g: &ConvGeometry, grad_out: &[T], weight: &[T]) -> V
         let images = dx.len() / image_len;
         let columns = images * pixels;
         let grad = gather_columns(g, grad_out, first, images);
-        let mut cols = vec![T::zero(); patch * columns];
-        matmul(
-            &mut cols,
-            weight_t,
-            MatRef::row_major(&grad, g.out_channels, columns),
-            false,
-            !parallel,
-        );
+        let grad = MatRef::row_major(&grad, g.out_channels, columns);
+        let cols = new_product(weight_t, grad, !parallel);
         col2im(g, &taps, &cols, images, dx);
     };
     let chunk_len = per_chunk * image_len;
@@ -423,8 +429,7 @@ fn weight_grad<T: WithDType>(g: &ConvGeometry, x: &[T], grad_out: &[T]) -> Vec<T
         // Each image's own weight gradient: one product per image, no sum.
         let mut dw = vec![T::zero(); g.batch * weight_len];
         let run = |(image, dw): (usize, &mut [T])| {
-            let mut cols = vec![T::zero(); patch * pixels];
-            im2col(g, &taps, x, image, 1, &mut cols);
+            let cols = im2col(g, &taps, x, image, 1);
             let grad = gather_columns(g, grad_out, image, 1);
             matmul(
                 dw,
@@ -444,8 +449,7 @@ fn weight_grad<T: WithDType>(g: &ConvGeometry, x: &[T], grad_out: &[T]) -> Vec<T
         let first = chunk * per_chunk;
         let images = per_chunk.min(g.batch - first);
         let columns = images * pixels;
-        let mut cols = vec![T::zero(); patch * columns];
-        im2col(g, &taps, x, first, images, &mut cols);
+        let cols = im2col(g, &taps, x, first, images);
         let grad = gather_columns(g, grad_out, first, images);
         matmul(
             &mut dw,
@@ -484,14 +488,18 @@ fn gather_columns<'a, T: WithDType>(
         let start = first * g.out_channels * pixels;
         return Cow::Borrowed(&grad_out[start..start + g.out_channels * pixels]);
     }
-    let mut grad = vec![T::zero(); g.out_channels * columns];
-    for image in 0..images {
-        for channel in 0..g.out_channels {
-            let from = ((first + image) * g.out_channels + channel) * pixels;
-            let to = channel * columns + image * pixels;
-            grad[to..to + pixels].copy_from_slice(&grad_out[from..from + pixels]);
-        }
-    }
+    // SAFETY: the (channel, image) blocks cover the matrix.
+    let grad = unsafe {
+        filled_by(g.out_channels * columns, |grad| {
+            for image in 0..images {
+                for channel in 0..g.out_channels {
+                    let from = ((first + image) * g.out_channels + channel) * pixels;
+                    let to = channel * columns + image * pixels;
+                    grad[to..to + pixels].write_copy_of_slice(&grad_out[from..from + pixels]);
+                }
+            }
+        })
+    };
     Cow::Owned(grad)
 }
 
@@ -546,15 +554,31 @@ impl TapTable {
     }
 }
 
-/// Images `first..first + images` of `x` unfolded into `cols`: row
-/// (channel, ky, kx), column (image, oy, ox).
+/// Images `first..first + images` of `x` unfolded into a new (patch length,
+/// image * pixel) matrix: row (channel, ky, kx), column (image, oy, ox).
 fn im2col<T: WithDType>(
     g: &ConvGeometry,
     taps: &TapTable,
     x: &[T],
     first: usize,
     images: usize,
-    cols: &mut [T],
+) -> Vec<T> {
+    let columns = images * g.out_pixels();
+    // SAFETY: `unfold` writes every (row, image) block of the matrix.
+    unsafe {
+        filled_by(g.patch_len() * columns, |cols| {
+            unfold(g, taps, x, first, images, cols)
+        })
+    }
+}
+
+fn unfold<T: WithDType>(
+    g: &ConvGeometry,
+    taps: &TapTable,
+    x: &[T],
+    first: usize,
+    images: usize,
+    cols: &mut [MaybeUninit<T>],
 ) {
     let (pixels, out_w) = (g.out_pixels(), g.out_w());
     let columns = images * pixels;
@@ -572,12 +596,12 @@ fn im2col<T: WithDType>(
                     for (dst, offsets) in
                         dst.chunks_exact_mut(out_w).zip(offsets.chunks_exact(out_w))
                     {
-                        dst.copy_from_slice(&padded[offsets[0]..offsets[0] + out_w]);
+                        dst.write_copy_of_slice(&padded[offsets[0]..offsets[0] + out_w]);
                     }
                 } else {
-                    dst.iter_mut()
-                        .zip(offsets)
-                        .for_each(|(d, &o)| *d = padded[o]);
+                    dst.iter_mut().zip(offsets).for_each(|(d, &o)| {
+                        d.write(padded[o]);
+                    });
                 }
             }
         }

@@ -1,5 +1,7 @@
 //! A bounds-checked front to the `gemm` crate's matrix product.
 
+use std::mem::MaybeUninit;
+
 use candle_core::WithDType;
 use gemm::Parallelism;
 
@@ -23,6 +25,14 @@ impl<'a, T> MatRef<'a, T> {
             row_stride: cols,
             col_stride: 1,
         }
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
     }
 
     /// The same elements seen as the transpose.
@@ -60,11 +70,46 @@ pub fn matmul<T: WithDType>(
     accumulate: bool,
     parallel: bool,
 ) {
-    let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
     // These are invariants of the kernels, not user input: a failure is a bug,
     // and the unsafe call below relies on them.
+    assert!(
+        dst.len() >= lhs.rows * rhs.cols,
+        "matmul: destination too small"
+    );
+    // SAFETY: `dst` holds the whole product and is borrowed mutably.
+    unsafe { product(dst.as_mut_ptr(), lhs, rhs, accumulate, parallel) }
+}
+
+/// `dst = lhs * rhs` into a buffer nobody has written yet: the product
+/// initialises every element of `dst`, which must be exactly its size.
+pub fn matmul_uninit<T: WithDType>(
+    dst: &mut [MaybeUninit<T>],
+    lhs: MatRef<'_, T>,
+    rhs: MatRef<'_, T>,
+    parallel: bool,
+) {
+    assert_eq!(
+        dst.len(),
+        lhs.rows * rhs.cols,
+        "matmul: destination is not the product's size"
+    );
+    // SAFETY: as for `matmul`; without `accumulate` the product never reads
+    // `dst` and writes each of its elements (zero when the inner dimension is).
+    unsafe { product(dst.as_mut_ptr().cast(), lhs, rhs, false, parallel) }
+}
+
+/// # Safety
+/// `dst` must be valid for writes (and reads, with `accumulate`) of
+/// `lhs.rows * rhs.cols` elements and alias neither input.
+unsafe fn product<T: WithDType>(
+    dst: *mut T,
+    lhs: MatRef<'_, T>,
+    rhs: MatRef<'_, T>,
+    accumulate: bool,
+    parallel: bool,
+) {
+    let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
     assert_eq!(rhs.rows, k, "matmul: inner dimensions differ");
-    assert!(dst.len() >= m * n, "matmul: destination too small");
     assert!(
         lhs.in_bounds() && rhs.in_bounds(),
         "matmul: view out of bounds"
@@ -72,25 +117,19 @@ pub fn matmul<T: WithDType>(
     if m == 0 || n == 0 {
         return;
     }
-    if k == 0 {
-        if !accumulate {
-            dst[..m * n].fill(T::zero());
-        }
-        return;
-    }
     let parallelism = match parallel && m * n * k >= MIN_PARALLEL_MULTIPLY_ADDS {
         true => Parallelism::Rayon(super::threads()),
         false => Parallelism::None,
     };
-    // SAFETY: the asserts above keep every index the product reads or writes
-    // inside the three slices, and `dst` is borrowed mutably, so it aliases
-    // neither input.
+    // SAFETY: the views are in bounds (asserted above) and the caller vouches
+    // for `dst`. Without `accumulate` (`read_dst` false) the gemm crate
+    // writes every element of `dst` without reading it, zero when `k` is 0.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            dst.as_mut_ptr(),
+            dst,
             1,
             n as isize,
             accumulate,

@@ -25,11 +25,12 @@ mod gemm;
 mod op;
 mod pool;
 
+use std::mem::MaybeUninit;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use candle_core::{DType, Tensor};
 
-pub use self::gemm::{matmul, MatRef};
+pub use self::gemm::{matmul, matmul_uninit, MatRef};
 pub use batch_norm::batch_norm_relu;
 pub use channel::{batch_norm, channel_affine, channel_dot, channel_moments, channel_sum, relu};
 pub use conv::{conv2d, conv2d_input_grad, conv2d_per_sample, conv2d_weight_grad, ConvGeometry};
@@ -62,4 +63,19 @@ const MIN_PARALLEL_ELEMENTS: usize = 1 << 16;
 /// Threads the kernels may use: the size of rayon's pool.
 fn threads() -> usize {
     rayon::current_num_threads().max(1)
+}
+
+/// A vector of `len` elements written by `fill` alone, without a first pass
+/// that zeroes them: for the convolutions' im2col matrices and products,
+/// which are overwritten whole (zeroing them was ~3% of a conv-4 training
+/// step, `perf record` of `fewshot bench --suite kernels`).
+///
+/// # Safety
+/// `fill` must initialise every element of the slice it is given.
+unsafe fn filled_by<T>(len: usize, fill: impl FnOnce(&mut [MaybeUninit<T>])) -> Vec<T> {
+    let mut vec = Vec::with_capacity(len);
+    fill(&mut vec.spare_capacity_mut()[..len]);
+    // SAFETY: the caller's `fill` initialised the first `len` elements.
+    unsafe { vec.set_len(len) };
+    vec
 }

@@ -61,8 +61,7 @@ impl PoolGeometry {
     /// Rows `2 * oy` and `2 * oy + 1` of one plane.
     fn row_pair<'a, T>(&self, plane: &'a [T], oy: usize) -> (&'a [T], &'a [T]) {
         let width = self.dims.3;
-        let (top, bottom) = plane[2 * oy * width..(2 * oy + 2) * width].split_at(width);
-        (top, bottom)
+        plane[2 * oy * width..(2 * oy + 2) * width].split_at(width)
     }
 }
 

@@ -176,4 +176,27 @@ mod tests {
         );
         assert_eq!(dst, [-4., 8., -4., 26.]);
     }
+
+    #[test]
+    fn uninitialised_destinations_get_every_element() {
+        let a = [1f64, 2., 3., 4., 5., 6.];
+        let b_t = [1f64, 0., -1., 2., 1., 0.];
+        let mut dst = [MaybeUninit::new(f64::NAN); 4];
+        matmul_uninit(
+            &mut dst,
+            MatRef::row_major(&a, 2, 3),
+            MatRef::row_major(&b_t, 2, 3).t(),
+            false,
+        );
+        assert_eq!(dst.map(|v| unsafe { v.assume_init() }), [-2., 4., -2., 13.]);
+        // An empty inner dimension makes a product of zeros, not stale values.
+        let mut dst = [MaybeUninit::new(f64::NAN); 4];
+        matmul_uninit(
+            &mut dst,
+            MatRef::row_major(&a[..0], 2, 0),
+            MatRef::row_major(&b_t[..0], 0, 2),
+            false,
+        );
+        assert_eq!(dst.map(|v| unsafe { v.assume_init() }), [0.; 4]);
+    }
 }

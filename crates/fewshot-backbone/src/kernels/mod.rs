@@ -30,7 +30,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use candle_core::{DType, Tensor};
 
-pub use self::gemm::{matmul, matmul_uninit, MatRef};
+pub use self::gemm::{matmul, MatRef};
 pub use batch_norm::batch_norm_relu;
 pub use channel::{batch_norm, channel_affine, channel_dot, channel_moments, channel_sum, relu};
 pub use conv::{conv2d, conv2d_input_grad, conv2d_per_sample, conv2d_weight_grad, ConvGeometry};

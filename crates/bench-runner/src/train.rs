@@ -89,6 +89,8 @@ pub fn run(options: &TrainOptions) -> Result<()> {
     bar.set_position(progress.step);
     let mut window = Window::default();
     let mut clock = Instant::now();
+    // This process's own pace, for the time-to-go estimate after a resume.
+    let (first_step, first_seconds) = (progress.step, progress.training_seconds);
     while progress.step < stop {
         let first = progress.step * config.training.meta_batch as u64;
         let batch: Vec<EpisodeTensors> = sampler
@@ -119,6 +121,18 @@ pub fn run(options: &TrainOptions) -> Result<()> {
                     }
                 }
                 save(&*learner, &progress, &config, &run.last_checkpoint())?;
+                let seconds_per_step = (progress.training_seconds - first_seconds)
+                    / (progress.step - first_step) as f64;
+                // A line in the log for runs whose bar nobody sees (stderr
+                // to a file), and a record above the bar for those who do.
+                bar.suspend(|| {
+                    tracing::info!(
+                        "step {}/{total}: {}; {seconds_per_step:.3} s/step, {} to go",
+                        progress.step,
+                        record_message(&record, progress.best_val_accuracy),
+                        duration_text(seconds_per_step * (total - progress.step) as f64)
+                    )
+                });
                 // Validation time is not training time.
                 clock = Instant::now();
             }
@@ -215,6 +229,9 @@ fn record_message(record: &TrainingRecord, best: Option<f64>) -> String {
         record.loss,
         100.0 * record.accuracy
     );
+    if let Some(val) = record.val_accuracy {
+        message.push_str(&format!(" val {:.2}%", 100.0 * val));
+    }
     if let Some(best) = best {
         message.push_str(&format!(" best val {:.2}%", 100.0 * best));
     }
@@ -245,5 +262,29 @@ impl Window {
             accuracy: self.accuracy / n,
             val_accuracy: None,
         }
+    }
+}
+
+/// A duration for people: "2 h 05 min", "7 min", "40 s".
+fn duration_text(seconds: f64) -> String {
+    let seconds = seconds.max(0.0).round() as u64;
+    match seconds {
+        0..60 => format!("{seconds} s"),
+        60..3600 => format!("{} min", seconds / 60),
+        _ => format!("{} h {:02} min", seconds / 3600, seconds % 3600 / 60),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_read_as_people_say_them() {
+        assert_eq!(duration_text(40.4), "40 s");
+        assert_eq!(duration_text(420.0), "7 min");
+        assert_eq!(duration_text(7_500.0), "2 h 05 min");
+        assert_eq!(duration_text(61_260.0), "17 h 01 min");
+        assert_eq!(duration_text(-3.0), "0 s");
     }
 }

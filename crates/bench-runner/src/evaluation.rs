@@ -189,7 +189,8 @@ pub fn run_compare(a: &Path, b: &Path, as_json: bool) -> Result<()> {
 /// run's test result line in its metadata.
 pub fn publish(run: &Path, model: &Path) -> Result<()> {
     let run_dir = RunDir::new(run.to_path_buf());
-    let results = read_results(run).context("publish needs a finished, evaluated run")?;
+    let results = read_results(run)
+        .context("publish needs a finished, evaluated run, or the JSON of `fewshot eval --json`")?;
     let mut checkpoint = Checkpoint::load(&results.checkpoint, &Device::Cpu)?;
     let mut weights = fewshot_backbone::ParamSet::new();
     for (name, tensor) in checkpoint.tensors.iter() {

@@ -145,7 +145,12 @@ enum Command {
     },
     /// Write a run's evaluated checkpoint as a small model file (weights and
     /// experiment config, no optimiser state), e.g. into models/.
-    Publish { run: PathBuf, model: PathBuf },
+    Publish {
+        /// A finished run directory, or a JSON file from `fewshot eval --json`
+        /// (its checkpoint is the one published, with its result).
+        run: PathBuf,
+        model: PathBuf,
+    },
     /// Check an experiment config and print it with every default filled in.
     Config {
         /// The JSON config; omit it with --defaults.

@@ -130,7 +130,7 @@ pub fn run(options: &TrainOptions) -> Result<()> {
                         "step {}/{total}: {}; {seconds_per_step:.3} s/step, {} to go",
                         progress.step,
                         record_message(&record, progress.best_val_accuracy),
-                        duration_text(seconds_per_step * (total - progress.step) as f64)
+                        fewshot_eval::duration(seconds_per_step * (total - progress.step) as f64)
                     )
                 });
                 // Validation time is not training time.
@@ -262,29 +262,5 @@ impl Window {
             accuracy: self.accuracy / n,
             val_accuracy: None,
         }
-    }
-}
-
-/// A duration for people: "2 h 05 min", "7 min", "40 s".
-fn duration_text(seconds: f64) -> String {
-    let seconds = seconds.max(0.0).round() as u64;
-    match seconds {
-        0..60 => format!("{seconds} s"),
-        60..3600 => format!("{} min", seconds / 60),
-        _ => format!("{} h {:02} min", seconds / 3600, seconds % 3600 / 60),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn durations_read_as_people_say_them() {
-        assert_eq!(duration_text(40.4), "40 s");
-        assert_eq!(duration_text(420.0), "7 min");
-        assert_eq!(duration_text(7_500.0), "2 h 05 min");
-        assert_eq!(duration_text(61_260.0), "17 h 01 min");
-        assert_eq!(duration_text(-3.0), "0 s");
     }
 }

@@ -38,5 +38,5 @@ pub use error::{EvalError, Result};
 pub use protocol::{
     check_same_episodes, compare, evaluate, EpisodeResult, EvalProtocol, Evaluation,
 };
-pub use report::{accuracy_line, write_report, ReportInput, TrainingRecord};
+pub use report::{accuracy_line, duration, write_report, ReportInput, TrainingRecord};
 pub use stats::{paired_comparison, student_t_two_sided_p, summarize, PairedComparison, Summary};

@@ -176,7 +176,7 @@ fn write_svg(path: &Path, svg: std::result::Result<String, String>) -> Result<()
 }
 
 /// `42.0 s`, `3 min 07 s` or `2 h 05 min 09 s`.
-fn duration(seconds: f64) -> String {
+pub fn duration(seconds: f64) -> String {
     if seconds.is_nan() || seconds < 60.0 {
         return format!("{:.1} s", seconds.max(0.0));
     }

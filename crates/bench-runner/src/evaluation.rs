@@ -188,7 +188,6 @@ pub fn run_compare(a: &Path, b: &Path, as_json: bool) -> Result<()> {
 /// Copies a run's evaluated checkpoint without optimiser state, with the
 /// run's test result line in its metadata.
 pub fn publish(run: &Path, model: &Path) -> Result<()> {
-    let run_dir = RunDir::new(run.to_path_buf());
     let results = read_results(run)
         .context("publish needs a finished, evaluated run, or the JSON of `fewshot eval --json`")?;
     let mut checkpoint = Checkpoint::load(&results.checkpoint, &Device::Cpu)?;
@@ -204,10 +203,10 @@ pub fn publish(run: &Path, model: &Path) -> Result<()> {
         .insert("result".into(), summary_line(&results));
     checkpoint.save(model)?;
     println!(
-        "published {} ({} of run {}) to {}",
+        "published {} ({}, from {}) to {}",
         results.checkpoint.display(),
         summary_line(&results),
-        run_dir.root.display(),
+        run.display(),
         model.display()
     );
     Ok(())

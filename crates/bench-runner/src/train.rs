@@ -90,7 +90,7 @@ pub fn run(options: &TrainOptions) -> Result<()> {
     let mut window = Window::default();
     let mut clock = Instant::now();
     // This process's own pace, for the time-to-go estimate after a resume.
-    let (first_step, first_seconds) = (progress.step, progress.training_seconds);
+    let (start_step, start_seconds) = (progress.step, progress.training_seconds);
     while progress.step < stop {
         let first = progress.step * config.training.meta_batch as u64;
         let batch: Vec<EpisodeTensors> = sampler
@@ -121,8 +121,8 @@ pub fn run(options: &TrainOptions) -> Result<()> {
                     }
                 }
                 save(&*learner, &progress, &config, &run.last_checkpoint())?;
-                let seconds_per_step = (progress.training_seconds - first_seconds)
-                    / (progress.step - first_step) as f64;
+                let seconds_per_step = (progress.training_seconds - start_seconds)
+                    / (progress.step - start_step) as f64;
                 // A line in the log for runs whose bar nobody sees (stderr
                 // to a file), and a record above the bar for those who do.
                 bar.suspend(|| {

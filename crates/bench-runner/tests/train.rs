@@ -79,14 +79,18 @@ fn a_resumed_run_ends_exactly_where_an_uninterrupted_one_does() {
     ]);
     assert!(!resumed.join("results.json").exists());
     // A stopped run can still be published through its evaluation's JSON.
-    let partial = dir.path().join("partial.json");
-    std::fs::write(&partial, fewshot(&["eval", str(&resumed), "--json"]).stdout).unwrap();
+    let partial_json = dir.path().join("partial.json");
+    std::fs::write(
+        &partial_json,
+        fewshot(&["eval", str(&resumed), "--json"]).stdout,
+    )
+    .unwrap();
     let partial_model = dir.path().join("models/partial.safetensors");
-    fewshot(&["publish", str(&partial), str(&partial_model)]);
+    fewshot(&["publish", str(&partial_json), str(&partial_model)]);
     let republished = fewshot(&["eval", str(&partial_model), "--json"]);
     let republished: serde_json::Value = serde_json::from_slice(&republished.stdout).unwrap();
     let partial: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&partial).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(&partial_json).unwrap()).unwrap();
     assert_eq!(republished["training_steps"], 3);
     assert_eq!(
         partial["evaluation"]["accuracy"],

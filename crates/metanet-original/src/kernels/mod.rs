@@ -115,7 +115,7 @@ fn sum<T: WithDType>(row: &[T]) -> T {
     let rest = chunks.remainder();
     for chunk in chunks {
         for (total, &v) in partial.iter_mut().zip(chunk) {
-            *total = *total + v;
+            *total += v;
         }
     }
     partial

@@ -10,6 +10,7 @@ mod config;
 mod datasets;
 mod evaluation;
 mod inspect;
+mod interrupt;
 mod kernel_bench;
 mod learners;
 mod predict;
@@ -85,6 +86,8 @@ enum Command {
         command: DataCommand,
     },
     /// Meta-train a learner from a JSON experiment config, then evaluate it.
+    /// Ctrl-C stops after the current step with a checkpoint (--resume
+    /// continues); a second Ctrl-C ends at once.
     Train {
         config: PathBuf,
         /// The run directory (default: runs/<config name>).

@@ -13,6 +13,7 @@ use fewshot_eval::{EvalProtocol, TrainingRecord};
 use crate::config::ExperimentConfig;
 use crate::datasets;
 use crate::evaluation;
+use crate::interrupt::StopRequest;
 use crate::learners;
 use crate::progress;
 use crate::run_dir::{Progress, RunDir};
@@ -85,6 +86,7 @@ pub fn run(options: &TrainOptions) -> Result<()> {
 
     let total = config.training.steps;
     let stop = options.stop_after.unwrap_or(total).min(total);
+    let stop_request = StopRequest::install()?;
     let bar = progress::bar(total, "train");
     bar.set_position(progress.step);
     let mut window = Window::default();
@@ -140,8 +142,23 @@ pub fn run(options: &TrainOptions) -> Result<()> {
             run.append_metrics(&record)?;
             window = Window::default();
         }
+        if stop_request.is_requested() && progress.step < stop {
+            progress.training_seconds += clock.elapsed().as_secs_f64();
+            if window.steps > 0 {
+                run.append_metrics(&window.record(progress.step, progress.training_seconds))?;
+            }
+            save(&*learner, &progress, &config, &run.last_checkpoint())?;
+            tracing::info!(step = progress.step, "interrupted: checkpoint written");
+            break;
+        }
     }
-    bar.finish();
+    let interrupted = stop_request.is_requested();
+    stop_request.end_process_on_signal();
+    // A stopped run's bar stays where it stopped (`finish` would fill it).
+    match progress.step < total {
+        true => bar.abandon(),
+        false => bar.finish(),
+    }
     if progress.step < total {
         println!(
             "stopped after step {} of {total}; continue with: fewshot train {} --out {} --resume",
@@ -155,6 +172,13 @@ pub fn run(options: &TrainOptions) -> Result<()> {
         "trained {total} steps in {:.0} s",
         progress.training_seconds
     );
+    if interrupted {
+        println!(
+            "interrupted before the test evaluation; run it with: fewshot eval {}",
+            run.root.display()
+        );
+        return Ok(());
+    }
     evaluation::evaluate_run(&run, &device)
 }
 

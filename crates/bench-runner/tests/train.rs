@@ -166,6 +166,83 @@ fn a_resumed_run_ends_exactly_where_an_uninterrupted_one_does() {
     assert_eq!(comparison["n"], 40);
 }
 
+/// Ctrl-C stops a run after its current step with a checkpoint of that step
+/// (here the only one: validation comes at the end), and the resumed run
+/// goes on exactly as an uninterrupted one.
+#[cfg(unix)]
+#[test]
+fn an_interrupted_run_keeps_its_last_step_and_resumes_from_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(tiny_config(dir.path())).unwrap()).unwrap();
+    config["training"]["steps"] = 1_000_000.into();
+    config["training"]["validate_every"] = 1_000_000.into();
+    let config_path = dir.path().join("long.json");
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let run = dir.path().join("run");
+    let child = Command::new(env!("CARGO_BIN_EXE_fewshot"))
+        .args(["train", str(&config_path), "--out", str(&run)])
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let metrics = run.join("metrics.jsonl");
+    let records = || {
+        std::fs::read_to_string(&metrics)
+            .map(|m| m.lines().map(str::to_owned).collect::<Vec<_>>())
+            .unwrap_or_default()
+    };
+    let started = std::time::Instant::now();
+    while records().len() < 2 {
+        assert!(
+            started.elapsed().as_secs() < 300,
+            "no training records after 5 minutes"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("--resume"));
+
+    let checkpoint = run.join("checkpoints/last.safetensors");
+    let step: u64 = Checkpoint::load(&checkpoint, &Device::Cpu).unwrap().extra["step"]
+        .parse()
+        .unwrap();
+    let last_record: serde_json::Value = serde_json::from_str(records().last().unwrap()).unwrap();
+    assert_eq!(last_record["step"], step);
+    assert!(step >= 40, "{step}");
+
+    let until = (step + 2).to_string();
+    fewshot(&[
+        "train",
+        str(&config_path),
+        "--out",
+        str(&run),
+        "--resume",
+        "--stop-after",
+        &until,
+    ]);
+    let straight = dir.path().join("straight");
+    fewshot(&[
+        "train",
+        str(&config_path),
+        "--out",
+        str(&straight),
+        "--stop-after",
+        &until,
+    ]);
+    assert_eq!(
+        tensors(&checkpoint),
+        tensors(&straight.join("checkpoints/last.safetensors"))
+    );
+}
+
 #[test]
 fn compare_refuses_evaluations_of_different_episodes() {
     let dir = tempfile::tempdir().unwrap();

@@ -1,0 +1,42 @@
+//! Ctrl-C (SIGINT) or SIGTERM during training: the first asks the run to
+//! stop after its current step and write a checkpoint, so that `--resume`
+//! loses nothing; a second one ends the process at once.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::flag;
+
+/// Exit status after a second signal: 128 + SIGINT, as shells report it.
+const FORCED_EXIT_STATUS: i32 = 130;
+
+/// Whether a stop was asked for since [`StopRequest::install`].
+pub struct StopRequest(Arc<AtomicBool>);
+
+impl StopRequest {
+    pub fn install() -> Result<Self> {
+        let requested = Arc::new(AtomicBool::new(false));
+        for signal in [SIGINT, SIGTERM] {
+            // The shutdown hook runs before the flag is set (hooks run in
+            // the order registered), so it fires only if an earlier signal
+            // set the flag already.
+            flag::register_conditional_shutdown(signal, FORCED_EXIT_STATUS, Arc::clone(&requested))
+                .and_then(|_| flag::register(signal, Arc::clone(&requested)))
+                .with_context(|| format!("cannot install a handler for signal {signal}"))?;
+        }
+        Ok(Self(requested))
+    }
+
+    pub fn is_requested(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+
+    /// From now on the first signal ends the process at once, as if no
+    /// handler were installed: for work after training (the test
+    /// evaluation), where there is nothing to save.
+    pub fn end_process_on_signal(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}

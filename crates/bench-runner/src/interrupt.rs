@@ -9,9 +9,6 @@ use anyhow::{Context, Result};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::flag;
 
-/// Exit status after a second signal: 128 + SIGINT, as shells report it.
-const FORCED_EXIT_STATUS: i32 = 130;
-
 /// Whether a stop was asked for since [`StopRequest::install`].
 pub struct StopRequest(Arc<AtomicBool>);
 
@@ -19,10 +16,10 @@ impl StopRequest {
     pub fn install() -> Result<Self> {
         let requested = Arc::new(AtomicBool::new(false));
         for signal in [SIGINT, SIGTERM] {
-            // The shutdown hook runs before the flag is set (hooks run in
-            // the order registered), so it fires only if an earlier signal
-            // set the flag already.
-            flag::register_conditional_shutdown(signal, FORCED_EXIT_STATUS, Arc::clone(&requested))
+            // The signal's default action (ending the process) runs before
+            // the flag is set (hooks run in the order registered), so only
+            // if an earlier signal set the flag already.
+            flag::register_conditional_default(signal, Arc::clone(&requested))
                 .and_then(|_| flag::register(signal, Arc::clone(&requested)))
                 .with_context(|| format!("cannot install a handler for signal {signal}"))?;
         }

@@ -154,12 +154,9 @@ pub fn run(options: &TrainOptions) -> Result<()> {
     }
     let interrupted = stop_request.is_requested();
     stop_request.end_process_on_signal();
-    // A stopped run's bar stays where it stopped (`finish` would fill it).
-    match progress.step < total {
-        true => bar.abandon(),
-        false => bar.finish(),
-    }
     if progress.step < total {
+        // The bar stays where the run stopped (`finish` would fill it).
+        bar.abandon();
         println!(
             "stopped after step {} of {total}; continue with: fewshot train {} --out {} --resume",
             progress.step,
@@ -168,6 +165,7 @@ pub fn run(options: &TrainOptions) -> Result<()> {
         );
         return Ok(());
     }
+    bar.finish();
     println!(
         "trained {total} steps in {:.0} s",
         progress.training_seconds

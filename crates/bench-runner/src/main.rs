@@ -124,6 +124,10 @@ enum Command {
         json: bool,
     },
     /// Paired comparison of two evaluations on the same episodes.
+    ///
+    /// Refuses evaluations of different episodes: another seed, count or
+    /// shape, or other classes (another split convention, e.g. MAML's and
+    /// Vinyals' Omniglot, or another data folder).
     Compare {
         /// A run directory, or a JSON file from `fewshot eval --json`.
         a: PathBuf,

@@ -128,23 +128,23 @@ impl SourceFile {
 }
 
 /// FNV-1a, 64 bit: tiny, and unlike std's hasher its output is fixed forever.
-struct Fnv1a(u64);
+pub(crate) struct Fnv1a(pub(crate) u64);
 
 impl Fnv1a {
     const PRIME: u64 = 0x0000_0100_0000_01B3;
 
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Fnv1a(0xCBF2_9CE4_8422_2325)
     }
 
-    fn bytes(&mut self, bytes: &[u8]) {
+    pub(crate) fn bytes(&mut self, bytes: &[u8]) {
         for &b in bytes {
             self.0 = (self.0 ^ u64::from(b)).wrapping_mul(Self::PRIME);
         }
     }
 
     /// Length first, so that ("ab", "c") and ("a", "bc") hash differently.
-    fn str(&mut self, s: &str) {
+    pub(crate) fn str(&mut self, s: &str) {
         self.bytes(&(s.len() as u64).to_le_bytes());
         self.bytes(s.as_bytes());
     }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use crate::cache::Fnv1a;
 use crate::error::{DataError, Result};
 use crate::store::ImageStore;
 
@@ -129,6 +130,31 @@ impl ClassSplit {
             classes: Vec::new(),
             random_rotation: false,
         }
+    }
+
+    /// Identifies the episodes a sampler can draw from this split, so that
+    /// evaluations on other classes (another split convention, dataset or
+    /// data folder) are not paired by mistake: the counts of classes and
+    /// images, and a hash of everything the draws depend on (each class's
+    /// name, group, rotation and image indices, and `random_rotation`).
+    pub fn fingerprint(&self) -> String {
+        let mut hash = Fnv1a::new();
+        hash.bytes(&[u8::from(self.random_rotation)]);
+        for class in &self.classes {
+            hash.str(&class.name);
+            hash.str(&class.group);
+            hash.bytes(&class.rotation.degrees().to_le_bytes());
+            hash.bytes(&(class.images.len() as u64).to_le_bytes());
+            for image in &class.images {
+                hash.bytes(&image.to_le_bytes());
+            }
+        }
+        format!(
+            "{} classes, {} images, hash {:016x}",
+            self.classes.len(),
+            self.num_images(),
+            hash.0
+        )
     }
 
     /// Images over all classes (an image shared by rotated classes counts once per class).
@@ -288,5 +314,52 @@ mod tests {
         };
         assert_eq!(split.groups(), 2);
         assert_eq!(split.num_images(), 6);
+    }
+
+    #[test]
+    fn fingerprints_differ_exactly_when_the_draws_could() {
+        let class = |name: &str, images: Vec<u32>| FewShotClass {
+            name: name.into(),
+            group: "g".into(),
+            images,
+            rotation: Rotation::R0,
+        };
+        let split = ClassSplit {
+            name: "test".into(),
+            classes: vec![class("a", vec![0, 1]), class("b", vec![2, 3])],
+            random_rotation: false,
+        };
+        let fingerprint = split.fingerprint();
+        assert!(
+            fingerprint.starts_with("2 classes, 4 images, hash "),
+            "{fingerprint}"
+        );
+        // The split's own name does not change its episodes.
+        let renamed = ClassSplit {
+            name: "val".into(),
+            ..split.clone()
+        };
+        assert_eq!(renamed.fingerprint(), fingerprint);
+
+        let mut others = Vec::new();
+        let mut other_images = split.clone();
+        other_images.classes[1].images = vec![2, 4];
+        others.push(other_images);
+        let mut other_order = split.clone();
+        other_order.classes.swap(0, 1);
+        others.push(other_order);
+        let mut rotated = split.clone();
+        rotated.classes[0].rotation = Rotation::R90;
+        others.push(rotated);
+        let mut regrouped = split.clone();
+        regrouped.classes[0].group = "h".into();
+        others.push(regrouped);
+        others.push(ClassSplit {
+            random_rotation: true,
+            ..split.clone()
+        });
+        for other in others {
+            assert_ne!(other.fingerprint(), fingerprint, "{other:?}");
+        }
     }
 }

@@ -53,6 +53,11 @@ pub struct Evaluation {
     pub accuracy: Summary,
     /// Wall-clock time of the evaluation, sampling included.
     pub seconds: f64,
+    /// [`ClassSplit::fingerprint`] of the classes the episodes were drawn
+    /// from: the protocol names the split (`test`) but not whose. `None` in
+    /// evaluations saved before it was recorded.
+    #[serde(default)]
+    pub classes: Option<String>,
 }
 
 impl Evaluation {
@@ -78,6 +83,7 @@ pub fn evaluate(
 ) -> Result<Evaluation> {
     check_protocol(protocol)?;
     let started = Instant::now();
+    let classes = split.fingerprint();
     let sampler = EpisodeSampler::new(store, split.clone(), protocol.spec, protocol.seed)?;
     let mut results = Vec::with_capacity(protocol.episodes);
     while results.len() < protocol.episodes {
@@ -117,6 +123,7 @@ pub fn evaluate(
         episodes: results,
         accuracy,
         seconds,
+        classes: Some(classes),
     })
 }
 
@@ -193,6 +200,26 @@ pub fn check_same_episodes(a: &Evaluation, b: &Evaluation) -> Result<()> {
         return Err(EvalError::Mismatch {
             what: format!("the evaluations use different protocols: {field} {values}"),
         });
+    }
+    // Same seed and spec on other classes (e.g. MAML's split of Omniglot
+    // against Vinyals') gives other episodes under the same indices.
+    match (&a.classes, &b.classes) {
+        (Some(ca), Some(cb)) if ca != cb => {
+            return Err(EvalError::Mismatch {
+                what: format!(
+                    "the evaluations drew their episodes from different classes (another split, dataset or data folder): {ca} vs {cb}"
+                ),
+            })
+        }
+        (Some(_), Some(_)) => {}
+        _ => {
+            let which = if a.classes.is_none() { "the first" } else { "the second" };
+            return Err(EvalError::Mismatch {
+                what: format!(
+                    "{which} evaluation does not record which classes its episodes came from (saved by an older version); evaluate it again"
+                ),
+            });
+        }
     }
     let indices = |e: &Evaluation| e.episodes.iter().map(|r| r.index).collect::<Vec<_>>();
     let (ia, ib) = (indices(a), indices(b));

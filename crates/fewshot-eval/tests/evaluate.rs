@@ -139,6 +139,8 @@ fn same_seed_gives_the_same_episodes_and_results() {
     let back: Evaluation = serde_json::from_str(&json).unwrap();
     assert_eq!(back.episodes, first.episodes);
     assert_eq!(back.protocol, first.protocol);
+    assert_eq!(back.classes, first.classes);
+    assert_eq!(first.classes, Some(data.test.fingerprint()));
 }
 
 #[test]
@@ -164,6 +166,39 @@ fn evaluations_of_different_episodes_are_not_compared() {
     let fewer = run(&data, &LEARNER, &protocol(10, 1));
     let err = check_same_episodes(&base, &fewer).unwrap_err();
     assert!(err.to_string().contains("episodes 20 vs 10"), "{err}");
+
+    // Same protocol on other classes: the same indices name other episodes.
+    let on_val = evaluate(
+        &LEARNER,
+        data.store.clone(),
+        &data.val,
+        &protocol(20, 1),
+        &Device::Cpu,
+        &mut |_| {},
+    )
+    .unwrap();
+    let err = compare(&base, &on_val).unwrap_err();
+    assert!(
+        err.to_string().contains("different classes")
+            && err.to_string().contains("20 classes")
+            && err.to_string().contains("10 classes"),
+        "{err}"
+    );
+
+    // An evaluation saved before the classes were recorded cannot be vouched for.
+    let mut unrecorded = base.clone();
+    unrecorded.classes = None;
+    let err = compare(&unrecorded, &base).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("the first evaluation does not record"),
+        "{err}"
+    );
+    let json = serde_json::to_value(&base).unwrap();
+    let mut old_file = json.as_object().unwrap().clone();
+    old_file.remove("classes");
+    let old: Evaluation = serde_json::from_value(old_file.into()).unwrap();
+    assert_eq!(old.classes, None);
 
     // Same protocol, but the results are of other episodes (e.g. edited by hand).
     let mut shuffled = base.clone();

@@ -49,6 +49,7 @@ fn evaluation() -> Evaluation {
         accuracy: summarize(&accuracies).unwrap(),
         episodes,
         seconds: 12.5,
+        classes: Some("1692 classes, 32460 images, hash 0123456789abcdef".into()),
     }
 }
 

@@ -2,7 +2,7 @@
 //! 000 where it speaks (64-d embedding, hidden 128, Adam 1e-3, gradient-norm
 //! clip 1.0); what it leaves open is chosen here and explained.
 
-use fewshot_backbone::{AdamConfig, BackboneError, Conv4Config, Result};
+use fewshot_backbone::{AdamConfig, BackboneError, Conv4Config, Result, StepDecay};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -61,22 +61,19 @@ impl EbMetaNetConfig {
                 reason: "must be at least 1".into(),
             });
         }
-        if !(self.lr_decay_factor > 0.0 && self.lr_decay_factor <= 1.0) {
-            return Err(BackboneError::InvalidConfig {
-                field: "lr_decay_factor",
-                value: self.lr_decay_factor.to_string(),
-                reason: "must be in (0, 1]".into(),
-            });
+        self.lr_schedule().validate("lr_decay_factor")
+    }
+
+    fn lr_schedule(&self) -> StepDecay {
+        StepDecay {
+            every: self.lr_decay_every,
+            factor: self.lr_decay_factor,
         }
-        Ok(())
     }
 
     /// The learning rate after `step` optimiser steps.
     pub fn lr_at(&self, step: u64) -> f64 {
-        match self.lr_decay_every {
-            0 => self.optimizer.lr,
-            every => self.optimizer.lr * self.lr_decay_factor.powi((step / every) as i32),
-        }
+        self.lr_schedule().lr_at(self.optimizer.lr, step)
     }
 }
 

@@ -22,5 +22,5 @@ pub use learner::{
     algorithm_section, mean_over_episodes, parse_algorithm_section, EpisodeGradient,
     EpisodeTensors, Learner, StepStats, OPTIMIZER_PREFIX,
 };
-pub use optim::{load_training_state, training_state, Adam, AdamConfig};
+pub use optim::{load_training_state, training_state, Adam, AdamConfig, StepDecay};
 pub use params::{ParamSet, Probes, VarSet};

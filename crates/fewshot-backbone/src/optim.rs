@@ -58,6 +58,36 @@ impl AdamConfig {
     }
 }
 
+/// A step schedule for the learning rate: multiplied by `factor` every
+/// `every` optimiser steps (`every` = 0: constant).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepDecay {
+    pub every: u64,
+    pub factor: f64,
+}
+
+impl StepDecay {
+    /// Errors name `factor_field`, the factor's name in the caller's config.
+    pub fn validate(&self, factor_field: &'static str) -> Result<()> {
+        if !(self.factor > 0.0 && self.factor <= 1.0) {
+            return Err(BackboneError::InvalidConfig {
+                field: factor_field,
+                value: self.factor.to_string(),
+                reason: "must be in (0, 1]".into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// The learning rate after `step` optimiser steps, starting from `lr`.
+    pub fn lr_at(&self, lr: f64, step: u64) -> f64 {
+        match self.every {
+            0 => lr,
+            every => lr * self.factor.powi((step / every) as i32),
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct Adam {
     config: AdamConfig,
@@ -229,6 +259,30 @@ mod tests {
 
     fn value(w: &VarSet) -> Vec<f64> {
         w.as_params().get("w").unwrap().to_vec1().unwrap()
+    }
+
+    #[test]
+    fn step_decay_multiplies_once_per_period_and_checks_its_factor() {
+        let halving = StepDecay {
+            every: 2000,
+            factor: 0.5,
+        };
+        let lrs: Vec<f64> = [0, 1999, 2000, 4500]
+            .map(|step| halving.lr_at(1e-3, step))
+            .into();
+        assert_eq!(lrs, [1e-3, 1e-3, 5e-4, 2.5e-4]);
+        let constant = StepDecay {
+            every: 0,
+            ..halving
+        };
+        assert_eq!(constant.lr_at(1e-3, 1_000_000), 1e-3);
+        halving.validate("f").unwrap();
+        for factor in [0.0, 1.5, f64::NAN] {
+            let err = StepDecay { factor, ..halving }
+                .validate("lr_decay_factor")
+                .unwrap_err();
+            assert!(err.to_string().contains("lr_decay_factor"), "{err}");
+        }
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! reference code's Omniglot settings (seed 001, SPEC.md); what it leaves
 //! open is chosen here and explained.
 
-use fewshot_backbone::{AdamConfig, BackboneError, Result};
+use fewshot_backbone::{AdamConfig, BackboneError, Result, StepDecay};
 use serde::{Deserialize, Serialize};
 
 /// What the base learner b is.
@@ -59,6 +59,11 @@ pub struct MetaNetConfig {
     pub query_chunk: usize,
     /// Default: Adam, lr 1e-3, gradient-norm clip 10 (the reference's).
     pub optimizer: AdamConfig,
+    /// Multiply the learning rate by `lr_decay_factor` every this many steps.
+    /// Default 0 (never): the reference keeps it constant.
+    pub lr_decay_every: u64,
+    /// Default 0.5.
+    pub lr_decay_factor: f64,
     /// Seeds the initial weights. Default 0.
     pub init_seed: u64,
 }
@@ -84,6 +89,8 @@ impl Default for MetaNetConfig {
                 max_grad_norm: Some(10.0),
                 ..AdamConfig::default()
             },
+            lr_decay_every: 0,
+            lr_decay_factor: 0.5,
             init_seed: 0,
         }
     }
@@ -167,7 +174,20 @@ impl MetaNetConfig {
                 "must be positive",
             );
         }
-        self.optimizer.validate()
+        self.optimizer.validate()?;
+        self.lr_schedule().validate("lr_decay_factor")
+    }
+
+    fn lr_schedule(&self) -> StepDecay {
+        StepDecay {
+            every: self.lr_decay_every,
+            factor: self.lr_decay_factor,
+        }
+    }
+
+    /// The learning rate after `step` optimiser steps.
+    pub fn lr_at(&self, step: u64) -> f64 {
+        self.lr_schedule().lr_at(self.optimizer.lr, step)
     }
 
     /// Trailing conv blocks with fast weights.
@@ -242,6 +262,25 @@ mod tests {
         };
         let err = config.validate().unwrap_err().to_string();
         assert!(err.contains("fast_blocks"), "{err}");
+        let config = MetaNetConfig {
+            lr_decay_factor: 0.0,
+            ..MetaNetConfig::default()
+        };
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("lr_decay_factor"), "{err}");
+    }
+
+    #[test]
+    fn the_learning_rate_is_constant_unless_a_decay_is_set() {
+        let config = MetaNetConfig::default();
+        assert_eq!(config.lr_at(0), 1e-3);
+        assert_eq!(config.lr_at(1_000_000), 1e-3);
+        let halving = MetaNetConfig {
+            lr_decay_every: 10_000,
+            ..config
+        };
+        assert_eq!(halving.lr_at(9_999), 1e-3);
+        assert_eq!(halving.lr_at(25_000), 2.5e-4);
     }
 
     #[test]

@@ -71,6 +71,8 @@ impl Learner for MetaNetOriginal {
                 accuracy: ops::accuracy(&logits, labels)?,
             })
         })?;
+        self.optimizer
+            .set_lr(self.config.lr_at(self.optimizer.steps()));
         self.optimizer.step(&self.weights, &gradient)?;
         Ok(stats)
     }

@@ -92,6 +92,11 @@ pub struct DataConfig {
     pub split: OmniglotSplit,
     /// Side of the square images. Default 28 (84 for miniImageNet).
     pub image_size: Option<usize>,
+    /// Train on the validation classes too, leaving none to validate on:
+    /// Prototypical Networks' final protocol, and for Vinyals' Omniglot
+    /// split the 1,200 training characters of the Meta Networks paper. The
+    /// run then tests its last checkpoint. Default false.
+    pub train_with_val: bool,
     /// Keep decoded images in a cache for fast reloads. Default true.
     pub cache: bool,
     /// Default: `$FEWSHOT_CACHE_DIR`, else the user's cache folder.
@@ -105,6 +110,7 @@ impl Default for DataConfig {
             root: None,
             split: OmniglotSplit::Vinyals,
             image_size: None,
+            train_with_val: false,
             cache: true,
             cache_dir: None,
         }

@@ -71,6 +71,11 @@ pub fn load(config: &DataConfig, seed: u64) -> Result<Loaded> {
             (synthetic::generate(&options)?, None, None)
         }
     };
+    let dataset = if config.train_with_val {
+        dataset.with_val_in_train()?
+    } else {
+        dataset
+    };
     Ok(Loaded {
         dataset,
         omniglot,
@@ -90,5 +95,32 @@ pub fn preprocess(config: &DataConfig) -> Preprocess {
         },
         // Omniglot files are black ink on white; the loader turns ink to 1.
         invert: config.dataset == DatasetKind::Omniglot,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn train_with_val_trains_on_every_class_but_the_test_ones() {
+        let config = DataConfig::default();
+        let plain = load(&config, 3).unwrap().dataset;
+        let merged = load(
+            &DataConfig {
+                train_with_val: true,
+                ..config
+            },
+            3,
+        )
+        .unwrap()
+        .dataset;
+        assert!(!plain.val.classes.is_empty());
+        assert_eq!(
+            merged.train.classes.len(),
+            plain.train.classes.len() + plain.val.classes.len()
+        );
+        assert!(merged.val.classes.is_empty());
+        assert_eq!(merged.test, plain.test);
     }
 }

@@ -231,6 +231,25 @@ impl FewShotDataset {
             SplitName::Test => &self.test,
         }
     }
+
+    /// The validation classes moved into the training split (named
+    /// `train+val`), for a final training on every non-test class; `val`
+    /// is left empty. The two splits must agree on `random_rotation`.
+    pub fn with_val_in_train(mut self) -> Result<FewShotDataset> {
+        if self.train.random_rotation != self.val.random_rotation && !self.val.classes.is_empty() {
+            return Err(DataError::InvalidSpec {
+                field: "train_with_val",
+                value: self.name.clone(),
+                reason:
+                    "its train and val splits augment differently (random rotations in one only)"
+                        .into(),
+            });
+        }
+        let val = std::mem::replace(&mut self.val, ClassSplit::empty("val"));
+        self.train.name = "train+val".into();
+        self.train.classes.extend(val.classes);
+        Ok(self)
+    }
 }
 
 #[cfg(test)]
@@ -314,6 +333,44 @@ mod tests {
         };
         assert_eq!(split.groups(), 2);
         assert_eq!(split.num_images(), 6);
+    }
+
+    #[test]
+    fn validation_classes_can_join_the_training_split() {
+        let class = |name: &str| FewShotClass {
+            name: name.into(),
+            group: String::new(),
+            images: vec![0],
+            rotation: Rotation::R0,
+        };
+        let split = |name: &str, classes: &[&str]| ClassSplit {
+            name: name.into(),
+            classes: classes.iter().map(|c| class(c)).collect(),
+            random_rotation: false,
+        };
+        let dataset = FewShotDataset {
+            name: "d".into(),
+            store: Arc::new(ImageStore::new(1, 1, 1, vec![0]).unwrap()),
+            train: split("train", &["a", "b"]),
+            val: split("val", &["c"]),
+            test: split("test", &["d"]),
+        };
+        let merged = dataset.clone().with_val_in_train().unwrap();
+        let names: Vec<&str> = merged
+            .train
+            .classes
+            .iter()
+            .map(|c| c.name.as_str())
+            .collect();
+        assert_eq!(names, ["a", "b", "c"]);
+        assert_eq!(merged.train.name, "train+val");
+        assert!(merged.val.classes.is_empty());
+        assert_eq!(merged.test, dataset.test);
+
+        let mut mixed = dataset;
+        mixed.val.random_rotation = true;
+        let err = mixed.with_val_in_train().unwrap_err();
+        assert!(err.to_string().contains("train_with_val"), "{err}");
     }
 
     #[test]

@@ -178,16 +178,12 @@ impl MetaNetConfig {
         self.lr_schedule().validate("lr_decay_factor")
     }
 
-    fn lr_schedule(&self) -> StepDecay {
+    /// How the optimiser's learning rate changes over the steps.
+    pub fn lr_schedule(&self) -> StepDecay {
         StepDecay {
             every: self.lr_decay_every,
             factor: self.lr_decay_factor,
         }
-    }
-
-    /// The learning rate after `step` optimiser steps.
-    pub fn lr_at(&self, step: u64) -> f64 {
-        self.lr_schedule().lr_at(self.optimizer.lr, step)
     }
 
     /// Trailing conv blocks with fast weights.
@@ -273,14 +269,16 @@ mod tests {
     #[test]
     fn the_learning_rate_is_constant_unless_a_decay_is_set() {
         let config = MetaNetConfig::default();
-        assert_eq!(config.lr_at(0), 1e-3);
-        assert_eq!(config.lr_at(1_000_000), 1e-3);
+        let lr_at =
+            |config: &MetaNetConfig, step| config.lr_schedule().lr_at(config.optimizer.lr, step);
+        assert_eq!(lr_at(&config, 0), 1e-3);
+        assert_eq!(lr_at(&config, 1_000_000), 1e-3);
         let halving = MetaNetConfig {
             lr_decay_every: 10_000,
             ..config
         };
-        assert_eq!(halving.lr_at(9_999), 1e-3);
-        assert_eq!(halving.lr_at(25_000), 2.5e-4);
+        assert_eq!(lr_at(&halving, 9_999), 1e-3);
+        assert_eq!(lr_at(&halving, 25_000), 2.5e-4);
     }
 
     #[test]

@@ -71,8 +71,11 @@ impl Learner for MetaNetOriginal {
                 accuracy: ops::accuracy(&logits, labels)?,
             })
         })?;
-        self.optimizer
-            .set_lr(self.config.lr_at(self.optimizer.steps()));
+        let lr = self
+            .config
+            .lr_schedule()
+            .lr_at(self.config.optimizer.lr, self.optimizer.steps());
+        self.optimizer.set_lr(lr);
         self.optimizer.step(&self.weights, &gradient)?;
         Ok(stats)
     }

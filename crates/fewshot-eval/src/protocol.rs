@@ -203,23 +203,24 @@ pub fn check_same_episodes(a: &Evaluation, b: &Evaluation) -> Result<()> {
     }
     // Same seed and spec on other classes (e.g. MAML's split of Omniglot
     // against Vinyals') gives other episodes under the same indices.
-    match (&a.classes, &b.classes) {
-        (Some(ca), Some(cb)) if ca != cb => {
-            return Err(EvalError::Mismatch {
-                what: format!(
-                    "the evaluations drew their episodes from different classes (another split, dataset or data folder): {ca} vs {cb}"
-                ),
-            })
-        }
-        (Some(_), Some(_)) => {}
-        _ => {
-            let which = if a.classes.is_none() { "the first" } else { "the second" };
-            return Err(EvalError::Mismatch {
-                what: format!(
-                    "{which} evaluation does not record which classes its episodes came from (saved by an older version); evaluate it again"
-                ),
-            });
-        }
+    let (Some(ca), Some(cb)) = (&a.classes, &b.classes) else {
+        let which = if a.classes.is_none() {
+            "the first"
+        } else {
+            "the second"
+        };
+        return Err(EvalError::Mismatch {
+            what: format!(
+                "{which} evaluation does not record which classes its episodes came from (saved by an older version); evaluate it again"
+            ),
+        });
+    };
+    if ca != cb {
+        return Err(EvalError::Mismatch {
+            what: format!(
+                "the evaluations drew their episodes from different classes (another split, dataset or data folder): {ca} vs {cb}"
+            ),
+        });
     }
     let indices = |e: &Evaluation| e.episodes.iter().map(|r| r.index).collect::<Vec<_>>();
     let (ia, ib) = (indices(a), indices(b));

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use candle_core::Device;
 use fewshot_backbone::Checkpoint;
+use fewshot_data::SplitName;
 use fewshot_eval::{EvalProtocol, Evaluation, ReportInput};
 use serde::{Deserialize, Serialize};
 
@@ -35,6 +36,9 @@ pub struct Overrides {
     pub ways: Option<usize>,
     pub shots: Option<usize>,
     pub queries: Option<usize>,
+    /// Episodes of another split's classes, e.g. the validation classes to
+    /// see how far they predict the test figure.
+    pub split: Option<SplitName>,
 }
 
 pub fn evaluate_checkpoint(
@@ -55,7 +59,7 @@ pub fn evaluate_checkpoint(
         episodes: overrides.episodes.unwrap_or(experiment.evaluation.episodes),
         seed: overrides.seed.unwrap_or(experiment.evaluation.seed),
         spec,
-        split: experiment.evaluation.split,
+        split: overrides.split.unwrap_or(experiment.evaluation.split),
     };
     let bar = progress::bar(protocol.episodes as u64, "eval");
     let data = &loaded.dataset;

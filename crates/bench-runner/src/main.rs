@@ -19,6 +19,7 @@ mod run_dir;
 mod train;
 
 use config::{DataConfig, DatasetKind, ExperimentConfig};
+use fewshot_data::SplitName;
 
 // glibc malloc costs ~1.8x in candle-heavy loops here (page faults on every
 // large temporary); mimalloc keeps freed pages around.
@@ -118,6 +119,10 @@ enum Command {
         /// Query images per class (default: the experiment's).
         #[arg(long)]
         queries: Option<usize>,
+        /// Classes to draw the episodes from: train, val or test (default:
+        /// the experiment's, test).
+        #[arg(long)]
+        split: Option<SplitName>,
         #[arg(long, default_value = "auto")]
         device: String,
         #[arg(long)]
@@ -299,6 +304,7 @@ fn run(cli: Cli) -> Result<()> {
             ways,
             shots,
             queries,
+            split,
             device,
             json,
         } => {
@@ -309,6 +315,7 @@ fn run(cli: Cli) -> Result<()> {
                 ways,
                 shots,
                 queries,
+                split,
             };
             evaluation::run_eval(&target, &device, overrides, json)
         }

@@ -149,6 +149,23 @@ fn a_resumed_run_ends_exactly_where_an_uninterrupted_one_does() {
     let five_shot: serde_json::Value = serde_json::from_slice(&five_shot.stdout).unwrap();
     assert_eq!(five_shot["evaluation"]["protocol"]["spec"]["shots"], 3);
     assert_eq!(five_shot["evaluation"]["protocol"]["spec"]["ways"], 4);
+    // The validation classes on request: compare refuses to pair them with
+    // the test episodes.
+    let on_val = fewshot(&["eval", str(&straight), "--split", "val", "--json"]);
+    let on_val_json: serde_json::Value = serde_json::from_slice(&on_val.stdout).unwrap();
+    assert_eq!(on_val_json["evaluation"]["protocol"]["split"], "val");
+    let on_val_path = dir.path().join("on-val.json");
+    std::fs::write(&on_val_path, &on_val.stdout).unwrap();
+    let refused = Command::new(env!("CARGO_BIN_EXE_fewshot"))
+        .args(["compare", str(&straight), str(&on_val_path)])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    let bad_split = Command::new(env!("CARGO_BIN_EXE_fewshot"))
+        .args(["eval", str(&straight), "--split", "dev"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&bad_split.stderr).contains("dev"));
     // A published model is smaller (no optimiser state) and evaluates the same.
     let model = dir.path().join("models/tiny.safetensors");
     fewshot(&["publish", str(&straight), str(&model)]);

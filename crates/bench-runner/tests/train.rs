@@ -21,6 +21,16 @@ fn fewshot(args: &[&str]) -> Output {
     out
 }
 
+/// Runs `fewshot` expecting it to fail, and returns what it said.
+fn fewshot_fails(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_fewshot"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "fewshot {args:?} succeeded");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 fn tiny_config(dir: &Path) -> PathBuf {
     let path = dir.join("tiny.json");
     let config = serde_json::json!({
@@ -119,12 +129,8 @@ fn a_resumed_run_ends_exactly_where_an_uninterrupted_one_does() {
     }
 
     // A second run into the same directory is refused; resuming a finished run is not.
-    let out = Command::new(env!("CARGO_BIN_EXE_fewshot"))
-        .args(["train", str(&config), "--out", str(&straight)])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--resume"));
+    let refused = fewshot_fails(&["train", str(&config), "--out", str(&straight)]);
+    assert!(refused.contains("--resume"), "{refused}");
 
     // eval reproduces the run's own figure on the same episodes, and compare
     // of two identical learners finds no difference.
@@ -149,23 +155,6 @@ fn a_resumed_run_ends_exactly_where_an_uninterrupted_one_does() {
     let five_shot: serde_json::Value = serde_json::from_slice(&five_shot.stdout).unwrap();
     assert_eq!(five_shot["evaluation"]["protocol"]["spec"]["shots"], 3);
     assert_eq!(five_shot["evaluation"]["protocol"]["spec"]["ways"], 4);
-    // The validation classes on request: compare refuses to pair them with
-    // the test episodes.
-    let on_val = fewshot(&["eval", str(&straight), "--split", "val", "--json"]);
-    let on_val_json: serde_json::Value = serde_json::from_slice(&on_val.stdout).unwrap();
-    assert_eq!(on_val_json["evaluation"]["protocol"]["split"], "val");
-    let on_val_path = dir.path().join("on-val.json");
-    std::fs::write(&on_val_path, &on_val.stdout).unwrap();
-    let refused = Command::new(env!("CARGO_BIN_EXE_fewshot"))
-        .args(["compare", str(&straight), str(&on_val_path)])
-        .output()
-        .unwrap();
-    assert!(!refused.status.success());
-    let bad_split = Command::new(env!("CARGO_BIN_EXE_fewshot"))
-        .args(["eval", str(&straight), "--split", "dev"])
-        .output()
-        .unwrap();
-    assert!(String::from_utf8_lossy(&bad_split.stderr).contains("dev"));
     // A published model is smaller (no optimiser state) and evaluates the same.
     let model = dir.path().join("models/tiny.safetensors");
     fewshot(&["publish", str(&straight), str(&model)]);
@@ -269,16 +258,20 @@ fn compare_refuses_evaluations_of_different_episodes() {
     let other = fewshot(&["eval", str(&run), "--seed", "8", "--json"]);
     let other_path = dir.path().join("other.json");
     std::fs::write(&other_path, &other.stdout).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_fewshot"))
-        .args(["compare", str(&run), str(&other_path)])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("seed"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let refused = fewshot_fails(&["compare", str(&run), str(&other_path)]);
+    assert!(refused.contains("seed"), "{refused}");
+
+    // Episodes of the validation classes (`eval --split val`) are other
+    // episodes too.
+    let on_val = fewshot(&["eval", str(&run), "--split", "val", "--json"]);
+    let on_val_json: serde_json::Value = serde_json::from_slice(&on_val.stdout).unwrap();
+    assert_eq!(on_val_json["evaluation"]["protocol"]["split"], "val");
+    let on_val_path = dir.path().join("on-val.json");
+    std::fs::write(&on_val_path, &on_val.stdout).unwrap();
+    let refused = fewshot_fails(&["compare", str(&run), str(&on_val_path)]);
+    assert!(refused.contains("split"), "{refused}");
+    let unknown = fewshot_fails(&["eval", str(&run), "--split", "dev"]);
+    assert!(unknown.contains("dev"), "{unknown}");
 }
 
 #[test]
@@ -359,17 +352,15 @@ fn predict_names_a_corrupt_support_image() {
     std::fs::write(support.join("b").join("broken.png"), b"\x89PNG not really").unwrap();
     std::fs::create_dir_all(&query).unwrap();
     save_png(&[0u8; 28 * 28], &query.join("q.png"));
-    let out = Command::new(env!("CARGO_BIN_EXE_fewshot"))
-        .args([
-            "predict",
-            "--checkpoint",
-            str(&run.join("checkpoints/last.safetensors")),
-        ])
-        .args(["--support", str(&support), "--query", str(&query)])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = fewshot_fails(&[
+        "predict",
+        "--checkpoint",
+        str(&run.join("checkpoints/last.safetensors")),
+        "--support",
+        str(&support),
+        "--query",
+        str(&query),
+    ]);
     assert!(stderr.contains("broken.png"), "{stderr}");
 }
 

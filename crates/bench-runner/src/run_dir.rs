@@ -64,8 +64,9 @@ impl RunDir {
             .collect()
     }
 
-    /// Keeps only the records up to `step`: what a resumed run has not lost.
-    pub fn truncate_metrics(&self, step: u64) -> Result<()> {
+    /// Keeps only the records up to `step`, what a resumed run has not
+    /// lost, and returns them.
+    pub fn truncate_metrics(&self, step: u64) -> Result<Vec<TrainingRecord>> {
         let kept: Vec<TrainingRecord> = self
             .read_metrics()?
             .into_iter()
@@ -77,7 +78,7 @@ impl RunDir {
             text.push('\n');
         }
         write_atomic(&self.metrics(), text.as_bytes())?;
-        Ok(())
+        Ok(kept)
     }
 
     pub fn append_metrics(&self, record: &TrainingRecord) -> Result<()> {

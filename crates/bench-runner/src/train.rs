@@ -65,12 +65,16 @@ pub fn run(options: &TrainOptions) -> Result<()> {
     )?;
 
     let mut progress = Progress::default();
+    let mut unfinished_validation = false;
     if options.resume {
         let path = run.last_checkpoint();
         let checkpoint = Checkpoint::load(&path, &device)?;
         learner.load_state(&checkpoint.tensors)?;
         progress = Progress::from_checkpoint(&checkpoint, &path)?;
-        run.truncate_metrics(progress.step)?;
+        let kept = run.truncate_metrics(progress.step)?;
+        // Every checkpoint comes with a record of its step, except the one
+        // written just before a validation that did not finish.
+        unfinished_validation = !kept.iter().any(|r| r.step == progress.step);
         tracing::info!(step = progress.step, "resumed from {}", path.display());
     }
 
@@ -83,6 +87,31 @@ pub fn run(options: &TrainOptions) -> Result<()> {
         spec: config.test_episodes.spec(),
         split: SplitName::Val,
     });
+    if let (true, Some(protocol)) = (unfinished_validation, &validation) {
+        let accuracy = validate_and_keep_best(
+            &*learner,
+            data,
+            protocol,
+            &device,
+            &mut progress,
+            &config,
+            &run,
+        )?;
+        save(&*learner, &progress, &config, &run.last_checkpoint())?;
+        run.append_metrics(&TrainingRecord {
+            step: progress.step,
+            seconds: progress.training_seconds,
+            // The training steps' means went with the stopped process.
+            loss: f64::NAN,
+            accuracy: f64::NAN,
+            val_accuracy: Some(accuracy),
+        })?;
+        tracing::info!(
+            step = progress.step,
+            "validation the stopped run did not finish: {:.2}%",
+            100.0 * accuracy
+        );
+    }
 
     let total = config.training.steps;
     let stop = options.stop_after.unwrap_or(total).min(total);
@@ -112,15 +141,19 @@ pub fn run(options: &TrainOptions) -> Result<()> {
             let mut record = window.record(progress.step, progress.training_seconds);
             if validate {
                 if let Some(protocol) = &validation {
-                    let accuracy = validate_now(&*learner, data, protocol, &device)?;
-                    record.val_accuracy = Some(accuracy);
-                    if progress
-                        .best_val_accuracy
-                        .is_none_or(|best| accuracy > best)
-                    {
-                        progress.best_val_accuracy = Some(accuracy);
-                        save(&*learner, &progress, &config, &run.best_checkpoint())?;
-                    }
+                    // The step's checkpoint first: a kill during the
+                    // validation then loses only the validation, which the
+                    // resumed run does first.
+                    save(&*learner, &progress, &config, &run.last_checkpoint())?;
+                    record.val_accuracy = Some(validate_and_keep_best(
+                        &*learner,
+                        data,
+                        protocol,
+                        &device,
+                        &mut progress,
+                        &config,
+                        &run,
+                    )?);
                 }
                 save(&*learner, &progress, &config, &run.last_checkpoint())?;
                 let seconds_per_step = (progress.training_seconds - start_seconds)
@@ -216,21 +249,35 @@ fn prepare_run_dir(run: &RunDir, config: &ExperimentConfig, resume: bool) -> Res
     Ok(())
 }
 
-fn validate_now(
+/// Validates the learner at `progress.step` and keeps its checkpoint if it
+/// is the best so far.
+fn validate_and_keep_best(
     learner: &dyn Learner,
     data: &fewshot_data::FewShotDataset,
     protocol: &EvalProtocol,
     device: &Device,
+    progress: &mut Progress,
+    config: &ExperimentConfig,
+    run: &RunDir,
 ) -> Result<f64> {
-    let result = fewshot_eval::evaluate(
+    let accuracy = fewshot_eval::evaluate(
         learner,
         data.store.clone(),
         data.split(protocol.split),
         protocol,
         device,
         &mut |_| {},
-    )?;
-    Ok(result.accuracy.mean)
+    )?
+    .accuracy
+    .mean;
+    if progress
+        .best_val_accuracy
+        .is_none_or(|best| accuracy > best)
+    {
+        progress.best_val_accuracy = Some(accuracy);
+        save(learner, progress, config, &run.best_checkpoint())?;
+    }
+    Ok(accuracy)
 }
 
 fn save(

@@ -172,6 +172,57 @@ fn a_resumed_run_ends_exactly_where_an_uninterrupted_one_does() {
     assert_eq!(comparison["n"], 40);
 }
 
+/// A run killed during a validation has the step's checkpoint but no record
+/// of the step; resumed, it runs that validation first and then goes on as
+/// an uninterrupted run.
+#[test]
+fn a_run_killed_during_a_validation_validates_first_when_resumed() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = tiny_config(dir.path());
+    let straight = dir.path().join("straight");
+    let killed = dir.path().join("killed");
+    fewshot(&["train", str(&config), "--out", str(&straight)]);
+    fewshot(&[
+        "train",
+        str(&config),
+        "--out",
+        str(&killed),
+        "--stop-after",
+        "3",
+    ]);
+    // What a kill during step 3's validation leaves behind: no record of the
+    // step (the checkpoint written before that validation would know no best
+    // validation yet; this one knows step 3's, so resuming keeps its best).
+    let records = |run: &Path| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(run.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|line| serde_json::from_str(line).unwrap())
+            .collect()
+    };
+    let before_kill: Vec<String> = records(&killed)
+        .iter()
+        .filter(|r| r["step"] != 3)
+        .map(|r| format!("{r}\n"))
+        .collect();
+    std::fs::write(killed.join("metrics.jsonl"), before_kill.concat()).unwrap();
+
+    fewshot(&["train", str(&config), "--out", str(&killed), "--resume"]);
+    let (straight_records, killed_records) = (records(&straight), records(&killed));
+    let validations = |records: &[serde_json::Value]| -> Vec<(u64, f64)> {
+        records
+            .iter()
+            .filter_map(|r| Some((r["step"].as_u64()?, r["val_accuracy"].as_f64()?)))
+            .collect()
+    };
+    assert_eq!(validations(&killed_records), validations(&straight_records));
+    assert_eq!(validations(&killed_records).len(), 2);
+    // The training means of the killed steps are unknown, and say so.
+    assert!(killed_records[0]["loss"].is_null());
+    let best = |run: &Path| tensors(&run.join("checkpoints/best.safetensors"));
+    assert_eq!(best(&killed), best(&straight));
+}
+
 /// Ctrl-C stops a run after its current step with a checkpoint of that step
 /// (here the only one: validation comes at the end), and the resumed run
 /// goes on exactly as an uninterrupted one.

@@ -23,6 +23,7 @@ pub struct TrainingRecord {
     /// Meta-training loss and accuracy of this step's batch.
     #[serde(deserialize_with = "crate::json_float::nan_if_null")]
     pub loss: f64,
+    #[serde(deserialize_with = "crate::json_float::nan_if_null")]
     pub accuracy: f64,
     /// Validation accuracy, on the steps where validation ran.
     pub val_accuracy: Option<f64>,
@@ -132,15 +133,27 @@ pub fn accuracy_line(evaluation: &Evaluation) -> String {
 
 /// Steps, time, last training values and final/best validation accuracy.
 fn training_table(records: &[TrainingRecord], last: &TrainingRecord) -> Vec<String> {
+    // A run resumed after a kill during a validation records that
+    // validation without training means (NaN): show the latest there are.
+    // (Accuracy, not loss, tells them apart: a diverged run's NaN loss shows.)
+    let trained = records
+        .iter()
+        .rev()
+        .find(|r| r.accuracy.is_finite())
+        .unwrap_or(last);
     let mut rows = vec![
         "| | |".to_string(),
         "|---|---|".to_string(),
         format!("| steps | {} |", last.step),
         format!("| training time | {} |", duration(last.seconds)),
-        format!("| training loss, last step | {:.4} |", last.loss),
         format!(
-            "| training accuracy, last step | {:.2}% |",
-            last.accuracy * 100.0
+            "| training loss, last record (step {}) | {:.4} |",
+            trained.step, trained.loss
+        ),
+        format!(
+            "| training accuracy, last record (step {}) | {:.2}% |",
+            trained.step,
+            trained.accuracy * 100.0
         ),
     ];
     let validated: Vec<(u64, f64)> = records

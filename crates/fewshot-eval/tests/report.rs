@@ -170,3 +170,43 @@ fn diverged_training_still_plots() {
     let back: TrainingRecord = serde_json::from_str(&line).unwrap();
     assert!(back.loss.is_nan() && back.val_accuracy.is_none());
 }
+
+/// The record of a validation redone after a kill has no training means:
+/// the table shows the last record that has them, and says which.
+#[test]
+fn a_validation_without_training_means_keeps_the_last_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut records = training();
+    records.pop();
+    let last_trained = records.last().unwrap().clone();
+    records.push(TrainingRecord {
+        step: 500,
+        seconds: 250.0,
+        loss: f64::NAN,
+        accuracy: f64::NAN,
+        val_accuracy: Some(0.95),
+    });
+    let config = serde_json::json!({});
+    let report = write_report(
+        dir.path(),
+        &ReportInput {
+            title: "resumed",
+            config: &config,
+            training: &records,
+            evaluation: None,
+            notes: &[],
+        },
+    )
+    .unwrap();
+    let md = std::fs::read_to_string(report).unwrap();
+    let expected = format!(
+        "| training loss, last record (step 499) | {:.4} |",
+        last_trained.loss
+    );
+    assert!(md.contains(&expected), "{md}");
+    assert!(!md.contains("NaN"), "{md}");
+    assert!(
+        md.contains("| final validation accuracy | 95.00% (step 500) |"),
+        "{md}"
+    );
+}

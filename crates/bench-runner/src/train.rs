@@ -87,16 +87,11 @@ pub fn run(options: &TrainOptions) -> Result<()> {
         spec: config.test_episodes.spec(),
         split: SplitName::Val,
     });
+    let validate_now = |learner: &dyn Learner, progress: &mut Progress, protocol: &EvalProtocol| {
+        validate_and_keep_best(learner, data, protocol, &device, progress, &config, &run)
+    };
     if let (true, Some(protocol)) = (unfinished_validation, &validation) {
-        let accuracy = validate_and_keep_best(
-            &*learner,
-            data,
-            protocol,
-            &device,
-            &mut progress,
-            &config,
-            &run,
-        )?;
+        let accuracy = validate_now(&*learner, &mut progress, protocol)?;
         save(&*learner, &progress, &config, &run.last_checkpoint())?;
         run.append_metrics(&TrainingRecord {
             step: progress.step,
@@ -145,15 +140,7 @@ pub fn run(options: &TrainOptions) -> Result<()> {
                     // validation then loses only the validation, which the
                     // resumed run does first.
                     save(&*learner, &progress, &config, &run.last_checkpoint())?;
-                    record.val_accuracy = Some(validate_and_keep_best(
-                        &*learner,
-                        data,
-                        protocol,
-                        &device,
-                        &mut progress,
-                        &config,
-                        &run,
-                    )?);
+                    record.val_accuracy = Some(validate_now(&*learner, &mut progress, protocol)?);
                 }
                 save(&*learner, &progress, &config, &run.last_checkpoint())?;
                 let seconds_per_step = (progress.training_seconds - start_seconds)

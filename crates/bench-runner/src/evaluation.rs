@@ -2,6 +2,7 @@
 //! seeded test episodes of the experiment's protocol, the same for every
 //! learner, so that runs can be compared episode by episode.
 
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
@@ -69,7 +70,10 @@ pub fn evaluate_checkpoint(
         data.split(protocol.split),
         &protocol,
         device,
-        &mut |done| bar.set_position(done as u64),
+        &mut |done| {
+            bar.set_position(done as u64);
+            ControlFlow::Continue(())
+        },
     )?;
     bar.finish_and_clear();
     let results = Results {

@@ -1,7 +1,9 @@
 //! Ctrl-C (SIGINT) or SIGTERM during training: the first asks the run to
 //! stop after its current step and write a checkpoint, so that `--resume`
-//! loses nothing; a second one ends the process at once.
+//! loses nothing (a running validation stops too, and the resumed run does
+//! it again); a second one ends the process at once.
 
+use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -28,6 +30,15 @@ impl StopRequest {
 
     pub fn is_requested(&self) -> bool {
         self.0.load(Ordering::SeqCst)
+    }
+
+    /// For progress callbacks: break once a stop is asked for.
+    pub fn control_flow(&self) -> ControlFlow<()> {
+        if self.is_requested() {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
     }
 
     /// From now on the first signal ends the process at once, as if no

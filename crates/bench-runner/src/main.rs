@@ -87,8 +87,9 @@ enum Command {
         command: DataCommand,
     },
     /// Meta-train a learner from a JSON experiment config, then evaluate it.
-    /// Ctrl-C stops after the current step with a checkpoint (--resume
-    /// continues); a second Ctrl-C ends at once.
+    /// Ctrl-C stops after the current step (or within a running
+    /// validation) with a checkpoint (--resume continues); a second Ctrl-C
+    /// ends at once.
     Train {
         config: PathBuf,
         /// The run directory (default: runs/<config name>).

@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use fewshot_backbone::{Checkpoint, EpisodeTensors, Learner};
 use fewshot_data::{EpisodeSampler, SplitName};
-use fewshot_eval::{EvalProtocol, TrainingRecord};
+use fewshot_eval::{EvalError, EvalProtocol, TrainingRecord};
 
 use crate::config::ExperimentConfig;
 use crate::datasets;
@@ -87,11 +87,24 @@ pub fn run(options: &TrainOptions) -> Result<()> {
         spec: config.test_episodes.spec(),
         split: SplitName::Val,
     });
+    let stop_request = StopRequest::install()?;
+    // Validates at `progress.step` and keeps the best checkpoint.
     let validate_now = |learner: &dyn Learner, progress: &mut Progress, protocol: &EvalProtocol| {
-        validate_and_keep_best(learner, data, protocol, &device, progress, &config, &run)
+        let accuracy = validate(learner, data, protocol, &device, &stop_request)?;
+        if let Some(accuracy) = accuracy {
+            keep_if_best(learner, accuracy, progress, &config, &run)?;
+        }
+        anyhow::Ok(accuracy)
     };
     if let (true, Some(protocol)) = (unfinished_validation, &validation) {
-        let accuracy = validate_now(&*learner, &mut progress, protocol)?;
+        let Some(accuracy) = validate_now(&*learner, &mut progress, protocol)? else {
+            print_how_to_continue(
+                options,
+                &run,
+                &format!("during the validation of step {}", progress.step),
+            );
+            return Ok(());
+        };
         save(&*learner, &progress, &config, &run.last_checkpoint())?;
         run.append_metrics(&TrainingRecord {
             step: progress.step,
@@ -110,13 +123,13 @@ pub fn run(options: &TrainOptions) -> Result<()> {
 
     let total = config.training.steps;
     let stop = options.stop_after.unwrap_or(total).min(total);
-    let stop_request = StopRequest::install()?;
     let bar = progress::bar(total, "train");
     bar.set_position(progress.step);
     let mut window = Window::default();
     let mut clock = Instant::now();
     // This process's own pace, for the time-to-go estimate after a resume.
     let (start_step, start_seconds) = (progress.step, progress.training_seconds);
+    let mut validation_stopped = false;
     while progress.step < stop {
         let first = progress.step * config.training.meta_batch as u64;
         let batch: Vec<EpisodeTensors> = sampler
@@ -136,11 +149,15 @@ pub fn run(options: &TrainOptions) -> Result<()> {
             let mut record = window.record(progress.step, progress.training_seconds);
             if validate {
                 if let Some(protocol) = &validation {
-                    // The step's checkpoint first: a kill during the
-                    // validation then loses only the validation, which the
-                    // resumed run does first.
+                    // The step's checkpoint first: a kill or a stop during
+                    // the validation then loses only the validation, which
+                    // the resumed run does first.
                     save(&*learner, &progress, &config, &run.last_checkpoint())?;
-                    record.val_accuracy = Some(validate_now(&*learner, &mut progress, protocol)?);
+                    let Some(accuracy) = validate_now(&*learner, &mut progress, protocol)? else {
+                        validation_stopped = true;
+                        break;
+                    };
+                    record.val_accuracy = Some(accuracy);
                 }
                 save(&*learner, &progress, &config, &run.last_checkpoint())?;
                 let seconds_per_step = (progress.training_seconds - start_seconds)
@@ -174,15 +191,15 @@ pub fn run(options: &TrainOptions) -> Result<()> {
     }
     let interrupted = stop_request.is_requested();
     stop_request.end_process_on_signal();
-    if progress.step < total {
+    if progress.step < total || validation_stopped {
         // The bar stays where the run stopped (`finish` would fill it).
         bar.abandon();
-        println!(
-            "stopped after step {} of {total}; continue with: fewshot train {} --out {} --resume",
-            progress.step,
-            options.config.display(),
-            run.root.display()
-        );
+        let stopped = if validation_stopped {
+            format!("during the validation of step {}", progress.step)
+        } else {
+            format!("after step {} of {total}", progress.step)
+        };
+        print_how_to_continue(options, &run, &stopped);
         return Ok(());
     }
     bar.finish();
@@ -236,27 +253,47 @@ fn prepare_run_dir(run: &RunDir, config: &ExperimentConfig, resume: bool) -> Res
     Ok(())
 }
 
-/// Validates the learner at `progress.step` and keeps its checkpoint if it
-/// is the best so far.
-fn validate_and_keep_best(
+fn print_how_to_continue(options: &TrainOptions, run: &RunDir, stopped: &str) {
+    println!(
+        "stopped {stopped}; continue with: fewshot train {} --out {} --resume",
+        options.config.display(),
+        run.root.display()
+    );
+}
+
+/// The learner's mean validation accuracy; `None` if a stop was asked for
+/// during the validation.
+fn validate(
     learner: &dyn Learner,
     data: &fewshot_data::FewShotDataset,
     protocol: &EvalProtocol,
     device: &Device,
-    progress: &mut Progress,
-    config: &ExperimentConfig,
-    run: &RunDir,
-) -> Result<f64> {
-    let accuracy = fewshot_eval::evaluate(
+    stop_request: &StopRequest,
+) -> Result<Option<f64>> {
+    let evaluation = fewshot_eval::evaluate(
         learner,
         data.store.clone(),
         data.split(protocol.split),
         protocol,
         device,
-        &mut |_| {},
-    )?
-    .accuracy
-    .mean;
+        &mut |_| stop_request.control_flow(),
+    );
+    match evaluation {
+        Ok(evaluation) => Ok(Some(evaluation.accuracy.mean)),
+        Err(EvalError::Stopped { .. }) => Ok(None),
+        Err(err) => Err(err.into()),
+    }
+}
+
+/// Keeps the learner's checkpoint as the best if `accuracy` is the best
+/// validation so far.
+fn keep_if_best(
+    learner: &dyn Learner,
+    accuracy: f64,
+    progress: &mut Progress,
+    config: &ExperimentConfig,
+    run: &RunDir,
+) -> Result<()> {
     if progress
         .best_val_accuracy
         .is_none_or(|best| accuracy > best)
@@ -264,7 +301,7 @@ fn validate_and_keep_best(
         progress.best_val_accuracy = Some(accuracy);
         save(learner, progress, config, &run.best_checkpoint())?;
     }
-    Ok(accuracy)
+    Ok(())
 }
 
 fn save(

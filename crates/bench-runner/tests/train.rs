@@ -300,6 +300,63 @@ fn an_interrupted_run_keeps_its_last_step_and_resumes_from_it() {
     );
 }
 
+/// Ctrl-C during a validation stops it without waiting for its end: the
+/// step's checkpoint is there, and the validation is left to the resumed
+/// run (see the test above).
+#[cfg(unix)]
+#[test]
+fn an_interrupt_stops_a_running_validation() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(tiny_config(dir.path())).unwrap()).unwrap();
+    config["training"]["validate_every"] = 2.into();
+    // Far longer than the test may wait: it ends only if the stop works.
+    config["training"]["validation_episodes"] = 10_000_000.into();
+    let config_path = dir.path().join("long-validation.json");
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let run = dir.path().join("run");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fewshot"))
+        .args(["train", str(&config_path), "--out", str(&run)])
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Step 2's checkpoint is written just before its validation.
+    let checkpoint = run.join("checkpoints/last.safetensors");
+    let started = std::time::Instant::now();
+    let waited_too_long = || started.elapsed().as_secs() > 300;
+    while !checkpoint.exists() {
+        assert!(!waited_too_long(), "no checkpoint after 5 minutes");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+    while child.try_wait().unwrap().is_none() {
+        if waited_too_long() {
+            child.kill().unwrap();
+            panic!("the validation did not stop");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("stopped during the validation of step 2") && stdout.contains("--resume"),
+        "{stdout}"
+    );
+    let step = &Checkpoint::load(&checkpoint, &Device::Cpu).unwrap().extra["step"];
+    assert_eq!(step, "2");
+    // No record of step 2: the resumed run knows its validation is to do.
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap_or_default();
+    assert!(!metrics.contains("\"step\":2,"), "{metrics}");
+    assert!(!run.join("checkpoints/best.safetensors").exists());
+}
+
 #[test]
 fn compare_refuses_evaluations_of_different_episodes() {
     let dir = tempfile::tempdir().unwrap();

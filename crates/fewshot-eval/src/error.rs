@@ -29,6 +29,11 @@ pub enum EvalError {
     #[error("nothing to evaluate: {what}")]
     Empty { what: String },
 
+    /// The caller's progress callback asked to stop (see
+    /// [`evaluate`](crate::evaluate)).
+    #[error("stopped after {done} of {episodes} episodes")]
+    Stopped { done: usize, episodes: usize },
+
     /// A plot could not be drawn.
     #[error("{path}: cannot draw plot: {message}")]
     Plot { path: PathBuf, message: String },

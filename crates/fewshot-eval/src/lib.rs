@@ -20,7 +20,8 @@
 //!     split: SplitName::Test,
 //! };
 //! let device = candle_core::Device::Cpu;
-//! let result = evaluate(learner, data.store.clone(), &data.test, &protocol, &device, &mut |_| {})?;
+//! let mut on_progress = |_done| std::ops::ControlFlow::Continue(());
+//! let result = evaluate(learner, data.store.clone(), &data.test, &protocol, &device, &mut on_progress)?;
 //! println!("{:.2}% ± {:.2}%", result.accuracy.mean * 100.0, result.accuracy.ci95 * 100.0);
 //! # Ok(())
 //! # }

@@ -2,6 +2,7 @@
 //! every learner is scored on, so that results can be compared episode by
 //! episode (see [`compare`]).
 
+use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -69,6 +70,9 @@ impl Evaluation {
 
 /// Scores `learner` on the protocol's episodes of `split`, calling
 /// `on_progress` with the number of episodes done after each chunk of them.
+/// If `on_progress` breaks, the evaluation stops there with
+/// [`EvalError::Stopped`] (a Ctrl-C during a long validation need not wait
+/// for its end).
 ///
 /// `split` is the protocol's split of the caller's dataset, usually
 /// `dataset.split(protocol.split)`; its name is not checked, so a folder of
@@ -79,7 +83,7 @@ pub fn evaluate(
     split: &ClassSplit,
     protocol: &EvalProtocol,
     device: &Device,
-    on_progress: &mut dyn FnMut(usize),
+    on_progress: &mut dyn FnMut(usize) -> ControlFlow<()>,
 ) -> Result<Evaluation> {
     check_protocol(protocol)?;
     let started = Instant::now();
@@ -104,7 +108,12 @@ pub fn evaluate(
         for result in scored {
             results.push(result?);
         }
-        on_progress(results.len());
+        if on_progress(results.len()).is_break() && results.len() < protocol.episodes {
+            return Err(EvalError::Stopped {
+                done: results.len(),
+                episodes: protocol.episodes,
+            });
+        }
     }
     let accuracies: Vec<f64> = results.iter().map(|r| r.accuracy).collect();
     let accuracy = summarize(&accuracies)?;

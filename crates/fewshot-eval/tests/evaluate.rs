@@ -2,6 +2,8 @@
 //! scored on synthetic glyphs, then compared with itself and with a run on
 //! other episodes.
 
+use std::ops::ControlFlow;
+
 use candle_core::{Device, Tensor};
 use fewshot_backbone::{BackboneError, EpisodeTensors, Learner, ParamSet, StepStats};
 use fewshot_data::{synthetic, EpisodeSpec, FewShotDataset, SplitName, SyntheticOptions};
@@ -95,7 +97,7 @@ fn run(data: &FewShotDataset, learner: &dyn Learner, protocol: &EvalProtocol) ->
         &data.test,
         protocol,
         &Device::Cpu,
-        &mut |_| {},
+        &mut |_| ControlFlow::Continue(()),
     )
     .unwrap()
 }
@@ -112,7 +114,10 @@ fn same_seed_gives_the_same_episodes_and_results() {
         &data.test,
         &protocol,
         &Device::Cpu,
-        &mut |done| progress.push(done),
+        &mut |done| {
+            progress.push(done);
+            ControlFlow::Continue(())
+        },
     )
     .unwrap();
     // Progress comes after every chunk of 32 episodes, ending at the total.
@@ -141,6 +146,43 @@ fn same_seed_gives_the_same_episodes_and_results() {
     assert_eq!(back.protocol, first.protocol);
     assert_eq!(back.classes, first.classes);
     assert_eq!(first.classes, Some(data.test.fingerprint()));
+}
+
+#[test]
+fn a_progress_callback_can_stop_the_evaluation() {
+    let data = dataset();
+    let protocol = protocol(70, 1234);
+    let stop_at = |limit: usize| {
+        evaluate(
+            &LEARNER,
+            data.store.clone(),
+            &data.test,
+            &protocol,
+            &Device::Cpu,
+            &mut |done| {
+                if done >= limit {
+                    ControlFlow::Break(())
+                } else {
+                    ControlFlow::Continue(())
+                }
+            },
+        )
+    };
+    // Stopped after the first chunk of 32 episodes.
+    let err = stop_at(1).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            EvalError::Stopped {
+                done: 32,
+                episodes: 70
+            }
+        ),
+        "{err}"
+    );
+    // A stop asked for once every episode is scored changes nothing.
+    let finished = stop_at(70).unwrap();
+    assert_eq!(finished.episodes, run(&data, &LEARNER, &protocol).episodes);
 }
 
 #[test]
@@ -174,7 +216,7 @@ fn evaluations_of_different_episodes_are_not_compared() {
         &data.val,
         &protocol(20, 1),
         &Device::Cpu,
-        &mut |_| {},
+        &mut |_| ControlFlow::Continue(()),
     )
     .unwrap();
     let err = compare(&base, &on_val).unwrap_err();
@@ -221,7 +263,7 @@ fn unusable_protocols_and_learners_are_refused() {
             &data.test,
             protocol,
             &Device::Cpu,
-            &mut |_| {},
+            &mut |_| ControlFlow::Continue(()),
         )
         .unwrap_err()
     };

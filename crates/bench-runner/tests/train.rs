@@ -223,20 +223,19 @@ fn a_run_killed_during_a_validation_validates_first_when_resumed() {
     assert_eq!(best(&killed), best(&straight));
 }
 
-/// Ctrl-C stops a run after its current step with a checkpoint of that step
-/// (here the only one: validation comes at the end), and the resumed run
-/// goes on exactly as an uninterrupted one.
+/// Starts `fewshot train` in the background on the tiny config with its
+/// `training` section edited; returns the process, the config and the run.
 #[cfg(unix)]
-#[test]
-fn an_interrupted_run_keeps_its_last_step_and_resumes_from_it() {
-    let dir = tempfile::tempdir().unwrap();
+fn spawn_training(
+    dir: &Path,
+    edit: impl FnOnce(&mut serde_json::Value),
+) -> (std::process::Child, PathBuf, PathBuf) {
     let mut config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(tiny_config(dir.path())).unwrap()).unwrap();
-    config["training"]["steps"] = 1_000_000.into();
-    config["training"]["validate_every"] = 1_000_000.into();
-    let config_path = dir.path().join("long.json");
+        serde_json::from_str(&std::fs::read_to_string(tiny_config(dir)).unwrap()).unwrap();
+    edit(&mut config["training"]);
+    let config_path = dir.join("edited.json");
     std::fs::write(&config_path, config.to_string()).unwrap();
-    let run = dir.path().join("run");
+    let run = dir.join("run");
     let child = Command::new(env!("CARGO_BIN_EXE_fewshot"))
         .args(["train", str(&config_path), "--out", str(&run)])
         .env("RUST_LOG", "warn")
@@ -244,6 +243,20 @@ fn an_interrupted_run_keeps_its_last_step_and_resumes_from_it() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
+    (child, config_path, run)
+}
+
+/// Ctrl-C stops a run after its current step with a checkpoint of that step
+/// (here the only one: validation comes at the end), and the resumed run
+/// goes on exactly as an uninterrupted one.
+#[cfg(unix)]
+#[test]
+fn an_interrupted_run_keeps_its_last_step_and_resumes_from_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (child, config_path, run) = spawn_training(dir.path(), |training| {
+        training["steps"] = 1_000_000.into();
+        training["validate_every"] = 1_000_000.into();
+    });
     let metrics = run.join("metrics.jsonl");
     let records = || {
         std::fs::read_to_string(&metrics)
@@ -307,21 +320,11 @@ fn an_interrupted_run_keeps_its_last_step_and_resumes_from_it() {
 #[test]
 fn an_interrupt_stops_a_running_validation() {
     let dir = tempfile::tempdir().unwrap();
-    let mut config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(tiny_config(dir.path())).unwrap()).unwrap();
-    config["training"]["validate_every"] = 2.into();
-    // Far longer than the test may wait: it ends only if the stop works.
-    config["training"]["validation_episodes"] = 10_000_000.into();
-    let config_path = dir.path().join("long-validation.json");
-    std::fs::write(&config_path, config.to_string()).unwrap();
-    let run = dir.path().join("run");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_fewshot"))
-        .args(["train", str(&config_path), "--out", str(&run)])
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let (mut child, _, run) = spawn_training(dir.path(), |training| {
+        training["validate_every"] = 2.into();
+        // Far longer than the test may wait: it ends only if the stop works.
+        training["validation_episodes"] = 10_000_000.into();
+    });
     // Step 2's checkpoint is written just before its validation.
     let checkpoint = run.join("checkpoints/last.safetensors");
     let started = std::time::Instant::now();

@@ -90,16 +90,24 @@ fn protocol(episodes: usize, seed: u64) -> EvalProtocol {
     }
 }
 
-fn run(data: &FewShotDataset, learner: &dyn Learner, protocol: &EvalProtocol) -> Evaluation {
+fn run(data: &FewShotDataset, protocol: &EvalProtocol) -> Evaluation {
+    run_watched(data, protocol, &mut |_| ControlFlow::Continue(())).unwrap()
+}
+
+/// `evaluate`s [`LEARNER`] on the test classes, with this progress callback.
+fn run_watched(
+    data: &FewShotDataset,
+    protocol: &EvalProtocol,
+    on_progress: &mut dyn FnMut(usize) -> ControlFlow<()>,
+) -> fewshot_eval::Result<Evaluation> {
     evaluate(
-        learner,
+        &LEARNER,
         data.store.clone(),
         &data.test,
         protocol,
         &Device::Cpu,
-        &mut |_| ControlFlow::Continue(()),
+        on_progress,
     )
-    .unwrap()
 }
 
 #[test]
@@ -108,17 +116,10 @@ fn same_seed_gives_the_same_episodes_and_results() {
     // 70 episodes: more than two sampling chunks, the last one partial.
     let protocol = protocol(70, 1234);
     let mut progress = Vec::new();
-    let first = evaluate(
-        &LEARNER,
-        data.store.clone(),
-        &data.test,
-        &protocol,
-        &Device::Cpu,
-        &mut |done| {
-            progress.push(done);
-            ControlFlow::Continue(())
-        },
-    )
+    let first = run_watched(&data, &protocol, &mut |done| {
+        progress.push(done);
+        ControlFlow::Continue(())
+    })
     .unwrap();
     // Progress comes after every chunk of 32 episodes, ending at the total.
     assert_eq!(progress, vec![32, 64, 70]);
@@ -127,7 +128,7 @@ fn same_seed_gives_the_same_episodes_and_results() {
     assert_eq!(first.accuracy.n, 70);
     assert!(first.seconds > 0.0);
 
-    let second = run(&data, &LEARNER, &protocol);
+    let second = run(&data, &protocol);
     assert_eq!(first.episodes, second.episodes);
     assert_eq!(first.accuracy, second.accuracy);
 
@@ -153,20 +154,13 @@ fn a_progress_callback_can_stop_the_evaluation() {
     let data = dataset();
     let protocol = protocol(70, 1234);
     let stop_at = |limit: usize| {
-        evaluate(
-            &LEARNER,
-            data.store.clone(),
-            &data.test,
-            &protocol,
-            &Device::Cpu,
-            &mut |done| {
-                if done >= limit {
-                    ControlFlow::Break(())
-                } else {
-                    ControlFlow::Continue(())
-                }
-            },
-        )
+        run_watched(&data, &protocol, &mut |done| {
+            if done >= limit {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        })
     };
     // Stopped after the first chunk of 32 episodes.
     let err = stop_at(1).unwrap_err();
@@ -182,13 +176,13 @@ fn a_progress_callback_can_stop_the_evaluation() {
     );
     // A stop asked for once every episode is scored changes nothing.
     let finished = stop_at(70).unwrap();
-    assert_eq!(finished.episodes, run(&data, &LEARNER, &protocol).episodes);
+    assert_eq!(finished.episodes, run(&data, &protocol).episodes);
 }
 
 #[test]
 fn a_learner_compared_with_itself_differs_by_nothing() {
     let data = dataset();
-    let evaluation = run(&data, &LEARNER, &protocol(40, 7));
+    let evaluation = run(&data, &protocol(40, 7));
     let comparison = compare(&evaluation, &evaluation).unwrap();
     assert_eq!(comparison.n, 40);
     assert_eq!(comparison.mean_difference, 0.0);
@@ -199,13 +193,13 @@ fn a_learner_compared_with_itself_differs_by_nothing() {
 #[test]
 fn evaluations_of_different_episodes_are_not_compared() {
     let data = dataset();
-    let base = run(&data, &LEARNER, &protocol(20, 1));
-    let other_seed = run(&data, &LEARNER, &protocol(20, 2));
+    let base = run(&data, &protocol(20, 1));
+    let other_seed = run(&data, &protocol(20, 2));
     let err = compare(&base, &other_seed).unwrap_err();
     assert!(matches!(err, EvalError::Mismatch { .. }), "{err}");
     assert!(err.to_string().contains("seed 1 vs 2"), "{err}");
 
-    let fewer = run(&data, &LEARNER, &protocol(10, 1));
+    let fewer = run(&data, &protocol(10, 1));
     let err = check_same_episodes(&base, &fewer).unwrap_err();
     assert!(err.to_string().contains("episodes 20 vs 10"), "{err}");
 

@@ -267,9 +267,9 @@ fn main() {
         std::env::set_var(CANDLE_SPIN_VAR, "2000");
     }
     // candle asks how many threads may share a matmul on every matmul; with
-    // RAYON_NUM_THREADS unset it answers by parsing /proc/cpuinfo (30 us a
-    // call here, over a thousand calls a second in MAML training: 80 MAML
-    // steps took 7% longer). Setting the variable to candle's own answer
+    // RAYON_NUM_THREADS unset it answers by parsing /proc/cpuinfo (over a
+    // thousand times a second in MAML training: 80 MAML steps took 7%
+    // longer, docs/RESULTS.md). Setting the variable to candle's own answer
     // keeps its matmuls' thread count and makes the question an environment
     // read. Rayon's pool then has that many threads too: the physical cores
     // rather than the logical ones, where they differ.

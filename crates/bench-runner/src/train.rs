@@ -98,11 +98,7 @@ pub fn run(options: &TrainOptions) -> Result<()> {
     };
     if let (true, Some(protocol)) = (unfinished_validation, &validation) {
         let Some(accuracy) = validate_now(&*learner, &mut progress, protocol)? else {
-            print_how_to_continue(
-                options,
-                &run,
-                &format!("during the validation of step {}", progress.step),
-            );
+            print_how_to_continue(options, &run, &progress, config.training.steps, true);
             return Ok(());
         };
         save(&*learner, &progress, &config, &run.last_checkpoint())?;
@@ -194,12 +190,7 @@ pub fn run(options: &TrainOptions) -> Result<()> {
     if progress.step < total || validation_stopped {
         // The bar stays where the run stopped (`finish` would fill it).
         bar.abandon();
-        let stopped = if validation_stopped {
-            format!("during the validation of step {}", progress.step)
-        } else {
-            format!("after step {} of {total}", progress.step)
-        };
-        print_how_to_continue(options, &run, &stopped);
+        print_how_to_continue(options, &run, &progress, total, validation_stopped);
         return Ok(());
     }
     bar.finish();
@@ -253,7 +244,21 @@ fn prepare_run_dir(run: &RunDir, config: &ExperimentConfig, resume: bool) -> Res
     Ok(())
 }
 
-fn print_how_to_continue(options: &TrainOptions, run: &RunDir, stopped: &str) {
+/// Says where the run stopped (after its step, or during that step's
+/// validation) and how to go on.
+fn print_how_to_continue(
+    options: &TrainOptions,
+    run: &RunDir,
+    progress: &Progress,
+    total: u64,
+    during_validation: bool,
+) {
+    let step = progress.step;
+    let stopped = if during_validation {
+        format!("during the validation of step {step}")
+    } else {
+        format!("after step {step} of {total}")
+    };
     println!(
         "stopped {stopped}; continue with: fewshot train {} --out {} --resume",
         options.config.display(),

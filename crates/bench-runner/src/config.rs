@@ -156,7 +156,7 @@ impl EpisodeConfig {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TrainingConfig {
     /// Meta-training steps. Default 10,000.
@@ -167,6 +167,11 @@ pub struct TrainingConfig {
     pub validate_every: u64,
     /// Validation episodes each time. Default 200.
     pub validation_episodes: usize,
+    /// A checkpoint of the same algorithm to start from instead of fresh
+    /// weights: the weights whose names and shapes match are copied (all but
+    /// the output heads when the way count differs), the optimiser starts
+    /// fresh. Relative to the current folder. Default none.
+    pub init_from: Option<PathBuf>,
 }
 
 impl Default for TrainingConfig {
@@ -176,6 +181,7 @@ impl Default for TrainingConfig {
             meta_batch: 4,
             validate_every: 500,
             validation_episodes: 200,
+            init_from: None,
         }
     }
 }

@@ -66,6 +66,18 @@ pub fn run(options: &TrainOptions) -> Result<()> {
 
     let mut progress = Progress::default();
     let mut unfinished_validation = false;
+    if let (false, Some(path)) = (options.resume, &config.training.init_from) {
+        let context = || format!("field `training.init_from`: {}", path.display());
+        let source = Checkpoint::load(path, &device).with_context(context)?;
+        let report = fewshot_backbone::warm_start(&mut *learner, &source).with_context(context)?;
+        tracing::info!(
+            copied = report.copied.len(),
+            "weights taken from {}; kept fresh: [{}]; not used: [{}]",
+            path.display(),
+            report.kept_fresh.join(", "),
+            report.unused.join(", ")
+        );
+    }
     if options.resume {
         let path = run.last_checkpoint();
         let checkpoint = Checkpoint::load(&path, &device)?;

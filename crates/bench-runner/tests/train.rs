@@ -176,6 +176,87 @@ fn a_resumed_run_ends_exactly_where_an_uninterrupted_one_does() {
 /// of the step; resumed, it runs that validation first and then goes on as
 /// an uninterrupted run.
 #[test]
+fn init_from_starts_a_run_from_the_weights_that_fit() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = tiny_config(dir.path());
+    let source = dir.path().join("source");
+    fewshot(&[
+        "train",
+        str(&config),
+        "--out",
+        str(&source),
+        "--stop-after",
+        "3",
+    ]);
+    let source_checkpoint = source.join("checkpoints/last.safetensors");
+
+    // Three ways and a narrower meta learner: the embedding fits, U, V and e
+    // do not. A learning rate too small to move a weight shows what was copied.
+    let mut warm: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+    warm["train_episodes"]["ways"] = 3.into();
+    warm["test_episodes"]["ways"] = 3.into();
+    warm["algorithm"]["hidden_dim"] = 8.into();
+    warm["algorithm"]["optimizer"] = serde_json::json!({ "lr": 1e-30 });
+    warm["training"]["init_from"] = str(&source_checkpoint).into();
+    let warm_config = dir.path().join("warm.json");
+    std::fs::write(&warm_config, warm.to_string()).unwrap();
+    let run = dir.path().join("warm");
+    let out = Command::new(env!("CARGO_BIN_EXE_fewshot"))
+        .args([
+            "train",
+            str(&warm_config),
+            "--out",
+            str(&run),
+            "--stop-after",
+            "3",
+        ])
+        .env("RUST_LOG", "info")
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    assert!(
+        log.contains("kept fresh") && log.contains("in the checkpoint)"),
+        "{log}"
+    );
+
+    let before: std::collections::HashMap<_, _> = tensors(&source_checkpoint).into_iter().collect();
+    let (mut copied, mut fresh) = (0, 0);
+    for (name, after) in tensors(&run.join("checkpoints/last.safetensors")) {
+        if name.starts_with(fewshot_backbone::OPTIMIZER_PREFIX) {
+            continue;
+        }
+        match before.get(&name).filter(|b| b.len() == after.len()) {
+            Some(before) => {
+                let moved = before
+                    .iter()
+                    .zip(&after)
+                    .map(|(b, a)| (b - a).abs())
+                    .fold(0f32, f32::max);
+                assert!(moved < 1e-6, "{name} was not copied (moved {moved})");
+                copied += 1;
+            }
+            None => fresh += 1,
+        }
+    }
+    assert!(copied > 0 && fresh > 0, "copied {copied}, fresh {fresh}");
+
+    warm["training"]["init_from"] = str(&dir.path().join("missing.safetensors")).into();
+    std::fs::write(&warm_config, warm.to_string()).unwrap();
+    let err = fewshot_fails(&[
+        "train",
+        str(&warm_config),
+        "--out",
+        str(&dir.path().join("w2")),
+    ]);
+    assert!(
+        err.contains("training.init_from") && err.contains("missing.safetensors"),
+        "{err}"
+    );
+}
+
+#[test]
 fn a_run_killed_during_a_validation_validates_first_when_resumed() {
     let dir = tempfile::tempdir().unwrap();
     let config = tiny_config(dir.path());

@@ -1,6 +1,6 @@
 //! The shared backbone of the few-shot learners: device selection, the op
 //! module every model goes through, conv-4 networks with a functional forward,
-//! named parameter sets, checkpoints, the second-order check, and the
+//! named parameter sets, checkpoints and warm starts from them, the second-order check, and the
 //! [`Learner`] trait that evaluation and the runner drive.
 
 pub mod checkpoint;
@@ -13,6 +13,7 @@ pub mod ops;
 pub mod optim;
 pub mod params;
 pub mod second_order;
+pub mod warm_start;
 
 pub use checkpoint::{write_atomic, Checkpoint};
 pub use conv4::{Conv4, Conv4Config, Downsample, FeatureHead};
@@ -24,3 +25,4 @@ pub use learner::{
 };
 pub use optim::{load_training_state, training_state, Adam, AdamConfig, StepDecay};
 pub use params::{ParamSet, Probes, VarSet};
+pub use warm_start::{warm_start, WarmStart};

@@ -172,9 +172,8 @@ fn a_resumed_run_ends_exactly_where_an_uninterrupted_one_does() {
     assert_eq!(comparison["n"], 40);
 }
 
-/// A run killed during a validation has the step's checkpoint but no record
-/// of the step; resumed, it runs that validation first and then goes on as
-/// an uninterrupted run.
+/// A run may start from another run's checkpoint: what fits is copied, the
+/// rest stays fresh, and a checkpoint that cannot be read is named.
 #[test]
 fn init_from_starts_a_run_from_the_weights_that_fit() {
     let dir = tempfile::tempdir().unwrap();
@@ -256,6 +255,9 @@ fn init_from_starts_a_run_from_the_weights_that_fit() {
     );
 }
 
+/// A run killed during a validation has the step's checkpoint but no record
+/// of the step; resumed, it runs that validation first and then goes on as
+/// an uninterrupted run.
 #[test]
 fn a_run_killed_during_a_validation_validates_first_when_resumed() {
     let dir = tempfile::tempdir().unwrap();

@@ -1,7 +1,8 @@
 //! The shared backbone of the few-shot learners: device selection, the op
 //! module every model goes through, conv-4 networks with a functional forward,
-//! named parameter sets, checkpoints and warm starts from them, the second-order check, and the
-//! [`Learner`] trait that evaluation and the runner drive.
+//! named parameter sets, checkpoints and warm starts from them, the
+//! second-order check, and the [`Learner`] trait that evaluation and the
+//! runner drive.
 
 pub mod checkpoint;
 pub mod conv4;

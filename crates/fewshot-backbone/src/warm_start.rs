@@ -44,23 +44,23 @@ pub fn warm_start(learner: &mut dyn Learner, source: &Checkpoint) -> Result<Warm
             report
                 .kept_fresh
                 .push(format!("{name} (not in the checkpoint)"));
-            tensor
+            // A copy: candle refuses to set a variable from its own storage.
+            tensor.copy()?
         } else {
             let theirs = source.tensors.get(name)?;
             if theirs.dims() == tensor.dims() {
                 report.copied.push(name.to_string());
-                theirs
+                theirs.clone()
             } else {
                 report.kept_fresh.push(format!(
                     "{name} (shape {:?}, {:?} in the checkpoint)",
                     tensor.dims(),
                     theirs.dims()
                 ));
-                tensor
+                tensor.copy()?
             }
         };
-        // A copy: candle refuses to set a variable from its own storage.
-        merged.insert(name, value.copy()?)?;
+        merged.insert(name, value)?;
     }
     report.unused = source
         .tensors

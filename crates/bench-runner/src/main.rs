@@ -2,7 +2,8 @@
 
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
+use candle_core::Device;
 use clap::{Parser, Subcommand};
 
 mod bench;
@@ -345,7 +346,16 @@ fn run(cli: Cli) -> Result<()> {
         Command::Config { config, defaults } => {
             let config = match (config, defaults) {
                 (_, true) => ExperimentConfig::default(),
-                (Some(path), false) => ExperimentConfig::from_file(&path)?,
+                (Some(path), false) => {
+                    let mut config = ExperimentConfig::from_file(&path)?;
+                    // The learner's crate checks its section and fills in its defaults.
+                    let learner = learners::build(&config.algorithm.clone().into(), &Device::Cpu)
+                        .with_context(|| format!("config {}", path.display()))?;
+                    if let serde_json::Value::Object(section) = learner.config() {
+                        config.algorithm = section;
+                    }
+                    config
+                }
                 (None, false) => anyhow::bail!("give a config file, or --defaults"),
             };
             println!("{}", serde_json::to_string_pretty(&config)?);

@@ -105,6 +105,41 @@ fn a_misspelt_config_field_is_named() {
 }
 
 #[test]
+fn config_fills_in_the_algorithms_defaults_and_checks_its_section() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("lr.json");
+    std::fs::write(
+        &path,
+        r#"{"algorithm": {"name": "metanet-original", "optimizer": {"lr": 1e-4}}}"#,
+    )
+    .unwrap();
+    let out = fewshot(&["config", path.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let algorithm = &printed["algorithm"];
+    assert_eq!(algorithm["optimizer"]["lr"], 1e-4);
+    assert_eq!(algorithm["optimizer"]["max_grad_norm"], 10.0);
+    assert_eq!(algorithm["filters"], 64);
+
+    std::fs::write(
+        &path,
+        r#"{"algorithm": {"name": "metanet-original", "filtres": 32}}"#,
+    )
+    .unwrap();
+    let out = fewshot(&["config", path.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("lr.json") && stderr.contains("filtres"),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn the_data_benchmark_reports_its_figures() {
     let out = fewshot(&["bench", "--suite", "data", "--episodes", "500", "--json"]);
     assert!(

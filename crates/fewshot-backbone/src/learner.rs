@@ -100,19 +100,44 @@ pub const OPTIMIZER_PREFIX: &str = "optimizer.";
 
 /// Parses a config's `algorithm` section into an algorithm's hyperparameters;
 /// the `name` field picks the algorithm and is not one of them.
-pub fn parse_algorithm_section<T: DeserializeOwned>(
+///
+/// Fields the section leaves out keep the algorithm's defaults, also inside
+/// nested objects: `"optimizer": {"lr": 1e-4}` changes only the rate and keeps
+/// the algorithm's gradient clip, where plain serde defaults would take the
+/// nested type's own `Default` (Adam's, without clipping).
+pub fn parse_algorithm_section<T: DeserializeOwned + Serialize + Default>(
     section: &serde_json::Value,
     algorithm: &'static str,
 ) -> Result<T> {
+    let invalid = |reason: String| BackboneError::InvalidConfig {
+        field: "algorithm",
+        value: algorithm.into(),
+        reason,
+    };
     let mut section = section.clone();
     if let Some(map) = section.as_object_mut() {
         map.remove("name");
     }
-    serde_json::from_value(section).map_err(|e| BackboneError::InvalidConfig {
-        field: "algorithm",
-        value: algorithm.into(),
-        reason: e.to_string(),
-    })
+    let mut merged = serde_json::to_value(T::default()).map_err(|e| invalid(e.to_string()))?;
+    merge_onto(&mut merged, section);
+    serde_json::from_value(merged).map_err(|e| invalid(e.to_string()))
+}
+
+/// Writes `overrides` onto `base`: objects field by field, anything else whole.
+fn merge_onto(base: &mut serde_json::Value, overrides: serde_json::Value) {
+    match (base, overrides) {
+        (serde_json::Value::Object(base), serde_json::Value::Object(overrides)) => {
+            for (key, value) in overrides {
+                match base.get_mut(&key) {
+                    Some(slot) => merge_onto(slot, value),
+                    None => {
+                        base.insert(key, value);
+                    }
+                }
+            }
+        }
+        (base, overrides) => *base = overrides,
+    }
 }
 
 /// Hyperparameters as an `algorithm` section, with its `name`: what
@@ -165,4 +190,87 @@ pub fn mean_over_episodes(
         reason: "a training step needs at least one episode".into(),
     })?;
     Ok((gradient, stats))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Deserialize;
+
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    #[serde(deny_unknown_fields, default)]
+    struct Inner {
+        rate: f64,
+        clip: Option<f64>,
+    }
+
+    impl Default for Inner {
+        fn default() -> Self {
+            Self {
+                rate: 1.0,
+                clip: None,
+            }
+        }
+    }
+
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    #[serde(deny_unknown_fields, default)]
+    struct Outer {
+        width: usize,
+        inner: Inner,
+    }
+
+    impl Default for Outer {
+        /// Differs from `Inner::default`, as an algorithm's optimiser does.
+        fn default() -> Self {
+            Self {
+                width: 4,
+                inner: Inner {
+                    rate: 2.0,
+                    clip: Some(10.0),
+                },
+            }
+        }
+    }
+
+    #[test]
+    fn left_out_fields_keep_the_algorithms_defaults_even_when_nested() {
+        let section = serde_json::json!({"name": "outer", "inner": {"rate": 0.5}});
+        let parsed: Outer = parse_algorithm_section(&section, "outer").unwrap();
+        assert_eq!(
+            parsed,
+            Outer {
+                width: 4,
+                inner: Inner {
+                    rate: 0.5,
+                    clip: Some(10.0)
+                }
+            }
+        );
+        let section = serde_json::json!({"width": 8, "inner": {"clip": null}});
+        let parsed: Outer = parse_algorithm_section(&section, "outer").unwrap();
+        assert_eq!(
+            parsed,
+            Outer {
+                width: 8,
+                inner: Inner {
+                    rate: 2.0,
+                    clip: None
+                }
+            }
+        );
+    }
+
+    #[test]
+    fn unknown_or_mistyped_fields_are_named() {
+        for (section, named) in [
+            (serde_json::json!({"inner": {"rte": 0.5}}), "rte"),
+            (serde_json::json!({"width": "wide"}), "wide"),
+        ] {
+            let err = parse_algorithm_section::<Outer>(&section, "outer")
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(named) && err.contains("outer"), "{err}");
+        }
+    }
 }

@@ -238,6 +238,15 @@ mod tests {
     }
 
     #[test]
+    fn a_config_that_sets_only_the_rate_keeps_the_reference_clip() {
+        let section = serde_json::json!({"name": "metanet-original", "optimizer": {"lr": 1e-4}});
+        let config: MetaNetConfig =
+            fewshot_backbone::parse_algorithm_section(&section, crate::ALGORITHM).unwrap();
+        assert_eq!(config.optimizer.lr, 1e-4);
+        assert_eq!(config.optimizer.max_grad_norm, Some(10.0));
+    }
+
+    #[test]
     fn bad_values_are_named() {
         let config = MetaNetConfig {
             n_outputs_test: 1,

@@ -40,6 +40,10 @@ pub struct Overrides {
     /// Episodes of another split's classes, e.g. the validation classes to
     /// see how far they predict the test figure.
     pub split: Option<SplitName>,
+    /// Test on the characters as drawn, never rotated (the Meta Networks
+    /// reference code's protocol); see
+    /// [`fewshot_data::ClassSplit::without_rotations`].
+    pub unrotated: bool,
 }
 
 pub fn evaluate_checkpoint(
@@ -64,10 +68,16 @@ pub fn evaluate_checkpoint(
     };
     let bar = progress::bar(protocol.episodes as u64, "eval");
     let data = &loaded.dataset;
+    let classes = data.split(protocol.split);
+    let classes = if overrides.unrotated {
+        classes.without_rotations()
+    } else {
+        classes.clone()
+    };
     let evaluation = fewshot_eval::evaluate(
         &*learner,
         data.store.clone(),
-        data.split(protocol.split),
+        &classes,
         &protocol,
         device,
         &mut |done| {

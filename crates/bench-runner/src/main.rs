@@ -127,6 +127,11 @@ enum Command {
         /// the experiment's, test).
         #[arg(long)]
         split: Option<SplitName>,
+        /// Test on the characters as drawn, never rotated: Vinyals' rot000
+        /// classes only, no random rotation in MAML's split (the Meta
+        /// Networks reference code's test protocol).
+        #[arg(long)]
+        unrotated: bool,
         #[arg(long, default_value = "auto")]
         device: String,
         #[arg(long)]
@@ -320,6 +325,7 @@ fn run(cli: Cli) -> Result<()> {
             shots,
             queries,
             split,
+            unrotated,
             device,
             json,
         } => {
@@ -331,6 +337,7 @@ fn run(cli: Cli) -> Result<()> {
                 shots,
                 queries,
                 split,
+                unrotated,
             };
             evaluation::run_eval(&target, &device, overrides, json)
         }

@@ -466,6 +466,15 @@ fn compare_refuses_evaluations_of_different_episodes() {
     assert!(refused.contains("split"), "{refused}");
     let unknown = fewshot_fails(&["eval", str(&run), "--split", "dev"]);
     assert!(unknown.contains("dev"), "{unknown}");
+
+    // The synthetic classes are never rotated, so `--unrotated` draws the
+    // same episodes and scores them the same.
+    let unrotated = fewshot(&["eval", str(&run), "--unrotated", "--json"]);
+    let unrotated: serde_json::Value = serde_json::from_slice(&unrotated.stdout).unwrap();
+    let plain: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run.join("results.json")).unwrap()).unwrap();
+    assert_eq!(unrotated["evaluation"]["classes"], plain["evaluation"]["classes"]);
+    assert_eq!(unrotated["evaluation"]["episodes"], plain["evaluation"]["episodes"]);
 }
 
 #[test]

@@ -157,6 +157,23 @@ impl ClassSplit {
         )
     }
 
+    /// The split as the Meta Networks reference code tests: characters as
+    /// drawn, never rotated. Keeps the unrotated classes (of Vinyals' four
+    /// rotations per character, the `rot000` one) and draws no random
+    /// rotation (MAML's augmentation). The name gains " unrotated".
+    pub fn without_rotations(&self) -> ClassSplit {
+        ClassSplit {
+            name: format!("{} unrotated", self.name),
+            classes: self
+                .classes
+                .iter()
+                .filter(|c| c.rotation == Rotation::R0)
+                .cloned()
+                .collect(),
+            random_rotation: false,
+        }
+    }
+
     /// Images over all classes (an image shared by rotated classes counts once per class).
     pub fn num_images(&self) -> usize {
         self.classes.iter().map(|c| c.images.len()).sum()
@@ -371,6 +388,33 @@ mod tests {
         mixed.val.random_rotation = true;
         let err = mixed.with_val_in_train().unwrap_err();
         assert!(err.to_string().contains("train_with_val"), "{err}");
+    }
+
+    #[test]
+    fn without_rotations_keeps_the_unrotated_classes_and_draws_no_rotation() {
+        let class = |name: &str, rotation| FewShotClass {
+            name: name.into(),
+            group: "g".into(),
+            images: vec![0],
+            rotation,
+        };
+        let split = ClassSplit {
+            name: "test".into(),
+            classes: vec![
+                class("a/rot000", Rotation::R0),
+                class("a/rot090", Rotation::R90),
+                class("b/rot000", Rotation::R0),
+                class("b/rot270", Rotation::R270),
+            ],
+            random_rotation: true,
+        };
+        let plain = split.without_rotations();
+        assert_eq!(plain.name, "test unrotated");
+        let names: Vec<&str> = plain.classes.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["a/rot000", "b/rot000"]);
+        assert!(!plain.random_rotation);
+        // Other episodes, so evaluations of the two are never paired.
+        assert_ne!(plain.fingerprint(), split.fingerprint());
     }
 
     #[test]

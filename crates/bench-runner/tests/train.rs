@@ -473,8 +473,14 @@ fn compare_refuses_evaluations_of_different_episodes() {
     let unrotated: serde_json::Value = serde_json::from_slice(&unrotated.stdout).unwrap();
     let plain: serde_json::Value =
         serde_json::from_slice(&std::fs::read(run.join("results.json")).unwrap()).unwrap();
-    assert_eq!(unrotated["evaluation"]["classes"], plain["evaluation"]["classes"]);
-    assert_eq!(unrotated["evaluation"]["episodes"], plain["evaluation"]["episodes"]);
+    assert_eq!(
+        unrotated["evaluation"]["classes"],
+        plain["evaluation"]["classes"]
+    );
+    assert_eq!(
+        unrotated["evaluation"]["episodes"],
+        plain["evaluation"]["episodes"]
+    );
 }
 
 #[test]

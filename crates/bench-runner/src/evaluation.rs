@@ -2,6 +2,7 @@
 //! seeded test episodes of the experiment's protocol, the same for every
 //! learner, so that runs can be compared episode by episode.
 
+use std::borrow::Cow;
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 
@@ -70,9 +71,9 @@ pub fn evaluate_checkpoint(
     let data = &loaded.dataset;
     let classes = data.split(protocol.split);
     let classes = if overrides.unrotated {
-        classes.without_rotations()
+        Cow::Owned(classes.without_rotations())
     } else {
-        classes.clone()
+        Cow::Borrowed(classes)
     };
     let evaluation = fewshot_eval::evaluate(
         &*learner,

@@ -481,6 +481,9 @@ fn compare_refuses_evaluations_of_different_episodes() {
         unrotated["evaluation"]["episodes"],
         plain["evaluation"]["episodes"]
     );
+    // ...but says which classes it drew from.
+    assert_eq!(unrotated["evaluation"]["split_name"], "test unrotated");
+    assert_eq!(plain["evaluation"]["split_name"], "test");
 }
 
 #[test]

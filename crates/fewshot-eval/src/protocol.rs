@@ -59,6 +59,11 @@ pub struct Evaluation {
     /// evaluations saved before it was recorded.
     #[serde(default)]
     pub classes: Option<String>,
+    /// [`ClassSplit::name`] of those classes, e.g. `test unrotated`: tells a
+    /// reader what `classes` hashes. `None` in evaluations saved before it
+    /// was recorded.
+    #[serde(default)]
+    pub split_name: Option<String>,
 }
 
 impl Evaluation {
@@ -133,6 +138,7 @@ pub fn evaluate(
         accuracy,
         seconds,
         classes: Some(classes),
+        split_name: Some(split.name.clone()),
     })
 }
 
@@ -225,9 +231,15 @@ pub fn check_same_episodes(a: &Evaluation, b: &Evaluation) -> Result<()> {
         });
     };
     if ca != cb {
+        let named = |e: &Evaluation, classes: &str| match &e.split_name {
+            Some(name) => format!("{name} ({classes})"),
+            None => classes.to_string(),
+        };
         return Err(EvalError::Mismatch {
             what: format!(
-                "the evaluations drew their episodes from different classes (another split, dataset or data folder): {ca} vs {cb}"
+                "the evaluations drew their episodes from different classes (another split, dataset or data folder): {} vs {}",
+                named(a, ca),
+                named(b, cb)
             ),
         });
     }

@@ -118,6 +118,10 @@ pub fn accuracy_line(evaluation: &Evaluation) -> String {
     let protocol = &evaluation.protocol;
     let spec = protocol.spec;
     let within = if spec.same_group { " within-group" } else { "" };
+    let split = evaluation
+        .split_name
+        .as_deref()
+        .unwrap_or(protocol.split.as_str());
     format!(
         "accuracy: {:.2}% ± {:.2}% (95% CI, {} episodes, {}-way {}-shot {}-query{within}, split {}, seed {})",
         evaluation.accuracy.mean * 100.0,
@@ -126,7 +130,7 @@ pub fn accuracy_line(evaluation: &Evaluation) -> String {
         spec.ways,
         spec.shots,
         spec.queries,
-        protocol.split,
+        split,
         protocol.seed,
     )
 }

@@ -147,6 +147,8 @@ fn same_seed_gives_the_same_episodes_and_results() {
     assert_eq!(back.protocol, first.protocol);
     assert_eq!(back.classes, first.classes);
     assert_eq!(first.classes, Some(data.test.fingerprint()));
+    assert_eq!(back.split_name, first.split_name);
+    assert_eq!(first.split_name.as_deref(), Some("test"));
 }
 
 #[test]
@@ -216,8 +218,8 @@ fn evaluations_of_different_episodes_are_not_compared() {
     let err = compare(&base, &on_val).unwrap_err();
     assert!(
         err.to_string().contains("different classes")
-            && err.to_string().contains("20 classes")
-            && err.to_string().contains("10 classes"),
+            && err.to_string().contains("test (20 classes")
+            && err.to_string().contains("val (10 classes"),
         "{err}"
     );
 
@@ -233,8 +235,9 @@ fn evaluations_of_different_episodes_are_not_compared() {
     let json = serde_json::to_value(&base).unwrap();
     let mut old_file = json.as_object().unwrap().clone();
     old_file.remove("classes");
+    old_file.remove("split_name");
     let old: Evaluation = serde_json::from_value(old_file.into()).unwrap();
-    assert_eq!(old.classes, None);
+    assert_eq!((old.classes, old.split_name), (None, None));
 
     // Same protocol, but the results are of other episodes (e.g. edited by hand).
     let mut shuffled = base.clone();

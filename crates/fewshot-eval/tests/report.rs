@@ -2,7 +2,8 @@
 
 use fewshot_data::{EpisodeSpec, SplitName};
 use fewshot_eval::{
-    summarize, write_report, EpisodeResult, EvalProtocol, Evaluation, ReportInput, TrainingRecord,
+    accuracy_line, summarize, write_report, EpisodeResult, EvalProtocol, Evaluation, ReportInput,
+    TrainingRecord,
 };
 
 /// A run that learns: loss falls, accuracy rises, validation every 100 steps.
@@ -50,6 +51,7 @@ fn evaluation() -> Evaluation {
         episodes,
         seconds: 12.5,
         classes: Some("1692 classes, 32460 images, hash 0123456789abcdef".into()),
+        split_name: Some("test".into()),
     }
 }
 
@@ -209,4 +211,19 @@ fn a_validation_without_training_means_keeps_the_last_ones() {
         md.contains("| final validation accuracy | 95.00% (step 500) |"),
         "{md}"
     );
+}
+
+#[test]
+fn the_accuracy_line_names_the_classes_drawn_from() {
+    let mut evaluation = evaluation();
+    evaluation.split_name = Some("test unrotated".into());
+    let line = accuracy_line(&evaluation);
+    assert!(
+        line.contains(", split test unrotated, seed 1234)"),
+        "{line}"
+    );
+    // Saved before the name was recorded: the protocol's split.
+    evaluation.split_name = None;
+    let line = accuracy_line(&evaluation);
+    assert!(line.contains(", split test, seed 1234)"), "{line}");
 }

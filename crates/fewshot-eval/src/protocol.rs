@@ -126,7 +126,7 @@ pub fn evaluate(
     tracing::info!(
         learner = learner.algorithm(),
         episodes = protocol.episodes,
-        split = %protocol.split,
+        split = %split.name,
         seconds,
         "accuracy {:.2}% ± {:.2}%",
         accuracy.mean * 100.0,

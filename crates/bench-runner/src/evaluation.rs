@@ -68,6 +68,7 @@ pub fn evaluate_checkpoint(
         split: overrides.split.unwrap_or(experiment.evaluation.split),
     };
     let bar = progress::bar(protocol.episodes as u64, "eval");
+    let mut hidden_bar_log = progress::TenthsLog::new("eval", protocol.episodes as u64);
     let data = &loaded.dataset;
     let classes = data.split(protocol.split);
     let classes = if overrides.unrotated {
@@ -83,6 +84,11 @@ pub fn evaluate_checkpoint(
         device,
         &mut |done| {
             bar.set_position(done as u64);
+            if bar.is_hidden() {
+                if let Some(line) = hidden_bar_log.line(done as u64) {
+                    tracing::info!("{line}");
+                }
+            }
             ControlFlow::Continue(())
         },
     )?;

@@ -59,12 +59,7 @@ fn train_suite(path: &Path, episodes: usize, as_json: bool) -> Result<()> {
     let section = serde_json::Value::Object(config.algorithm.clone());
     let mut learner = learners::build(&section, &device)?;
     let meta_batch = config.training.meta_batch;
-    let sampler = EpisodeSampler::new(
-        data.store.clone(),
-        data.train.clone(),
-        config.train_episodes.spec(),
-        config.seed,
-    )?;
+    let sampler = datasets::training_sampler(&config, data)?;
     let steps = episodes.div_ceil(meta_batch).max(1) as u64;
     let mut times = Vec::new();
     for step in 0..WARMUP_STEPS + steps {

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use fewshot_backbone::DeviceChoice;
-use fewshot_data::{EpisodeSpec, SplitName};
+use fewshot_data::{Augmentation, EpisodeSpec, SplitName};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -97,6 +97,18 @@ pub struct DataConfig {
     /// split the 1,200 training characters of the Meta Networks paper. The
     /// run then tests its last checkpoint. Default false.
     pub train_with_val: bool,
+    /// Omniglot's Lake split only: this many background alphabets, drawn
+    /// with the experiment seed, held out as validation classes (the
+    /// protocol itself has none). Default 0.
+    pub validation_alphabets: usize,
+    /// Each training class also in its three other rotations, as classes of
+    /// their own (Vinyals' way to quadruple Omniglot's classes), for splits
+    /// whose classes are unrotated (Lake's). Default false.
+    pub rotation_classes: bool,
+    /// Random affine distortions of every training image (never of
+    /// validation or test images); `{}` takes Koch et al.'s distribution,
+    /// see docs/CONFIG.md. Default none.
+    pub augment: Option<Augmentation>,
     /// Keep decoded images in a cache for fast reloads. Default true.
     pub cache: bool,
     /// Default: `$FEWSHOT_CACHE_DIR`, else the user's cache folder.
@@ -111,6 +123,9 @@ impl Default for DataConfig {
             split: OmniglotSplit::Vinyals,
             image_size: None,
             train_with_val: false,
+            validation_alphabets: 0,
+            rotation_classes: false,
+            augment: None,
             cache: true,
             cache_dir: None,
         }
@@ -252,6 +267,19 @@ impl ExperimentConfig {
         if self.data.image_size() == 0 {
             bail!("field `data.image_size`: must be at least 1");
         }
+        let lake =
+            self.data.dataset == DatasetKind::Omniglot && self.data.split == OmniglotSplit::Lake;
+        if self.data.validation_alphabets > 0 && !lake {
+            bail!(
+                "field `data.validation_alphabets`: {} set, but only Omniglot's Lake split holds out alphabets (dataset {:?}, split {:?})",
+                self.data.validation_alphabets,
+                self.data.dataset,
+                self.data.split
+            );
+        }
+        if let Some(augment) = &self.data.augment {
+            augment.validate().context("field `data.augment`")?;
+        }
         if self.training.meta_batch == 0 {
             bail!("field `training.meta_batch`: must be at least 1");
         }
@@ -286,6 +314,9 @@ mod tests {
         assert_eq!(config.data.image_size(), 28);
         assert_eq!(config.train_episodes.ways, 5);
         assert_eq!(config.evaluation.episodes, 1000);
+        // An empty augment section is Koch et al.'s distribution.
+        let config = ExperimentConfig::from_json(r#"{"data": {"augment": {}}}"#).unwrap();
+        assert_eq!(config.data.augment, Some(Augmentation::default()));
     }
 
     #[test]
@@ -329,6 +360,20 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("test_episodes.ways"), "{err}");
+        let err = ExperimentConfig::from_json(r#"{"data": {"validation_alphabets": 3}}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("data.validation_alphabets"), "{err}");
+        let err = ExperimentConfig::from_json(r#"{"data": {"augment": {"probability": 2}}}"#)
+            .unwrap_err();
+        assert!(
+            format!("{err:#}").contains("augment.probability"),
+            "{err:#}"
+        );
+        let err = ExperimentConfig::from_json(r#"{"data": {"augment": {"rotaton": 2}}}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("data.augment.rotaton"), "{err}");
         let err = ExperimentConfig::from_json(r#"{"algorithm": {"lr": 1}}"#)
             .unwrap_err()
             .to_string();

@@ -4,11 +4,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use fewshot_data::{
-    dataset_root, mini_imagenet, synthetic, CacheOptions, CacheStatus, FewShotDataset,
-    ImageFolderDataset, Omniglot, OmniglotOptions, Preprocess,
+    dataset_root, mini_imagenet, synthetic, CacheOptions, CacheStatus, EpisodeSampler,
+    FewShotDataset, ImageFolderDataset, Omniglot, OmniglotOptions, Preprocess,
 };
 
-use crate::config::{DataConfig, DatasetKind, OmniglotSplit};
+use crate::config::{DataConfig, DatasetKind, ExperimentConfig, OmniglotSplit};
 
 /// A dataset with its class splits, and how long loading took.
 pub struct Loaded {
@@ -40,7 +40,9 @@ pub fn load(config: &DataConfig, seed: u64) -> Result<Loaded> {
             let dataset = match config.split {
                 OmniglotSplit::Vinyals => omniglot.vinyals()?,
                 OmniglotSplit::Maml => omniglot.maml(seed),
-                OmniglotSplit::Lake => omniglot.lake(),
+                OmniglotSplit::Lake => {
+                    omniglot.lake_with_validation(config.validation_alphabets, seed)?
+                }
             };
             let status = omniglot.cache;
             (dataset, Some(omniglot), Some(status))
@@ -71,17 +73,41 @@ pub fn load(config: &DataConfig, seed: u64) -> Result<Loaded> {
             (synthetic::generate(&options)?, None, None)
         }
     };
-    let dataset = if config.train_with_val {
+    let mut dataset = if config.train_with_val {
         dataset.with_val_in_train()?
     } else {
         dataset
     };
+    if config.rotation_classes {
+        dataset.train = dataset.train.with_rotation_classes()?;
+    }
     Ok(Loaded {
         dataset,
         omniglot,
         cache,
         load_time: start.elapsed(),
     })
+}
+
+/// The sampler of training episodes: the train split, the training spec and
+/// seed, and the config's augmentation (training episodes only).
+pub fn training_sampler(
+    config: &ExperimentConfig,
+    data: &FewShotDataset,
+) -> Result<EpisodeSampler> {
+    let sampler = EpisodeSampler::new(
+        data.store.clone(),
+        data.train.clone(),
+        config.train_episodes.spec(),
+        config.seed,
+    )
+    .context("training episodes")?;
+    match &config.data.augment {
+        Some(augment) => sampler
+            .with_augmentation(augment.clone())
+            .context("field `data.augment`"),
+        None => Ok(sampler),
+    }
 }
 
 /// How images of this data config are decoded: also what `predict` applies to

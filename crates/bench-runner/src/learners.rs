@@ -10,6 +10,7 @@ pub const ALGORITHMS: &[&str] = &[
     eb_metanet::ALGORITHM,
     maml::ALGORITHM,
     metanet_original::ALGORITHM,
+    protonet::ALGORITHM,
 ];
 
 /// Builds a fresh learner from a config's `algorithm` section.
@@ -29,6 +30,9 @@ pub fn build(section: &serde_json::Value, device: &Device) -> Result<Box<dyn Lea
             metanet_original::MetaNetOriginal::from_json(section, device)
                 .context("field `algorithm`")?,
         ),
+        protonet::ALGORITHM => {
+            Box::new(protonet::ProtoNet::from_json(section, device).context("field `algorithm`")?)
+        }
         other => bail!(
             "field `algorithm.name`: unknown algorithm `{other}` (this build knows: {})",
             ALGORITHMS.join(", ")

@@ -7,7 +7,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use fewshot_backbone::{Checkpoint, EpisodeTensors, Learner};
-use fewshot_data::{EpisodeSampler, SplitName};
+use fewshot_data::SplitName;
 use fewshot_eval::{EvalError, EvalProtocol, TrainingRecord};
 
 use crate::config::ExperimentConfig;
@@ -90,9 +90,7 @@ pub fn run(options: &TrainOptions) -> Result<()> {
         tracing::info!(step = progress.step, "resumed from {}", path.display());
     }
 
-    let spec = config.train_episodes.spec();
-    let sampler = EpisodeSampler::new(data.store.clone(), data.train.clone(), spec, config.seed)
-        .context("training episodes")?;
+    let sampler = datasets::training_sampler(&config, data)?;
     let validation = (!data.val.classes.is_empty()).then(|| EvalProtocol {
         episodes: config.training.validation_episodes,
         seed: config.seed.wrapping_add(VALIDATION_SEED_OFFSET),

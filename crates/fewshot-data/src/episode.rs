@@ -10,6 +10,7 @@ use std::sync::Arc;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use crate::augment::Augmentation;
 use crate::error::{DataError, Result};
 use crate::rng::Rng;
 use crate::split::{rotate_planes, ClassSplit, Rotation};
@@ -72,6 +73,8 @@ pub struct EpisodeSampler {
     /// For `same_group`: the classes of every group that has at least
     /// `ways` of them, groups in name order.
     groups: Vec<Vec<usize>>,
+    /// Distorts every image of every episode (training only).
+    augmentation: Option<Augmentation>,
 }
 
 impl EpisodeSampler {
@@ -140,7 +143,30 @@ impl EpisodeSampler {
             spec,
             seed,
             groups,
+            augmentation: None,
         })
+    }
+
+    /// The same episodes, with every image distorted by a random affine map
+    /// drawn from the episode's own stream after its classes and images are
+    /// picked: episode `i` keeps its classes and images, and stays a pure
+    /// function of the seed and `i`. For training episodes only.
+    pub fn with_augmentation(mut self, augmentation: Augmentation) -> Result<Self> {
+        augmentation.validate()?;
+        let (_, height, width) = self.store.shape();
+        if height != width {
+            return Err(DataError::InvalidSpec {
+                field: "augment",
+                value: format!("{height}x{width} images"),
+                reason: "affine augmentation needs square images".into(),
+            });
+        }
+        self.augmentation = Some(augmentation);
+        Ok(self)
+    }
+
+    pub fn augmentation(&self) -> Option<&Augmentation> {
+        self.augmentation.as_ref()
     }
 
     pub fn spec(&self) -> EpisodeSpec {
@@ -209,8 +235,21 @@ impl EpisodeSampler {
         };
         let support_labels = labels(shots);
         let query_labels = labels(queries);
-        let support = self.gather(&support_images, &support_labels, &classes);
-        let query = self.gather(&query_images, &query_labels, &classes);
+        let mut support = self.gather(&support_images, &support_labels, &classes);
+        let mut query = self.gather(&query_images, &query_labels, &classes);
+        if let Some(augmentation) = &self.augmentation {
+            let (channels, side, _) = self.store.shape();
+            let mut original = vec![0u8; self.store.image_len()];
+            for image in support
+                .chunks_exact_mut(original.len())
+                .chain(query.chunks_exact_mut(original.len()))
+            {
+                original.copy_from_slice(image);
+                augmentation
+                    .draw(&mut rng)
+                    .apply(&original, channels, side, image);
+            }
+        }
         Episode {
             spec: self.spec,
             image_shape: self.store.shape(),
@@ -360,6 +399,49 @@ mod tests {
         let other = EpisodeSampler::new(store, split, spec(5, 1, 4), 2).unwrap();
         assert_ne!(other.episode(7), sampler.episode(7));
         assert_ne!(sampler.episode(8), sampler.episode(7));
+    }
+
+    #[test]
+    fn augmented_episodes_keep_their_draws_and_are_seeded() {
+        // 8x8 images with a gradient, so a distortion changes pixels.
+        let images = 20 * 6;
+        let pixels = (0..images)
+            .flat_map(|i| (0..64).map(move |p| ((i * 3 + p * 4) % 256) as u8))
+            .collect();
+        let store = Arc::new(ImageStore::new(1, 8, 8, pixels).unwrap());
+        let (_, split) = fixture(20, 6, 5);
+        let plain = EpisodeSampler::new(store, split, spec(5, 1, 2), 4).unwrap();
+        let augmented = plain
+            .clone()
+            .with_augmentation(Augmentation {
+                probability: 1.0,
+                ..Augmentation::default()
+            })
+            .unwrap();
+        let mut changed = 0;
+        for index in 0..10 {
+            let (p, a) = (plain.episode(index), augmented.episode(index));
+            assert_eq!(p.classes, a.classes);
+            assert_eq!(p.support_images, a.support_images);
+            assert_eq!(p.query_images, a.query_images);
+            changed += usize::from(p.support != a.support);
+            assert_eq!(a, augmented.episode(index));
+        }
+        assert_eq!(changed, 10);
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        let sequential: Vec<Episode> = (0..8).map(|i| augmented.episode(i)).collect();
+        assert_eq!(pool.install(|| augmented.episodes(0, 8)), sequential);
+
+        let wide = Arc::new(ImageStore::new(1, 1, 2, vec![0; 4]).unwrap());
+        let (_, one) = fixture(1, 2, 1);
+        let err = EpisodeSampler::new(wide, one, spec(1, 1, 0), 0)
+            .unwrap()
+            .with_augmentation(Augmentation::default())
+            .unwrap_err();
+        assert!(err.to_string().contains("square"), "{err}");
     }
 
     #[test]

@@ -21,6 +21,7 @@
 //! # }
 //! ```
 
+pub mod augment;
 pub mod cache;
 pub mod episode;
 pub mod error;
@@ -34,6 +35,7 @@ pub mod split;
 pub mod store;
 pub mod synthetic;
 
+pub use augment::{Affine, Augmentation};
 pub use cache::{CacheOptions, CacheStatus};
 pub use episode::{Episode, EpisodeClass, EpisodeSampler, EpisodeSpec};
 pub use error::{DataError, Result};

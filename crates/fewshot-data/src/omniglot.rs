@@ -18,6 +18,7 @@ use crate::store::ImageStore;
 
 /// Rng stream of the MAML split's shuffle, kept apart from episode streams.
 const MAML_SPLIT_STREAM: u64 = 0x4D41_4D4C; // "MAML"
+const LAKE_VALIDATION_STREAM: u64 = 0x4C41_4B45; // "LAKE"
 
 /// Options of [`Omniglot::load`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -239,6 +240,44 @@ impl Omniglot {
             val: ClassSplit::empty("val"),
             test: split("test", OmniglotSet::Evaluation),
         }
+    }
+
+    /// Lake's split with `alphabets` background alphabets, drawn with
+    /// `seed`, held out for validation: the model is chosen on characters of
+    /// the background set it did not train on, and the evaluation set stays
+    /// unseen until the test. With 0 alphabets this is [`Omniglot::lake`].
+    pub fn lake_with_validation(&self, alphabets: usize, seed: u64) -> Result<FewShotDataset> {
+        let mut background: Vec<&str> = self
+            .characters
+            .iter()
+            .filter(|c| c.set == OmniglotSet::Background)
+            .map(|c| c.alphabet.as_str())
+            .collect();
+        background.dedup();
+        if alphabets >= background.len() {
+            return Err(DataError::InvalidSpec {
+                field: "validation_alphabets",
+                value: alphabets.to_string(),
+                reason: format!(
+                    "the background set has {} alphabets, and training needs at least one",
+                    background.len()
+                ),
+            });
+        }
+        Rng::seed_from(seed, LAKE_VALIDATION_STREAM).shuffle(&mut background);
+        let held_out = &background[..alphabets];
+        let mut dataset = self.lake();
+        let (val, train): (Vec<FewShotClass>, Vec<FewShotClass>) =
+            std::mem::take(&mut dataset.train.classes)
+                .into_iter()
+                .partition(|c| held_out.contains(&c.group.as_str()));
+        dataset.train.classes = train;
+        dataset.val = ClassSplit {
+            name: "val".into(),
+            classes: val,
+            random_rotation: false,
+        };
+        Ok(dataset)
     }
 
     fn class(&self, character: &Character) -> FewShotClass {

@@ -174,6 +174,39 @@ impl ClassSplit {
         }
     }
 
+    /// Each class in its four rotations, each a class of its own (named
+    /// `<class>/rot000` ... `/rot270`), as Vinyals et al. quadruple
+    /// Omniglot's classes. For a split whose classes are unrotated and that
+    /// draws no random rotation (Lake's background set); others are refused,
+    /// since they already use rotations.
+    pub fn with_rotation_classes(&self) -> Result<ClassSplit> {
+        if self.random_rotation || self.classes.iter().any(|c| c.rotation != Rotation::R0) {
+            return Err(DataError::InvalidSpec {
+                field: "rotation_classes",
+                value: self.name.clone(),
+                reason: "this split already rotates its classes (Vinyals' rotated classes or \
+                         MAML's random rotations); rotation classes are for unrotated splits"
+                    .into(),
+            });
+        }
+        let classes = self
+            .classes
+            .iter()
+            .flat_map(|class| {
+                Rotation::ALL.into_iter().map(move |rotation| FewShotClass {
+                    name: format!("{}/rot{:03}", class.name, rotation.degrees()),
+                    rotation,
+                    ..class.clone()
+                })
+            })
+            .collect();
+        Ok(ClassSplit {
+            name: format!("{} with rotations", self.name),
+            classes,
+            random_rotation: false,
+        })
+    }
+
     /// Images over all classes (an image shared by rotated classes counts once per class).
     pub fn num_images(&self) -> usize {
         self.classes.iter().map(|c| c.images.len()).sum()
@@ -462,5 +495,35 @@ mod tests {
         for other in others {
             assert_ne!(other.fingerprint(), fingerprint, "{other:?}");
         }
+    }
+
+    #[test]
+    fn rotation_classes_quadruple_an_unrotated_split_only() {
+        let class = |name: &str, images: Vec<u32>| FewShotClass {
+            name: name.into(),
+            group: "g".into(),
+            images,
+            rotation: Rotation::R0,
+        };
+        let split = ClassSplit {
+            name: "train".into(),
+            classes: vec![class("a", vec![0, 1]), class("b", vec![2])],
+            random_rotation: false,
+        };
+        let rotated = split.with_rotation_classes().unwrap();
+        assert_eq!(rotated.classes.len(), 8);
+        let names: Vec<&str> = rotated.classes.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names[..4], ["a/rot000", "a/rot090", "a/rot180", "a/rot270"]);
+        assert_eq!(rotated.classes[5].images, [2]);
+        assert_eq!(rotated.classes[6].rotation, Rotation::R180);
+        assert!(rotated.classes.iter().all(|c| c.group == "g"));
+        // Already rotated: refused, by field name.
+        let err = rotated.with_rotation_classes().unwrap_err().to_string();
+        assert!(err.contains("rotation_classes"), "{err}");
+        let random = ClassSplit {
+            random_rotation: true,
+            ..split
+        };
+        assert!(random.with_rotation_classes().is_err());
     }
 }

@@ -460,18 +460,27 @@ fn weight_grad<T: WithDType>(g: &ConvGeometry, x: &[T], grad_out: &[T]) -> Vec<T
         );
         dw
     };
-    let chunks = 0..g.batch.div_ceil(per_chunk);
+    let chunks = g.batch.div_ceil(per_chunk);
     let zeros = || vec![T::zero(); weight_len];
-    match parallel {
-        true => chunks
-            .into_par_iter()
-            .fold(zeros, accumulate)
-            .reduce(zeros, |mut a, b| {
-                a.iter_mut().zip(b).for_each(|(a, b)| *a += b);
-                a
-            }),
-        false => chunks.fold(zeros(), accumulate),
+    if !parallel {
+        return (0..chunks).fold(zeros(), accumulate);
     }
+    // One contiguous run of chunks per thread, and the runs' sums added in
+    // order. Rayon's own fold would group the chunks as its threads happened
+    // to split the work, so the gradient's rounding, and a resumed run,
+    // would change from one run to the next.
+    let runs = super::threads().min(chunks);
+    let partials: Vec<Vec<T>> = (0..runs)
+        .into_par_iter()
+        .map(|run| (run * chunks / runs..(run + 1) * chunks / runs).fold(zeros(), accumulate))
+        .collect();
+    partials
+        .into_iter()
+        .reduce(|mut total, part| {
+            total.iter_mut().zip(part).for_each(|(t, p)| *t += p);
+            total
+        })
+        .unwrap_or_else(zeros)
 }
 
 /// The output gradient of images `first..first + images` as a

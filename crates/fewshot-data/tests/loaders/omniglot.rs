@@ -87,6 +87,27 @@ fn splits_follow_the_three_conventions() {
     assert!(lake.val.classes.is_empty());
     assert_eq!(lake.test.classes.len(), 2);
     assert_eq!(lake.test.classes[0].group, "Gamma");
+
+    // Whole background alphabets held out for validation, seeded.
+    let held = omniglot.lake_with_validation(1, 7).unwrap();
+    assert_eq!(held.val.groups(), 1);
+    assert_eq!(held.train.groups(), 1);
+    assert_ne!(held.val.classes[0].group, held.train.classes[0].group);
+    assert_eq!(held.train.classes.len() + held.val.classes.len(), 5);
+    assert_eq!(held.test, lake.test);
+    let alphabets = |seed| {
+        omniglot.lake_with_validation(1, seed).unwrap().val.classes[0]
+            .group
+            .clone()
+    };
+    assert_eq!(alphabets(7), held.val.classes[0].group);
+    assert!((0..20).any(|seed| alphabets(seed) != alphabets(7)));
+    assert_eq!(
+        omniglot.lake_with_validation(0, 7).unwrap().train,
+        lake.train
+    );
+    let err = omniglot.lake_with_validation(2, 7).unwrap_err().to_string();
+    assert!(err.contains("validation_alphabets"), "{err}");
 }
 
 #[test]

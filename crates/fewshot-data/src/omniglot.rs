@@ -266,6 +266,12 @@ impl Omniglot {
         }
         Rng::seed_from(seed, LAKE_VALIDATION_STREAM).shuffle(&mut background);
         let held_out = &background[..alphabets];
+        if alphabets > 0 {
+            tracing::info!(
+                alphabets = held_out.join(", "),
+                "Lake split: background alphabets held out for validation"
+            );
+        }
         let mut dataset = self.lake();
         let (val, train): (Vec<FewShotClass>, Vec<FewShotClass>) =
             std::mem::take(&mut dataset.train.classes)

@@ -52,6 +52,15 @@ fn has_the_published_counts() {
         (964, 659)
     );
     assert_eq!((lake.train.groups(), lake.test.groups()), (30, 20));
+
+    // Five background alphabets held out: whole alphabets, none lost, and
+    // the evaluation set untouched; with rotation classes, four per character.
+    let held = omniglot.lake_with_validation(5, 0).unwrap();
+    assert_eq!((held.train.groups(), held.val.groups()), (25, 5));
+    assert_eq!(held.train.classes.len() + held.val.classes.len(), 964);
+    assert_eq!(held.test, lake.test);
+    let rotated = held.train.with_rotation_classes().unwrap();
+    assert_eq!(rotated.classes.len(), 4 * held.train.classes.len());
 }
 
 #[test]

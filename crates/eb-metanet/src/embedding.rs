@@ -1,7 +1,7 @@
 //! `EmbeddingNetwork`: the conv-4 feature extractor of seed 000.
 
 use candle_core::{DType, Device, Tensor};
-use fewshot_backbone::{Conv4, Conv4Config, ParamSet, Result};
+use fewshot_backbone::{Conv4, Conv4Config, EpisodeTensors, ParamSet, Result};
 
 /// Images -> embeddings, reading its weights from a parameter set.
 #[derive(Debug, Clone)]
@@ -28,5 +28,14 @@ impl EmbeddingNetwork {
     /// this batch, so embedding a whole episode at once normalises it as a unit.
     pub fn forward(&self, params: &ParamSet, images: &Tensor) -> Result<Tensor> {
         self.net.forward(params, images)
+    }
+
+    /// An episode's (support, query) embeddings, normalised as one batch.
+    pub fn forward_episode(
+        &self,
+        params: &ParamSet,
+        episode: &EpisodeTensors,
+    ) -> Result<(Tensor, Tensor)> {
+        self.net.forward_episode(params, episode)
     }
 }

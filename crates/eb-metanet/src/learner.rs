@@ -3,7 +3,7 @@
 
 use candle_core::{Device, Tensor};
 use fewshot_backbone::{
-    algorithm_section, load_training_state, mean_over_episodes, ops, parse_algorithm_section,
+    algorithm_section, load_training_state, mean_over_episodes, parse_algorithm_section,
     training_state, Adam, EpisodeGradient, EpisodeTensors, Learner, ParamSet, Result, StepStats,
     VarSet,
 };
@@ -57,13 +57,7 @@ impl Learner for EbMetaNet {
         let params = self.weights.as_params();
         let (gradient, stats) = mean_over_episodes(batch, |episode| {
             let logits = self.network.logits(&params, episode)?;
-            let labels = episode.labels_for("meta-training")?;
-            let loss = ops::cross_entropy(&logits, labels)?;
-            Ok(EpisodeGradient {
-                gradient: self.weights.gradients(&loss.backward()?)?.detach(),
-                loss: loss.to_scalar::<f32>()? as f64,
-                accuracy: ops::accuracy(&logits, labels)?,
-            })
+            EpisodeGradient::of_query_cross_entropy(&self.weights, &logits, episode)
         })?;
         self.optimizer
             .set_lr(self.config.lr_at(self.optimizer.steps()));

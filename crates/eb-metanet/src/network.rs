@@ -44,14 +44,9 @@ impl MetaNetwork {
     /// Query logits (queries x ways). Support and query are embedded in one
     /// batch, so batch norm sees the whole episode (transductive, like MAML).
     pub fn logits(&self, params: &ParamSet, episode: &EpisodeTensors) -> Result<Tensor> {
-        let n_support = episode.support.dim(0)?;
-        let n_query = episode.query.dim(0)?;
-        let images = Tensor::cat(&[&episode.support, &episode.query], 0)?;
-        let embedded = self
+        let (support, query) = self
             .embedding
-            .forward(&params.strip_prefix(EMBEDDING), &images)?;
-        let support = embedded.narrow(0, 0, n_support)?;
-        let query = embedded.narrow(0, n_support, n_query)?;
+            .forward_episode(&params.strip_prefix(EMBEDDING), episode)?;
         let meta_params = params.strip_prefix(META_LEARNER);
         let fast_weights = self.meta_learner.fast_weights(
             &meta_params,

@@ -10,6 +10,7 @@ use fewshot_data::Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{BackboneError, Result};
+use crate::learner::EpisodeTensors;
 use crate::ops;
 use crate::params::ParamSet;
 
@@ -233,6 +234,24 @@ impl Conv4 {
         let features = self.blocks(params, &both, Some(rows))?;
         let features = features.narrow(0, rows, images.dim(0)?)?;
         self.head(params, features)
+    }
+
+    /// An episode's support and query images through the net in one batch,
+    /// so batch norm normalises the episode as a unit (transductive, as MAML
+    /// and the Prototypical Networks code): (support outputs, query outputs).
+    pub fn forward_episode(
+        &self,
+        params: &ParamSet,
+        episode: &EpisodeTensors,
+    ) -> Result<(Tensor, Tensor)> {
+        let n_support = episode.support.dim(0)?;
+        let n_query = episode.query.dim(0)?;
+        let images = Tensor::cat(&[&episode.support, &episode.query], 0)?;
+        let outputs = self.forward(params, &images)?;
+        Ok((
+            outputs.narrow(0, 0, n_support)?,
+            outputs.narrow(0, n_support, n_query)?,
+        ))
     }
 
     /// The feature vector, ignoring any classifier.

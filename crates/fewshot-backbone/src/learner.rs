@@ -10,7 +10,8 @@ use serde::Serialize;
 
 use crate::checkpoint::Checkpoint;
 use crate::error::{BackboneError, Result};
-use crate::params::ParamSet;
+use crate::ops;
+use crate::params::{ParamSet, VarSet};
 
 /// An episode on a device: images scaled to [0, 1], labels 0..ways-1.
 #[derive(Debug, Clone)]
@@ -159,6 +160,25 @@ pub struct EpisodeGradient {
     pub gradient: ParamSet,
     pub loss: f64,
     pub accuracy: f64,
+}
+
+impl EpisodeGradient {
+    /// The contribution of an episode whose meta-loss is the mean
+    /// cross-entropy of its query `logits`: the gradient at `weights`, the
+    /// loss and the query accuracy (metric learners: eb-metanet, protonet).
+    pub fn of_query_cross_entropy(
+        weights: &VarSet,
+        logits: &Tensor,
+        episode: &EpisodeTensors,
+    ) -> Result<Self> {
+        let labels = episode.labels_for("meta-training")?;
+        let loss = ops::cross_entropy(logits, labels)?;
+        Ok(Self {
+            gradient: weights.gradients(&loss.backward()?)?.detach(),
+            loss: loss.to_scalar::<f32>()? as f64,
+            accuracy: ops::accuracy(logits, labels)?,
+        })
+    }
 }
 
 /// Runs `episode_gradient` on every episode of a meta-batch in parallel (one

@@ -3,7 +3,7 @@
 
 use candle_core::{DType, Device, Tensor};
 use fewshot_backbone::{
-    algorithm_section, load_training_state, mean_over_episodes, ops, parse_algorithm_section,
+    algorithm_section, load_training_state, mean_over_episodes, parse_algorithm_section,
     training_state, Adam, Conv4, EpisodeGradient, EpisodeTensors, Learner, ParamSet, Result,
     StepStats, VarSet,
 };
@@ -49,14 +49,9 @@ impl ProtoNet {
     /// are embedded in one batch, so batch norm normalises the episode as a
     /// unit (as the reference code does, and as MAML uses it at test time).
     pub fn logits(&self, params: &ParamSet, episode: &EpisodeTensors) -> Result<Tensor> {
-        let n_support = episode.support.dim(0)?;
-        let n_query = episode.query.dim(0)?;
-        let images = Tensor::cat(&[&episode.support, &episode.query], 0)?;
-        let embedded = self
+        let (support, query) = self
             .embedding
-            .forward(&params.strip_prefix(EMBEDDING), &images)?;
-        let support = embedded.narrow(0, 0, n_support)?;
-        let query = embedded.narrow(0, n_support, n_query)?;
+            .forward_episode(&params.strip_prefix(EMBEDDING), episode)?;
         let prototypes = prototypes(&support, &episode.support_labels, episode.ways)?;
         distance_logits(&query, &prototypes)
     }
@@ -75,13 +70,7 @@ impl Learner for ProtoNet {
         let params = self.weights.as_params();
         let (gradient, stats) = mean_over_episodes(batch, |episode| {
             let logits = self.logits(&params, episode)?;
-            let labels = episode.labels_for("meta-training")?;
-            let loss = ops::cross_entropy(&logits, labels)?;
-            Ok(EpisodeGradient {
-                gradient: self.weights.gradients(&loss.backward()?)?.detach(),
-                loss: loss.to_scalar::<f32>()? as f64,
-                accuracy: ops::accuracy(&logits, labels)?,
-            })
+            EpisodeGradient::of_query_cross_entropy(&self.weights, &logits, episode)
         })?;
         self.optimizer
             .set_lr(self.config.lr_at(self.optimizer.steps()));
@@ -105,6 +94,7 @@ impl Learner for ProtoNet {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use fewshot_backbone::ops;
     use fewshot_data::{synthetic, EpisodeSampler, EpisodeSpec, SyntheticOptions};
 
     fn small_config() -> ProtoNetConfig {

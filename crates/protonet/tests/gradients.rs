@@ -19,10 +19,10 @@ fn random(shape: &[usize], rng: &mut Rng) -> Tensor {
     Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
 }
 
-/// Query cross-entropy of a 3-way 1-shot episode with two queries per class.
-fn episode_loss(net: &Conv4, params: &ParamSet, images: &Tensor) -> Tensor {
+/// Query cross-entropy of a 3-way 1-shot episode with two queries per class,
+/// from the embeddings of its 9 images (support first).
+fn episode_loss(embedded: &Tensor) -> Tensor {
     let labels = |v: &[u32]| Tensor::new(v, &Device::Cpu).unwrap();
-    let embedded = net.forward(params, images).unwrap();
     let support = embedded.narrow(0, 0, 3).unwrap();
     let query = embedded.narrow(0, 3, 6).unwrap();
     let protos = prototypes(&support, &labels(&[0, 1, 2]), 3).unwrap();
@@ -38,31 +38,48 @@ fn as_params(net: &Conv4, tensors: &[Tensor]) -> ParamSet {
     p
 }
 
-fn matches_finite_differences(config: Conv4Config, seed: u64) {
+/// A net of `config` with seeded f64 weights, and 9 random images for it.
+fn net_and_images(config: &Conv4Config, seed: u64) -> (Conv4, ParamSet, Tensor) {
     let mut rng = Rng::seed_from(seed, 0);
     let net = Conv4::new(config.clone()).unwrap();
     let init = net.init(seed, DType::F64, &Device::Cpu).unwrap();
     let side = config.image_size;
     let images = random(&[9, config.in_channels, side, side], &mut rng);
-    let loss = |tensors: &[Tensor]| episode_loss(&net, &as_params(&net, tensors), &images);
+    (net, init, images)
+}
 
-    let vars: Vec<Var> = init
+/// The loss at `weights` and its autograd gradient, flattened per tensor.
+fn loss_and_gradient(
+    weights: &ParamSet,
+    loss: impl Fn(&[Tensor]) -> Tensor,
+) -> (f64, Vec<Vec<f64>>) {
+    let vars: Vec<Var> = weights
         .tensors()
         .iter()
         .map(|t| Var::from_tensor(t).unwrap())
         .collect();
     let leaves: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
-    let grads = loss(&leaves).backward().unwrap();
+    let value = loss(&leaves);
+    let grads = value.backward().unwrap();
+    let flat = vars
+        .iter()
+        .map(|v| {
+            let g = grads.get(v.as_tensor()).unwrap();
+            g.flatten_all().unwrap().to_vec1().unwrap()
+        })
+        .collect();
+    (value.to_scalar().unwrap(), flat)
+}
+
+fn matches_finite_differences(config: Conv4Config, seed: u64) {
+    let (net, init, images) = net_and_images(&config, seed);
+    let loss = |tensors: &[Tensor]| {
+        episode_loss(&net.forward(&as_params(&net, tensors), &images).unwrap())
+    };
+    let (_, analytic) = loss_and_gradient(&init, loss);
     let mut worst = 0f64;
-    for (i, var) in vars.iter().enumerate() {
+    for (i, analytic) in analytic.iter().enumerate() {
         let base: Vec<f64> = init.tensors()[i].flatten_all().unwrap().to_vec1().unwrap();
-        let analytic: Vec<f64> = grads
-            .get(var.as_tensor())
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
         for j in 0..base.len() {
             let at = |delta: f64| {
                 let mut moved = init.tensors().to_vec();
@@ -142,37 +159,13 @@ fn reference_embedding(config: &Conv4Config, params: &ParamSet, images: &Tensor)
 /// weight gradient through our CPU kernels must equal those through candle's
 /// own ops, which the backbone's tests check against finite differences.
 fn kernels_match_candles_ops(config: Conv4Config, seed: u64) {
-    let mut rng = Rng::seed_from(seed, 0);
-    let net = Conv4::new(config.clone()).unwrap();
-    let init = net.init(seed, DType::F64, &Device::Cpu).unwrap();
-    let side = config.image_size;
-    let images = random(&[9, config.in_channels, side, side], &mut rng);
-    let labels = |v: &[u32]| Tensor::new(v, &Device::Cpu).unwrap();
-    let loss_of = |embedded: Tensor| {
-        let protos = prototypes(&embedded.narrow(0, 0, 3).unwrap(), &labels(&[0, 1, 2]), 3);
-        let logits = distance_logits(&embedded.narrow(0, 3, 6).unwrap(), &protos.unwrap());
-        ops::cross_entropy(&logits.unwrap(), &labels(&[0, 0, 1, 1, 2, 2])).unwrap()
-    };
-    let gradients = |embed: &dyn Fn(&ParamSet) -> Tensor| -> (f64, Vec<Vec<f64>>) {
-        let vars: Vec<Var> = init
-            .tensors()
-            .iter()
-            .map(|t| Var::from_tensor(t).unwrap())
-            .collect();
-        let leaves: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
-        let loss = loss_of(embed(&as_params(&net, &leaves)));
-        let grads = loss.backward().unwrap();
-        let flat = vars
-            .iter()
-            .map(|v| {
-                let g = grads.get(v.as_tensor()).unwrap();
-                g.flatten_all().unwrap().to_vec1().unwrap()
-            })
-            .collect();
-        (loss.to_scalar().unwrap(), flat)
-    };
-    let (ours_loss, ours) = gradients(&|p| net.forward(p, &images).unwrap());
-    let (reference_loss, reference) = gradients(&|p| reference_embedding(&config, p, &images));
+    let (net, init, images) = net_and_images(&config, seed);
+    let (ours_loss, ours) = loss_and_gradient(&init, |t| {
+        episode_loss(&net.forward(&as_params(&net, t), &images).unwrap())
+    });
+    let (reference_loss, reference) = loss_and_gradient(&init, |t| {
+        episode_loss(&reference_embedding(&config, &as_params(&net, t), &images))
+    });
     assert!((ours_loss - reference_loss).abs() < 1e-10 * reference_loss.abs().max(1.0));
     let mut worst = 0f64;
     for (a, b) in ours.iter().flatten().zip(reference.iter().flatten()) {

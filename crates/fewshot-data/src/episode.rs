@@ -165,10 +165,6 @@ impl EpisodeSampler {
         Ok(self)
     }
 
-    pub fn augmentation(&self) -> Option<&Augmentation> {
-        self.augmentation.as_ref()
-    }
-
     pub fn spec(&self) -> EpisodeSpec {
         self.spec
     }

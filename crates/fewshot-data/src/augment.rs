@@ -89,7 +89,7 @@ impl Augmentation {
                 });
             }
         }
-        if self.max_scale.is_nan() || !self.max_scale.is_finite() {
+        if !self.max_scale.is_finite() {
             return Err(DataError::InvalidSpec {
                 field: "augment.max_scale",
                 value: self.max_scale.to_string(),

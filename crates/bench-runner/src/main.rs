@@ -37,6 +37,17 @@ const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 /// How much address space mimalloc reserves up front, in one arena.
 const RESERVED_ARENA_BYTES: usize = 4 << 30;
 
+/// `fewshot config C | head` ends quietly, as Unix tools do, when the reader
+/// closes the pipe: Rust ignores SIGPIPE, so without this every `println!`
+/// after the close panics with a backtrace.
+fn end_quietly_when_stdout_closes() {
+    #[cfg(unix)]
+    // SAFETY: restores the default action of one signal before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 /// Tells mimalloc never to return freed memory to the OS. A training step
 /// frees and reallocates the same large buffers; by default mimalloc purges
 /// them after a second and the next step pays a page fault (and the zeroing of
@@ -259,6 +270,7 @@ impl DataArgs {
 }
 
 fn main() {
+    end_quietly_when_stdout_closes();
     // candle reads this once per thread, so it must be set before any thread
     // starts: without it second-order gradients are silently zero.
     if std::env::var_os(fewshot_backbone::second_order::ENV_VAR).is_none() {

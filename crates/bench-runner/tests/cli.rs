@@ -151,3 +151,20 @@ fn the_data_benchmark_reports_its_figures() {
     assert_eq!(report["episodes"], 500);
     assert!(report["episodes_per_second"].as_f64().unwrap() > 0.0);
 }
+
+#[test]
+#[cfg(unix)]
+fn a_closed_stdout_ends_the_command_without_a_panic() {
+    use std::process::Stdio;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fewshot"))
+        .args(["config", "--defaults"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The reader goes away before the command writes, as `| head -0` would.
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}

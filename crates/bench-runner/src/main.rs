@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod config;
+mod continuation;
 mod datasets;
 mod evaluation;
 mod inspect;
@@ -115,6 +116,10 @@ enum Command {
         /// Stop after this many steps in all (resume later with --resume).
         #[arg(long)]
         stop_after: Option<u64>,
+        /// With --resume: go on even where this build would not continue the
+        /// run bit for bit (other code, data, CPU or thread count).
+        #[arg(long, requires = "resume")]
+        resume_anyway: bool,
     },
     /// Evaluate a run directory or a checkpoint on its experiment's test episodes.
     Eval {
@@ -323,11 +328,13 @@ fn run(cli: Cli) -> Result<()> {
             out,
             resume,
             stop_after,
+            resume_anyway,
         } => train::run(&train::TrainOptions {
             config,
             out,
             resume,
             stop_after,
+            resume_anyway,
         }),
         Command::Eval {
             target,

@@ -11,6 +11,7 @@ use fewshot_data::SplitName;
 use fewshot_eval::{EvalError, EvalProtocol, TrainingRecord};
 
 use crate::config::ExperimentConfig;
+use crate::continuation::{self, NextStepProbe};
 use crate::datasets;
 use crate::evaluation;
 use crate::interrupt::StopRequest;
@@ -31,6 +32,8 @@ pub struct TrainOptions {
     /// Stop (with a checkpoint) after this many steps in total, to continue
     /// later with `--resume`.
     pub stop_after: Option<u64>,
+    /// Resume even where this build would not continue the run bit for bit.
+    pub resume_anyway: bool,
 }
 
 pub fn run(options: &TrainOptions) -> Result<()> {
@@ -59,13 +62,27 @@ pub fn run(options: &TrainOptions) -> Result<()> {
         seconds = loaded.load_time.as_secs_f64(),
         "data loaded"
     );
-    let mut learner = learners::build(
-        &serde_json::Value::Object(config.algorithm.clone()),
-        &device,
-    )?;
+    let algorithm = serde_json::Value::Object(config.algorithm.clone());
+    let mut learner = learners::build(&algorithm, &device)?;
+    let sampler = datasets::training_sampler(&config, data)?;
+    // The batch of the step after `step` steps.
+    let batch_after = |step: u64| -> Result<Vec<EpisodeTensors>> {
+        let first = step * config.training.meta_batch as u64;
+        Ok(sampler
+            .episodes(first, config.training.meta_batch)
+            .iter()
+            .map(|e| EpisodeTensors::from_episode(e, &device, DType::F32))
+            .collect::<fewshot_backbone::Result<_>>()?)
+    };
+    // What the next step computes from `state` after `step` steps.
+    let probe = |state: &fewshot_backbone::ParamSet, step: u64| {
+        let mut fresh = learners::build(&algorithm, &device)?;
+        NextStepProbe::compute(&mut *fresh, state, &batch_after(step)?)
+    };
 
     let mut progress = Progress::default();
     let mut unfinished_validation = false;
+    let mut resumed_probe = None;
     if let (false, Some(path)) = (options.resume, &config.training.init_from) {
         let context = || format!("field `training.init_from`: {}", path.display());
         let source = Checkpoint::load(path, &device).with_context(context)?;
@@ -83,6 +100,12 @@ pub fn run(options: &TrainOptions) -> Result<()> {
         let checkpoint = Checkpoint::load(&path, &device)?;
         learner.load_state(&checkpoint.tensors)?;
         progress = Progress::from_checkpoint(&checkpoint, &path)?;
+        resumed_probe = Some(check_continuation(
+            &checkpoint,
+            &path,
+            probe(&checkpoint.tensors, progress.step)?,
+            options.resume_anyway,
+        )?);
         let kept = run.truncate_metrics(progress.step)?;
         // Every checkpoint comes with a record of its step, except the one
         // written just before a validation that did not finish.
@@ -90,7 +113,6 @@ pub fn run(options: &TrainOptions) -> Result<()> {
         tracing::info!(step = progress.step, "resumed from {}", path.display());
     }
 
-    let sampler = datasets::training_sampler(&config, data)?;
     let validation = (!data.val.classes.is_empty()).then(|| EvalProtocol {
         episodes: config.training.validation_episodes,
         seed: config.seed.wrapping_add(VALIDATION_SEED_OFFSET),
@@ -111,7 +133,14 @@ pub fn run(options: &TrainOptions) -> Result<()> {
             print_how_to_continue(options, &run, &progress, config.training.steps, true);
             return Ok(());
         };
-        save(&*learner, &progress, &config, &run.last_checkpoint())?;
+        let next = resumed_probe.context("a resumed run has its probe")?;
+        save(
+            &*learner,
+            &progress,
+            &config,
+            &run.last_checkpoint(),
+            Some(next),
+        )?;
         run.append_metrics(&TrainingRecord {
             step: progress.step,
             seconds: progress.training_seconds,
@@ -137,13 +166,7 @@ pub fn run(options: &TrainOptions) -> Result<()> {
     let (start_step, start_seconds) = (progress.step, progress.training_seconds);
     let mut validation_stopped = false;
     while progress.step < stop {
-        let first = progress.step * config.training.meta_batch as u64;
-        let batch: Vec<EpisodeTensors> = sampler
-            .episodes(first, config.training.meta_batch)
-            .iter()
-            .map(|e| EpisodeTensors::from_episode(e, &device, DType::F32))
-            .collect::<fewshot_backbone::Result<_>>()?;
-        let stats = learner.meta_train(&batch)?;
+        let stats = learner.meta_train(&batch_after(progress.step)?)?;
         progress.step += 1;
         window.add(stats.loss, stats.accuracy);
         bar.inc(1);
@@ -154,18 +177,31 @@ pub fn run(options: &TrainOptions) -> Result<()> {
             clock = Instant::now();
             let mut record = window.record(progress.step, progress.training_seconds);
             if validate {
+                let next = probe(&learner.state()?, progress.step)?;
                 if let Some(protocol) = &validation {
                     // The step's checkpoint first: a kill or a stop during
                     // the validation then loses only the validation, which
                     // the resumed run does first.
-                    save(&*learner, &progress, &config, &run.last_checkpoint())?;
+                    save(
+                        &*learner,
+                        &progress,
+                        &config,
+                        &run.last_checkpoint(),
+                        Some(next),
+                    )?;
                     let Some(accuracy) = validate_now(&*learner, &mut progress, protocol)? else {
                         validation_stopped = true;
                         break;
                     };
                     record.val_accuracy = Some(accuracy);
                 }
-                save(&*learner, &progress, &config, &run.last_checkpoint())?;
+                save(
+                    &*learner,
+                    &progress,
+                    &config,
+                    &run.last_checkpoint(),
+                    Some(next),
+                )?;
                 let seconds_per_step = (progress.training_seconds - start_seconds)
                     / (progress.step - start_step) as f64;
                 // A line in the log for runs whose bar nobody sees (stderr
@@ -190,7 +226,14 @@ pub fn run(options: &TrainOptions) -> Result<()> {
             if window.steps > 0 {
                 run.append_metrics(&window.record(progress.step, progress.training_seconds))?;
             }
-            save(&*learner, &progress, &config, &run.last_checkpoint())?;
+            let next = probe(&learner.state()?, progress.step)?;
+            save(
+                &*learner,
+                &progress,
+                &config,
+                &run.last_checkpoint(),
+                Some(next),
+            )?;
             tracing::info!(step = progress.step, "interrupted: checkpoint written");
             break;
         }
@@ -314,21 +357,56 @@ fn keep_if_best(
         .is_none_or(|best| accuracy > best)
     {
         progress.best_val_accuracy = Some(accuracy);
-        save(learner, progress, config, &run.best_checkpoint())?;
+        save(learner, progress, config, &run.best_checkpoint(), None)?;
     }
     Ok(())
 }
 
+/// Writes the learner's checkpoint; the last one carries the probe of the
+/// step after it, which `--resume` checks.
 fn save(
     learner: &dyn Learner,
     progress: &Progress,
     config: &ExperimentConfig,
     path: &std::path::Path,
+    next_step: Option<NextStepProbe>,
 ) -> Result<()> {
     let mut checkpoint = learner.checkpoint()?;
     checkpoint.extra = progress.to_metadata(config)?;
+    if let Some(probe) = next_step {
+        checkpoint
+            .extra
+            .insert(continuation::METADATA_KEY.into(), probe.to_metadata());
+    }
     checkpoint.save(path)?;
     Ok(())
+}
+
+/// Compares this build's next step from a resumed checkpoint with the one
+/// recorded in it, and returns this build's.
+fn check_continuation(
+    checkpoint: &Checkpoint,
+    path: &std::path::Path,
+    here: NextStepProbe,
+    resume_anyway: bool,
+) -> Result<NextStepProbe> {
+    let Some(text) = checkpoint.extra.get(continuation::METADATA_KEY) else {
+        tracing::warn!(
+            "{} holds no record of its next step (written by an older fewshot): \
+             cannot check that this build continues the run bit for bit",
+            path.display()
+        );
+        return Ok(here);
+    };
+    let recorded =
+        NextStepProbe::from_metadata(text).with_context(|| path.display().to_string())?;
+    match here.check_against(recorded, path) {
+        Err(drift) if resume_anyway => {
+            tracing::warn!("{drift:#}; going on (--resume-anyway)");
+            Ok(here)
+        }
+        result => result.map(|()| here),
+    }
 }
 
 fn record_message(record: &TrainingRecord, best: Option<f64>) -> String {

@@ -72,22 +72,28 @@ fn str(path: &Path) -> &str {
     path.to_str().unwrap()
 }
 
+/// A run stopped, moved to another folder (as a carried-over run is, through
+/// `models/in-progress/`) and resumed there ends bit for bit where an
+/// uninterrupted run ends.
 #[test]
 fn a_resumed_run_ends_exactly_where_an_uninterrupted_one_does() {
     let dir = tempfile::tempdir().unwrap();
     let config = tiny_config(dir.path());
     let straight = dir.path().join("straight");
-    let resumed = dir.path().join("resumed");
+    let stopped = dir.path().join("stopped");
+    let resumed = dir.path().join("moved/resumed");
     fewshot(&["train", str(&config), "--out", str(&straight)]);
     fewshot(&[
         "train",
         str(&config),
         "--out",
-        str(&resumed),
+        str(&stopped),
         "--stop-after",
         "3",
     ]);
-    assert!(!resumed.join("results.json").exists());
+    assert!(!stopped.join("results.json").exists());
+    std::fs::create_dir_all(resumed.parent().unwrap()).unwrap();
+    std::fs::rename(&stopped, &resumed).unwrap();
     // A stopped run can still be published through its evaluation's JSON.
     let partial_json = dir.path().join("partial.json");
     std::fs::write(
@@ -170,6 +176,53 @@ fn a_resumed_run_ends_exactly_where_an_uninterrupted_one_does() {
     let comparison: serde_json::Value = serde_json::from_slice(&compare.stdout).unwrap();
     assert_eq!(comparison["mean_difference"], 0.0);
     assert_eq!(comparison["n"], 40);
+}
+
+/// A run is resumed only by a build that continues it bit for bit: a
+/// checkpoint whose next step this build computes differently (as one written
+/// by other code would be) is refused with the reason, and `--resume-anyway`
+/// goes on.
+#[test]
+fn resume_refuses_a_run_this_build_would_not_continue_bit_for_bit() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = tiny_config(dir.path());
+    let run = dir.path().join("run");
+    fewshot(&[
+        "train",
+        str(&config),
+        "--out",
+        str(&run),
+        "--stop-after",
+        "3",
+    ]);
+    let path = run.join("checkpoints/last.safetensors");
+    let mut checkpoint = Checkpoint::load(&path, &Device::Cpu).unwrap();
+    let probe = checkpoint.extra["next_step_probe"].clone();
+    // Another build's record: the next step's loss one bit away.
+    let (loss, state) = probe.split_once(':').unwrap();
+    let other_loss = u64::from_str_radix(loss, 16).unwrap() ^ 1;
+    checkpoint.extra.insert(
+        "next_step_probe".into(),
+        format!("{other_loss:016x}:{state}"),
+    );
+    checkpoint.save(&path).unwrap();
+
+    let refused = fewshot_fails(&["train", str(&config), "--out", str(&run), "--resume"]);
+    assert!(
+        refused.contains("does not continue the run bit for bit")
+            && refused.contains("--resume-anyway"),
+        "{refused}"
+    );
+    assert!(!run.join("results.json").exists());
+    fewshot(&[
+        "train",
+        str(&config),
+        "--out",
+        str(&run),
+        "--resume",
+        "--resume-anyway",
+    ]);
+    assert!(run.join("results.json").exists());
 }
 
 /// A run may start from another run's checkpoint: what fits is copied, the

@@ -235,6 +235,7 @@ fn maml_case(
         order: Order::Second,
         adapt: Adapt::All,
     };
+    let query_weights = maml::query_loss_weights(steps, None, 0);
     let step = move || -> Result<()> {
         let task = maml::Task {
             support: &support,
@@ -249,6 +250,7 @@ fn maml_case(
             &task,
             &inner,
             maml::QueryNormalisation::Batch,
+            &query_weights,
         )?;
         Ok(())
     };

@@ -4,6 +4,8 @@
 use fewshot_backbone::{AdamConfig, BackboneError, Conv4Config, Result};
 use serde::{Deserialize, Serialize};
 
+use crate::multi_step_loss::MultiStepLoss;
+
 /// How the meta-gradient treats the inner updates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -55,6 +57,11 @@ pub struct MamlConfig {
     pub optimizer: AdamConfig,
     /// Seeds the initial weights.
     pub init_seed: u64,
+    /// MAML++'s multi-step loss (null: plain MAML, the last step's query
+    /// loss only).
+    pub multi_step_loss: Option<MultiStepLoss>,
+    /// Meta-steps in an epoch, the unit of MAML++'s schedules (its 500).
+    pub iterations_per_epoch: usize,
 }
 
 impl Default for MamlConfig {
@@ -77,6 +84,8 @@ impl MamlConfig {
             query_normalisation: QueryNormalisation::Batch,
             optimizer: AdamConfig::default(),
             init_seed: 0,
+            multi_step_loss: None,
+            iterations_per_epoch: 500,
         }
     }
 
@@ -133,6 +142,16 @@ impl MamlConfig {
         if self.inner_steps_train == 0 {
             return invalid("inner_steps_train", "0".into(), "must be at least 1");
         }
+        if self.iterations_per_epoch == 0 {
+            return invalid("iterations_per_epoch", "0".into(), "must be at least 1");
+        }
+        if self.multi_step_loss.is_some_and(|m| m.epochs == 0) {
+            return invalid(
+                "multi_step_loss.epochs",
+                "0".into(),
+                "must be at least 1 (null turns the multi-step loss off)",
+            );
+        }
         Ok(())
     }
 
@@ -182,6 +201,18 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("inner_steps_train"));
+        let c = MamlConfig {
+            multi_step_loss: Some(MultiStepLoss { epochs: 0 }),
+            ..Default::default()
+        };
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("multi_step_loss.epochs"), "{err}");
+        let c = MamlConfig {
+            iterations_per_epoch: 0,
+            ..Default::default()
+        };
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("iterations_per_epoch"), "{err}");
         let err = serde_json::from_str::<MamlConfig>(r#"{"order": "third"}"#).unwrap_err();
         assert!(err.to_string().contains("third"), "{err}");
     }

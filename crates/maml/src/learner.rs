@@ -10,6 +10,7 @@ use fewshot_backbone::{
 use crate::hyperparams::{MamlConfig, Order};
 use crate::inner_loop::{adapt, query_logits, InnerLoop};
 use crate::meta_gradient::{meta_gradient, Task};
+use crate::multi_step_loss::query_loss_weights;
 use crate::ALGORITHM;
 
 pub struct Maml {
@@ -68,11 +69,23 @@ impl Maml {
         Ok(support / episode.ways)
     }
 
-    /// The meta-gradient, query loss and query accuracy of one task.
+    /// The weights of the query losses after each inner step at this point
+    /// of training (MAML++'s multi-step loss; plain MAML: the last only).
+    fn query_weights(&self) -> Vec<f64> {
+        let epoch = self.optimizer.steps() / self.config.iterations_per_epoch as u64;
+        query_loss_weights(
+            self.config.inner_steps_train,
+            self.config.multi_step_loss,
+            usize::try_from(epoch).unwrap_or(usize::MAX),
+        )
+    }
+
+    /// The meta-gradient, meta-loss and query accuracy of one task.
     fn task_gradient(
         &self,
         params: &ParamSet,
         episode: &EpisodeTensors,
+        query_weights: &[f64],
     ) -> Result<EpisodeGradient> {
         if self.config.order == Order::Second {
             // candle reads its switch once per thread: check this one.
@@ -94,6 +107,7 @@ impl Maml {
             &task,
             &inner,
             self.config.query_normalisation,
+            query_weights,
         )?;
         Ok(EpisodeGradient {
             gradient: result.gradient,
@@ -114,8 +128,10 @@ impl Learner for Maml {
 
     fn meta_train(&mut self, batch: &[EpisodeTensors]) -> Result<StepStats> {
         let params = self.weights.as_params();
-        let (gradient, stats) =
-            mean_over_episodes(batch, |episode| self.task_gradient(&params, episode))?;
+        let query_weights = self.query_weights();
+        let (gradient, stats) = mean_over_episodes(batch, |episode| {
+            self.task_gradient(&params, episode, &query_weights)
+        })?;
         self.optimizer.step(&self.weights, &gradient)?;
         Ok(stats)
     }
@@ -157,6 +173,7 @@ impl Learner for Maml {
 mod tests {
     use super::*;
     use crate::hyperparams::QueryNormalisation;
+    use crate::multi_step_loss::MultiStepLoss;
     use fewshot_backbone::Conv4Config;
     use fewshot_data::{synthetic, EpisodeSampler, EpisodeSpec, SyntheticOptions};
 
@@ -278,6 +295,35 @@ mod tests {
             maml.meta_train(&batch).unwrap(),
             rebuilt.meta_train(&batch).unwrap()
         );
+    }
+
+    #[test]
+    fn the_multi_step_loss_counts_every_step_for_its_epochs_only() {
+        let config = MamlConfig {
+            inner_steps_train: 3,
+            multi_step_loss: Some(MultiStepLoss { epochs: 1 }),
+            iterations_per_epoch: 2,
+            ..small(Order::Second)
+        };
+        let mut maml = Maml::new(config.clone(), &Device::Cpu).unwrap();
+        let mut plain = Maml::new(
+            MamlConfig {
+                multi_step_loss: None,
+                ..config
+            },
+            &Device::Cpu,
+        )
+        .unwrap();
+        assert_eq!(maml.query_weights(), [1.0 / 3.0; 3]);
+        let batch = episodes(5, 2, 1);
+        let (with, without) = (
+            maml.meta_train(&batch).unwrap(),
+            plain.meta_train(&batch).unwrap(),
+        );
+        assert_ne!(with.loss, without.loss);
+        maml.meta_train(&batch).unwrap();
+        // Two steps make the first epoch: from here on, plain MAML's loss.
+        assert_eq!(maml.query_weights(), [0.0, 0.0, 1.0]);
     }
 
     #[test]

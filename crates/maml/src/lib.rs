@@ -6,17 +6,21 @@
 //! - Second order ([`Order::Second`]) differentiates the query loss through
 //!   every inner step (gradients of gradients); first order drops those
 //!   terms; [`Adapt::Head`] adapts the classifier only (ANIL).
+//! - MAML++ options (Antoniou et al. 2019): [`MultiStepLoss`], the query
+//!   loss after every inner step, annealed toward the last.
 //! - [`Maml`] is the meta-learner behind the shared `Learner` trait.
 
 pub mod hyperparams;
 pub mod inner_loop;
 pub mod learner;
 pub mod meta_gradient;
+pub mod multi_step_loss;
 
 pub use hyperparams::{Adapt, MamlConfig, Order, QueryNormalisation};
 pub use inner_loop::{adapt, InnerLoop};
 pub use learner::Maml;
 pub use meta_gradient::{meta_gradient, MetaGradient, Task};
+pub use multi_step_loss::{query_loss_weights, MultiStepLoss};
 
 /// The name of this algorithm in configs and checkpoints.
 pub const ALGORITHM: &str = "maml";

@@ -20,9 +20,13 @@
 //! is the exact second-order meta-gradient; each product differentiates a
 //! kept support gradient once more, so every step costs the same. First
 //! order keeps no graphs and stops after the query gradient.
+//!
+//! With MAML++'s multi-step loss the meta-loss is `sum_k w_k L_query(a_k)`
+//! over the steps' results a_1..a_K: the sweep then adds `w_k grad
+//! L_query(a_k)` to `v` when it reaches a_k.
 
 use candle_core::{DType, Tensor};
-use fewshot_backbone::{ops, Conv4, ParamSet, Result, VarSet};
+use fewshot_backbone::{ops, BackboneError, Conv4, ParamSet, Result, VarSet};
 
 use crate::hyperparams::{Order, QueryNormalisation};
 use crate::inner_loop::{is_adapted, query_logits, support_loss, InnerLoop};
@@ -39,23 +43,38 @@ pub struct Task<'a> {
 
 /// What one task contributes to a meta-training step.
 pub struct MetaGradient {
-    /// d(query loss)/d(initial weights), named as the weights.
+    /// d(meta-loss)/d(initial weights), named as the weights.
     pub gradient: ParamSet,
+    /// The meta-loss: the weighted query losses.
     pub query_loss: f64,
-    /// Query logits of the adapted network (no graph).
+    /// Query logits of the network after the last inner step (no graph).
     pub query_logits: Tensor,
 }
 
-/// The query loss of `params` adapted to the task's support set by `inner`,
+/// The meta-loss of `params` adapted to the task's support set by `inner`,
 /// and its gradient with respect to `params`: exact with [`Order::Second`],
-/// first-order (inner gradients held constant) with [`Order::First`].
+/// first-order (inner gradients held constant) with [`Order::First`]. The
+/// meta-loss is the query loss after each inner step weighted by
+/// `query_weights` (one a step; plain MAML's are 0, ..., 0, 1, see
+/// [`crate::multi_step_loss::query_loss_weights`]).
 pub fn meta_gradient(
     net: &Conv4,
     params: &ParamSet,
     task: &Task<'_>,
     inner: &InnerLoop,
     normalisation: QueryNormalisation,
+    query_weights: &[f64],
 ) -> Result<MetaGradient> {
+    if query_weights.len() != inner.steps || inner.steps == 0 {
+        return Err(BackboneError::InvalidConfig {
+            field: "query_weights",
+            value: format!("{query_weights:?}"),
+            reason: format!(
+                "needs one weight for each of the {} inner steps",
+                inner.steps
+            ),
+        });
+    }
     let mut adapted = ParamSet::new();
     let mut fixed = ParamSet::new();
     for (name, tensor) in params.iter() {
@@ -66,34 +85,60 @@ pub fn meta_gradient(
     }
 
     // Each step's support gradient, kept with its graph (at its own leaves)
-    // for the Hessian-vector product of the backward sweep.
+    // for the Hessian-vector product of the backward sweep; and the weighted
+    // query loss gradients of the steps before the last, where they count.
     let mut steps = Vec::with_capacity(inner.steps);
-    for _ in 0..inner.steps {
+    let mut earlier_terms = Vec::with_capacity(inner.steps);
+    let mut earlier_loss = 0.0;
+    let last = inner.steps - 1;
+    for (k, &weight) in query_weights.iter().enumerate() {
         let (gradient, leaves) = support_gradient(net, &adapted, &fixed, task)?;
         adapted = adapted.sgd_step(&gradient.detach(), inner.lr)?;
         if inner.order == Order::Second {
             steps.push((gradient, leaves));
         }
+        let term = if k < last && weight != 0.0 {
+            let term = query_term(net, &adapted, &fixed, task, normalisation, weight)?;
+            earlier_loss += term.loss;
+            Some(term)
+        } else {
+            None
+        };
+        earlier_terms.push(term);
     }
 
-    let (adapted_vars, fixed_vars) = (adapted.to_vars()?, fixed.to_vars()?);
-    let weights = joined(&adapted_vars, &fixed_vars)?;
-    let logits = query_logits(net, &weights, task.support, task.query, normalisation)?;
-    let loss = ops::cross_entropy(&logits, task.query_labels)?;
-    let grads = loss.backward()?;
-    let mut v_adapted = adapted_vars.gradients(&grads)?.detach();
-    let mut v_fixed = fixed_vars.gradients(&grads)?.detach();
+    let QueryTerm {
+        loss,
+        logits,
+        adapted: mut v_adapted,
+        fixed: mut v_fixed,
+    } = query_term(
+        net,
+        &adapted,
+        &fixed,
+        task,
+        normalisation,
+        query_weights[last],
+    )?;
 
-    for (gradient, leaves) in steps.iter().rev() {
-        let mut dot = Tensor::zeros((), loss.dtype(), loss.device())?;
-        for ((_, g), (_, v)) in gradient.iter().zip(v_adapted.iter()) {
-            dot = (dot + (g * v)?.sum_all()?)?;
+    // Step k took a_k to a_(k+1); `v` is d(meta-loss)/d a_(k+1) here.
+    for k in (0..inner.steps).rev() {
+        if let Some((gradient, leaves)) = steps.get(k) {
+            let mut dot = Tensor::zeros((), logits.dtype(), logits.device())?;
+            for ((_, g), (_, v)) in gradient.iter().zip(v_adapted.iter()) {
+                dot = (dot + (g * v)?.sum_all()?)?;
+            }
+            let products = dot.backward()?;
+            let h_fixed = leaves.fixed.gradients(&products)?.detach();
+            let h_adapted = leaves.adapted.gradients(&products)?.detach();
+            v_fixed = v_fixed.add_scaled(&h_fixed, -inner.lr)?;
+            v_adapted = v_adapted.add_scaled(&h_adapted, -inner.lr)?;
         }
-        let products = dot.backward()?;
-        let h_fixed = leaves.fixed.gradients(&products)?.detach();
-        let h_adapted = leaves.adapted.gradients(&products)?.detach();
-        v_fixed = v_fixed.add_scaled(&h_fixed, -inner.lr)?;
-        v_adapted = v_adapted.add_scaled(&h_adapted, -inner.lr)?;
+        // The query loss at a_k, the result of step k - 1.
+        if let Some(Some(term)) = k.checked_sub(1).map(|before| &earlier_terms[before]) {
+            v_fixed = v_fixed.add_scaled(&term.fixed, 1.0)?;
+            v_adapted = v_adapted.add_scaled(&term.adapted, 1.0)?;
+        }
     }
 
     let mut gradient = ParamSet::new();
@@ -106,8 +151,42 @@ pub fn meta_gradient(
     }
     Ok(MetaGradient {
         gradient,
-        query_loss: loss.to_dtype(DType::F64)?.to_scalar::<f64>()?,
-        query_logits: logits.detach(),
+        query_loss: earlier_loss + loss,
+        query_logits: logits,
+    })
+}
+
+/// One step's weighted query loss and its gradient at (adapted, fixed).
+struct QueryTerm {
+    loss: f64,
+    logits: Tensor,
+    adapted: ParamSet,
+    fixed: ParamSet,
+}
+
+fn query_term(
+    net: &Conv4,
+    adapted: &ParamSet,
+    fixed: &ParamSet,
+    task: &Task<'_>,
+    normalisation: QueryNormalisation,
+    weight: f64,
+) -> Result<QueryTerm> {
+    let (adapted_vars, fixed_vars) = (adapted.to_vars()?, fixed.to_vars()?);
+    let weights = joined(&adapted_vars, &fixed_vars)?;
+    let logits = query_logits(net, &weights, task.support, task.query, normalisation)?;
+    let mut loss = ops::cross_entropy(&logits, task.query_labels)?;
+    // Plain MAML's single weight of 1 scales nothing, so its gradient stays
+    // bit for bit what it was before the multi-step loss existed.
+    if weight != 1.0 {
+        loss = (loss * weight)?;
+    }
+    let grads = loss.backward()?;
+    Ok(QueryTerm {
+        loss: loss.to_dtype(DType::F64)?.to_scalar::<f64>()?,
+        logits: logits.detach(),
+        adapted: adapted_vars.gradients(&grads)?.detach(),
+        fixed: fixed_vars.gradients(&grads)?.detach(),
     })
 }
 

@@ -1,14 +1,16 @@
 //! The exact meta-gradient through 1, 2 and 5 inner steps against central
 //! finite differences in f64, both as the learner computes it (reverse
 //! accumulation, `maml::meta_gradient`) and by backpropagating through the
-//! unrolled loop; the first-order one differs from it; and a setup where
-//! candle would silently drop second-order terms is refused.
+//! unrolled loop, also with MAML++'s multi-step loss; the first-order one
+//! differs from it; and a setup where candle would silently drop
+//! second-order terms is refused.
 
 use candle_core::{DType, Device, Tensor};
 use fewshot_backbone::{ops, Conv4, Conv4Config, Downsample, FeatureHead, ParamSet};
 use maml::inner_loop::query_logits;
 use maml::{
-    adapt, meta_gradient, Adapt, InnerLoop, Maml, MamlConfig, Order, QueryNormalisation, Task,
+    adapt, meta_gradient, query_loss_weights, Adapt, InnerLoop, Maml, MamlConfig, Order,
+    QueryNormalisation, Task,
 };
 
 fn tiny_net() -> Conv4 {
@@ -60,16 +62,29 @@ fn inner_loop(steps: usize, order: Order, adapt: Adapt) -> InnerLoop {
     }
 }
 
+/// The meta-loss by definition: the query loss after each number of inner
+/// steps (each from scratch, through the unrolled loop), weighted.
 fn meta_loss(
     net: &Conv4,
     params: &ParamSet,
     task: &Images,
     inner: &InnerLoop,
     normalisation: QueryNormalisation,
+    weights: &[f64],
 ) -> Tensor {
-    let adapted = adapt(net, params, &task.support, &task.support_labels, 2, inner).unwrap();
-    let logits = query_logits(net, &adapted, &task.support, &task.query, normalisation).unwrap();
-    ops::cross_entropy(&logits, &task.query_labels).unwrap()
+    let mut total = Tensor::zeros((), DType::F64, &Device::Cpu).unwrap();
+    for (k, &weight) in weights.iter().enumerate().filter(|(_, &w)| w != 0.0) {
+        let steps = InnerLoop {
+            steps: k + 1,
+            ..*inner
+        };
+        let adapted = adapt(net, params, &task.support, &task.support_labels, 2, &steps).unwrap();
+        let logits =
+            query_logits(net, &adapted, &task.support, &task.query, normalisation).unwrap();
+        let loss = ops::cross_entropy(&logits, &task.query_labels).unwrap();
+        total = (total + (loss * weight).unwrap()).unwrap();
+    }
+    total
 }
 
 fn flat(params: &ParamSet) -> Vec<f64> {
@@ -87,9 +102,10 @@ fn unrolled_gradient(
     task: &Images,
     inner: &InnerLoop,
     normalisation: QueryNormalisation,
+    weights: &[f64],
 ) -> Vec<f64> {
     let vars = init.to_vars().unwrap();
-    let loss = meta_loss(net, &vars.as_params(), task, inner, normalisation);
+    let loss = meta_loss(net, &vars.as_params(), task, inner, normalisation, weights);
     flat(&vars.gradients(&loss.backward().unwrap()).unwrap())
 }
 
@@ -100,6 +116,7 @@ fn reverse_gradient(
     task: &Images,
     inner: &InnerLoop,
     normalisation: QueryNormalisation,
+    weights: &[f64],
 ) -> Vec<f64> {
     let task = Task {
         support: &task.support,
@@ -108,7 +125,7 @@ fn reverse_gradient(
         query: &task.query,
         query_labels: &task.query_labels,
     };
-    let result = meta_gradient(net, init, &task, inner, normalisation).unwrap();
+    let result = meta_gradient(net, init, &task, inner, normalisation, weights).unwrap();
     flat(&result.gradient)
 }
 
@@ -119,6 +136,7 @@ fn numeric_gradient(
     task: &Images,
     inner: &InnerLoop,
     normalisation: QueryNormalisation,
+    weights: &[f64],
 ) -> Vec<f64> {
     let value_only = InnerLoop {
         order: Order::First,
@@ -142,7 +160,7 @@ fn numeric_gradient(
                     moved.insert(other, t).unwrap();
                 }
                 // The value of the adapted weights does not depend on the order.
-                meta_loss(net, &moved, task, &value_only, normalisation)
+                meta_loss(net, &moved, task, &value_only, normalisation, weights)
                     .to_scalar::<f64>()
                     .unwrap()
             };
@@ -163,36 +181,43 @@ fn relative_error(a: &[f64], b: &[f64]) -> f64 {
 }
 
 fn check_steps(steps: usize, adapt: Adapt, normalisation: QueryNormalisation) {
+    check_weighted(&query_loss_weights(steps, None, 0), adapt, normalisation);
+}
+
+/// The meta-gradient of the query losses after each inner step, weighted by
+/// `weights` (one a step).
+fn check_weighted(weights: &[f64], adapt: Adapt, normalisation: QueryNormalisation) {
     fewshot_backbone::second_order::ensure_available().unwrap();
+    let steps = weights.len();
     let net = tiny_net();
     let init = net.init(11, DType::F64, &Device::Cpu).unwrap();
     let task = task();
     let exact = inner_loop(steps, Order::Second, adapt);
-    let numeric = numeric_gradient(&net, &init, &task, &exact, normalisation);
+    let numeric = numeric_gradient(&net, &init, &task, &exact, normalisation, weights);
     for (how, gradient) in [
         (
             "reverse",
-            reverse_gradient(&net, &init, &task, &exact, normalisation),
+            reverse_gradient(&net, &init, &task, &exact, normalisation, weights),
         ),
         (
             "unrolled",
-            unrolled_gradient(&net, &init, &task, &exact, normalisation),
+            unrolled_gradient(&net, &init, &task, &exact, normalisation, weights),
         ),
     ] {
         let error = relative_error(&gradient, &numeric);
         assert!(
             error < 1e-6,
-            "{how}, {steps} inner steps, {adapt:?}: relative error {error:e}"
+            "{how}, {weights:?}, {adapt:?}: relative error {error:e}"
         );
     }
     let first = inner_loop(steps, Order::First, adapt);
-    let reverse_first = reverse_gradient(&net, &init, &task, &first, normalisation);
-    let unrolled_first = unrolled_gradient(&net, &init, &task, &first, normalisation);
+    let reverse_first = reverse_gradient(&net, &init, &task, &first, normalisation, weights);
+    let unrolled_first = unrolled_gradient(&net, &init, &task, &first, normalisation, weights);
     assert!(relative_error(&reverse_first, &unrolled_first) < 1e-10);
     let gap = relative_error(&reverse_first, &numeric);
     assert!(
         gap > 1e-3,
-        "{steps} inner steps, {adapt:?}: first order equals exact ({gap:e})"
+        "{weights:?}, {adapt:?}: first order equals exact ({gap:e})"
     );
 }
 
@@ -219,6 +244,18 @@ fn exact_through_two_steps_with_queries_normalised_by_the_support_set() {
 #[test]
 fn exact_through_two_head_only_steps() {
     check_steps(2, Adapt::Head, QueryNormalisation::Batch);
+}
+
+/// MAML++'s multi-step loss: every step's query loss counts, unevenly.
+#[test]
+fn exact_with_the_multi_step_loss_through_three_steps() {
+    check_weighted(&[0.2, 0.3, 0.5], Adapt::All, QueryNormalisation::Batch);
+}
+
+/// A middle step's loss left out (weight 0) still leaves the others right.
+#[test]
+fn exact_with_a_multi_step_loss_that_skips_a_step() {
+    check_weighted(&[0.4, 0.0, 0.6], Adapt::All, QueryNormalisation::Support);
 }
 
 /// Re-runs this test binary with candle's detach switch off: building a

@@ -234,6 +234,7 @@ fn maml_case(
         steps,
         order: Order::Second,
         adapt: Adapt::All,
+        learned_rates: false,
     };
     let query_weights = maml::query_loss_weights(steps, None, 0);
     let step = move || -> Result<()> {

@@ -60,6 +60,10 @@ pub struct MamlConfig {
     /// MAML++'s multi-step loss (null: plain MAML, the last step's query
     /// loss only).
     pub multi_step_loss: Option<MultiStepLoss>,
+    /// MAML++'s per-layer per-step inner learning rates (LSLR): a step size
+    /// for each adapted weight tensor and inner step, starting at
+    /// `inner_lr` and meta-learned with the initialisation.
+    pub learn_inner_lr: bool,
     /// Meta-steps in an epoch, the unit of MAML++'s schedules (its 500).
     pub iterations_per_epoch: usize,
 }
@@ -85,6 +89,7 @@ impl MamlConfig {
             optimizer: AdamConfig::default(),
             init_seed: 0,
             multi_step_loss: None,
+            learn_inner_lr: false,
             iterations_per_epoch: 500,
         }
     }
@@ -141,6 +146,13 @@ impl MamlConfig {
         }
         if self.inner_steps_train == 0 {
             return invalid("inner_steps_train", "0".into(), "must be at least 1");
+        }
+        if self.learn_inner_lr && self.inner_steps_test > self.inner_steps_train {
+            return invalid(
+                "inner_steps_test",
+                self.inner_steps_test.to_string(),
+                "with learn_inner_lr, at most inner_steps_train: only those steps have learnt step sizes",
+            );
         }
         if self.iterations_per_epoch == 0 {
             return invalid("iterations_per_epoch", "0".into(), "must be at least 1");
@@ -207,6 +219,12 @@ mod tests {
         };
         let err = c.validate().unwrap_err().to_string();
         assert!(err.contains("multi_step_loss.epochs"), "{err}");
+        let c = MamlConfig {
+            learn_inner_lr: true,
+            ..Default::default()
+        };
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("inner_steps_test"), "{err}");
         let c = MamlConfig {
             iterations_per_epoch: 0,
             ..Default::default()

@@ -9,19 +9,78 @@ use crate::hyperparams::{Adapt, Order, QueryNormalisation};
 
 #[derive(Debug, Clone, Copy)]
 pub struct InnerLoop {
+    /// The step size, unless `learned_rates`.
     pub lr: f64,
     pub steps: usize,
     pub order: Order,
     pub adapt: Adapt,
+    /// MAML++'s per-layer per-step learning rates: the step size of weight
+    /// `w` at step `k` is element `k` of the parameter [`rate_name`]`(w)`,
+    /// itself meta-learned.
+    pub learned_rates: bool,
+}
+
+/// Names of the learned inner step sizes start with this.
+pub const RATE_PREFIX: &str = "inner_lr.";
+
+/// The name of weight `name`'s learned inner step sizes (one a step).
+pub fn rate_name(name: &str) -> String {
+    format!("{RATE_PREFIX}{name}")
 }
 
 /// Whether the inner loop adapts the weight `name`. Batch norm's weights
-/// are meta-learned but not adapted, as in the reference code.
+/// are meta-learned but not adapted, as in the reference code; nor are the
+/// learned step sizes.
 pub fn is_adapted(name: &str, adapt: Adapt) -> bool {
+    if name.starts_with(RATE_PREFIX) {
+        return false;
+    }
     match adapt {
         Adapt::All => !name.contains(".bn."),
         Adapt::Head => name.starts_with("head."),
     }
+}
+
+/// The parameters split into (adapted, fixed, learned step sizes).
+pub fn split(params: &ParamSet, adapt: Adapt) -> Result<(ParamSet, ParamSet, ParamSet)> {
+    let (mut adapted, mut fixed, mut rates) = (ParamSet::new(), ParamSet::new(), ParamSet::new());
+    for (name, tensor) in params.iter() {
+        let group = if name.starts_with(RATE_PREFIX) {
+            &mut rates
+        } else if is_adapted(name, adapt) {
+            &mut adapted
+        } else {
+            &mut fixed
+        };
+        group.insert(name, tensor.clone())?;
+    }
+    Ok((adapted, fixed, rates))
+}
+
+/// `weights - rate * grads`, with inner step `step`'s step size for each
+/// weight: the shared `inner.lr`, or the learned one (kept in the graph, so
+/// that a loss on the result differentiates the step sizes too).
+pub fn inner_step(
+    weights: &ParamSet,
+    grads: &ParamSet,
+    rates: &ParamSet,
+    inner: &InnerLoop,
+    step: usize,
+) -> Result<ParamSet> {
+    if !inner.learned_rates {
+        return weights.sgd_step(grads, inner.lr);
+    }
+    let mut out = ParamSet::new();
+    for (name, weight) in weights.iter() {
+        let rate = step_rate(rates, name, step)?;
+        out.insert(name, (weight - grads.get(name)?.broadcast_mul(&rate)?)?)?;
+    }
+    Ok(out)
+}
+
+/// The learned step size of weight `name` at inner step `step`, as a scalar.
+pub fn step_rate(rates: &ParamSet, name: &str, step: usize) -> Result<Tensor> {
+    Ok(rates.get(&rate_name(name))?.get(step)?)
 }
 
 /// The support loss as the reference code divides it: per-example
@@ -62,15 +121,8 @@ pub fn adapt(
     shots: usize,
     inner: &InnerLoop,
 ) -> Result<ParamSet> {
-    let mut adapted = ParamSet::new();
-    let mut fixed = ParamSet::new();
-    for (name, tensor) in params.iter() {
-        match is_adapted(name, inner.adapt) {
-            true => adapted.insert(name, tensor.clone())?,
-            false => fixed.insert(name, tensor.clone())?,
-        }
-    }
-    for _ in 0..inner.steps {
+    let (mut adapted, mut fixed, rates) = split(params, inner.adapt)?;
+    for step in 0..inner.steps {
         let start = match inner.order {
             Order::Second => adapted.clone(),
             Order::First => adapted.detach(),
@@ -84,7 +136,7 @@ pub fn adapt(
             Order::Second => grads,
             Order::First => grads.detach(),
         };
-        adapted = adapted.sgd_step(&grads, inner.lr)?;
+        adapted = inner_step(&adapted, &grads, &rates, inner, step)?;
     }
     fixed.extend(&adapted)?;
     Ok(fixed)

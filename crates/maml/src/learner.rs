@@ -8,7 +8,7 @@ use fewshot_backbone::{
 };
 
 use crate::hyperparams::{MamlConfig, Order};
-use crate::inner_loop::{adapt, query_logits, InnerLoop};
+use crate::inner_loop::{adapt, is_adapted, query_logits, rate_name, InnerLoop};
 use crate::meta_gradient::{meta_gradient, Task};
 use crate::multi_step_loss::query_loss_weights;
 use crate::ALGORITHM;
@@ -29,7 +29,19 @@ impl Maml {
             second_order::ensure_available()?;
         }
         let net = Conv4::new(config.network())?;
-        let weights = net.init(config.init_seed, DType::F32, device)?.to_vars()?;
+        let mut init = net.init(config.init_seed, DType::F32, device)?;
+        if config.learn_inner_lr {
+            let mut rates = ParamSet::new();
+            for (name, _) in init.iter().filter(|(n, _)| is_adapted(n, config.adapt)) {
+                let start = vec![config.inner_lr as f32; config.inner_steps_train];
+                rates.insert(
+                    rate_name(name),
+                    Tensor::from_vec(start, config.inner_steps_train, device)?,
+                )?;
+            }
+            init.extend(&rates)?;
+        }
+        let weights = init.to_vars()?;
         let optimizer = Adam::new(config.optimizer, &weights)?;
         Ok(Self {
             config,
@@ -50,6 +62,7 @@ impl Maml {
             steps,
             order,
             adapt: self.config.adapt,
+            learned_rates: self.config.learn_inner_lr,
         }
     }
 
@@ -324,6 +337,47 @@ mod tests {
         maml.meta_train(&batch).unwrap();
         // Two steps make the first epoch: from here on, plain MAML's loss.
         assert_eq!(maml.query_weights(), [0.0, 0.0, 1.0]);
+    }
+
+    #[test]
+    fn learned_step_sizes_are_weights_that_training_moves_and_checkpoints_keep() {
+        let config = MamlConfig {
+            learn_inner_lr: true,
+            inner_steps_train: 2,
+            inner_steps_test: 2,
+            ..small(Order::Second)
+        };
+        let mut maml = Maml::new(config, &Device::Cpu).unwrap();
+        let rates = |m: &Maml| {
+            m.weights
+                .as_params()
+                .get("inner_lr.head.weight")
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        assert_eq!(rates(&maml), [0.4, 0.4]);
+        // Batch norm's weights are not adapted, so they have no step size.
+        assert!(!maml
+            .weights
+            .names()
+            .iter()
+            .any(|n| n.starts_with("inner_lr.") && n.contains(".bn.")));
+        maml.meta_train(&episodes(5, 2, 1)).unwrap();
+        assert!(
+            rates(&maml).iter().all(|r| (r - 0.4).abs() > 1e-7),
+            "{:?}",
+            rates(&maml)
+        );
+        let mut rebuilt = Maml::from_json(&maml.config(), &Device::Cpu).unwrap();
+        rebuilt.load_state(&maml.state().unwrap()).unwrap();
+        assert_eq!(rates(&rebuilt), rates(&maml));
+        let episode = &episodes(5, 1, 6)[0];
+        let (a, b) = (
+            maml.predict(episode).unwrap(),
+            rebuilt.predict(episode).unwrap(),
+        );
+        assert_eq!(a.to_vec2::<f32>().unwrap(), b.to_vec2::<f32>().unwrap());
     }
 
     #[test]

@@ -7,7 +7,8 @@
 //!   every inner step (gradients of gradients); first order drops those
 //!   terms; [`Adapt::Head`] adapts the classifier only (ANIL).
 //! - MAML++ options (Antoniou et al. 2019): [`MultiStepLoss`], the query
-//!   loss after every inner step, annealed toward the last.
+//!   loss after every inner step, annealed toward the last; learned
+//!   per-layer per-step inner step sizes (`InnerLoop::learned_rates`).
 //! - [`Maml`] is the meta-learner behind the shared `Learner` trait.
 
 pub mod hyperparams;

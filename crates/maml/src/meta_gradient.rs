@@ -23,13 +23,18 @@
 //!
 //! With MAML++'s multi-step loss the meta-loss is `sum_k w_k L_query(a_k)`
 //! over the steps' results a_1..a_K: the sweep then adds `w_k grad
-//! L_query(a_k)` to `v` when it reaches a_k.
+//! L_query(a_k)` to `v` when it reaches a_k. With its learned step sizes
+//! (`a_(k+1) = a_k - r_k g_k`, one r per weight tensor and step) `lr` above
+//! becomes `r_k` inside the product, and `d/dr_k = -<g_k, v>` with `v` at
+//! a_(k+1).
 
 use candle_core::{DType, Tensor};
 use fewshot_backbone::{ops, BackboneError, Conv4, ParamSet, Result, VarSet};
 
 use crate::hyperparams::{Order, QueryNormalisation};
-use crate::inner_loop::{is_adapted, query_logits, support_loss, InnerLoop};
+use crate::inner_loop::{
+    inner_step, is_adapted, query_logits, split, step_rate, support_loss, InnerLoop, RATE_PREFIX,
+};
 
 /// One task's images and labels.
 pub struct Task<'a> {
@@ -75,25 +80,24 @@ pub fn meta_gradient(
             ),
         });
     }
-    let mut adapted = ParamSet::new();
-    let mut fixed = ParamSet::new();
-    for (name, tensor) in params.iter() {
-        match is_adapted(name, inner.adapt) {
-            true => adapted.insert(name, tensor.detach())?,
-            false => fixed.insert(name, tensor.detach())?,
-        }
-    }
+    let (adapted, fixed, rates) = split(&params.detach(), inner.adapt)?;
+    let mut adapted = adapted;
 
     // Each step's support gradient, kept with its graph (at its own leaves)
-    // for the Hessian-vector product of the backward sweep; and the weighted
-    // query loss gradients of the steps before the last, where they count.
+    // for the Hessian-vector product of the backward sweep (and its values,
+    // for the step sizes' gradients); and the weighted query loss gradients
+    // of the steps before the last, where they count.
     let mut steps = Vec::with_capacity(inner.steps);
+    let mut support_grads = Vec::with_capacity(inner.steps);
     let mut earlier_terms = Vec::with_capacity(inner.steps);
     let mut earlier_loss = 0.0;
     let last = inner.steps - 1;
     for (k, &weight) in query_weights.iter().enumerate() {
         let (gradient, leaves) = support_gradient(net, &adapted, &fixed, task)?;
-        adapted = adapted.sgd_step(&gradient.detach(), inner.lr)?;
+        adapted = inner_step(&adapted, &gradient.detach(), &rates, inner, k)?;
+        if inner.learned_rates {
+            support_grads.push(gradient.detach());
+        }
         if inner.order == Order::Second {
             steps.push((gradient, leaves));
         }
@@ -121,18 +125,39 @@ pub fn meta_gradient(
         query_weights[last],
     )?;
 
+    // d(meta-loss)/d r_k for each learned step size, step by step.
+    let mut rate_grads: Vec<(String, Vec<Tensor>)> = Vec::new();
     // Step k took a_k to a_(k+1); `v` is d(meta-loss)/d a_(k+1) here.
     for k in (0..inner.steps).rev() {
+        if let Some(grads) = support_grads.get(k) {
+            let mut at_step = Vec::with_capacity(v_adapted.len());
+            for (name, v) in v_adapted.iter() {
+                at_step.push((name, (grads.get(name)? * v)?.sum_all()?.neg()?));
+            }
+            for (name, grad) in at_step {
+                match rate_grads.iter_mut().find(|(n, _)| n == name) {
+                    Some((_, per_step)) => per_step.push(grad),
+                    None => rate_grads.push((name.to_string(), vec![grad])),
+                }
+            }
+        }
         if let Some((gradient, leaves)) = steps.get(k) {
             let mut dot = Tensor::zeros((), logits.dtype(), logits.device())?;
-            for ((_, g), (_, v)) in gradient.iter().zip(v_adapted.iter()) {
-                dot = (dot + (g * v)?.sum_all()?)?;
+            for ((name, g), (_, v)) in gradient.iter().zip(v_adapted.iter()) {
+                let gv = (g * v)?.sum_all()?;
+                // Shared: lr scales the products below, as it always did.
+                let term = match inner.learned_rates {
+                    true => (gv * step_rate(&rates, name, k)?)?,
+                    false => gv,
+                };
+                dot = (dot + term)?;
             }
             let products = dot.backward()?;
             let h_fixed = leaves.fixed.gradients(&products)?.detach();
             let h_adapted = leaves.adapted.gradients(&products)?.detach();
-            v_fixed = v_fixed.add_scaled(&h_fixed, -inner.lr)?;
-            v_adapted = v_adapted.add_scaled(&h_adapted, -inner.lr)?;
+            let factor = if inner.learned_rates { -1.0 } else { -inner.lr };
+            v_fixed = v_fixed.add_scaled(&h_fixed, factor)?;
+            v_adapted = v_adapted.add_scaled(&h_adapted, factor)?;
         }
         // The query loss at a_k, the result of step k - 1.
         if let Some(Some(term)) = k.checked_sub(1).map(|before| &earlier_terms[before]) {
@@ -142,18 +167,38 @@ pub fn meta_gradient(
     }
 
     let mut gradient = ParamSet::new();
-    for (name, _) in params.iter() {
-        let g = match is_adapted(name, inner.adapt) {
-            true => v_adapted.get(name)?,
-            false => v_fixed.get(name)?,
+    for (name, tensor) in params.iter() {
+        let g = if let Some(weight) = name.strip_prefix(RATE_PREFIX) {
+            rate_gradient(&rate_grads, weight, tensor)?
+        } else if is_adapted(name, inner.adapt) {
+            v_adapted.get(name)?.clone()
+        } else {
+            v_fixed.get(name)?.clone()
         };
-        gradient.insert(name, g.clone())?;
+        gradient.insert(name, g)?;
     }
     Ok(MetaGradient {
         gradient,
         query_loss: earlier_loss + loss,
         query_logits: logits,
     })
+}
+
+/// The gradient of the step sizes of `weight` (shaped as `rates`): the
+/// sweep's per-step values, collected last step first; zero for steps the
+/// loop did not take.
+fn rate_gradient(
+    rate_grads: &[(String, Vec<Tensor>)],
+    weight: &str,
+    rates: &Tensor,
+) -> Result<Tensor> {
+    let Some((_, last_first)) = rate_grads.iter().find(|(n, _)| n == weight) else {
+        return Ok(rates.zeros_like()?);
+    };
+    let mut per_step: Vec<Tensor> = last_first.iter().rev().cloned().collect();
+    let zero = Tensor::zeros((), rates.dtype(), rates.device())?;
+    per_step.resize(rates.elem_count(), zero);
+    Ok(Tensor::stack(&per_step, 0)?)
 }
 
 /// One step's weighted query loss and its gradient at (adapted, fixed).

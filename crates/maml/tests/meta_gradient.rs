@@ -7,7 +7,7 @@
 
 use candle_core::{DType, Device, Tensor};
 use fewshot_backbone::{ops, Conv4, Conv4Config, Downsample, FeatureHead, ParamSet};
-use maml::inner_loop::query_logits;
+use maml::inner_loop::{is_adapted, query_logits, rate_name};
 use maml::{
     adapt, meta_gradient, query_loss_weights, Adapt, InnerLoop, Maml, MamlConfig, Order,
     QueryNormalisation, Task,
@@ -59,6 +59,7 @@ fn inner_loop(steps: usize, order: Order, adapt: Adapt) -> InnerLoop {
         steps,
         order,
         adapt,
+        learned_rates: false,
     }
 }
 
@@ -181,18 +182,45 @@ fn relative_error(a: &[f64], b: &[f64]) -> f64 {
 }
 
 fn check_steps(steps: usize, adapt: Adapt, normalisation: QueryNormalisation) {
-    check_weighted(&query_loss_weights(steps, None, 0), adapt, normalisation);
+    check_weighted(
+        &query_loss_weights(steps, None, 0),
+        adapt,
+        normalisation,
+        false,
+    );
 }
 
 /// The meta-gradient of the query losses after each inner step, weighted by
-/// `weights` (one a step).
-fn check_weighted(weights: &[f64], adapt: Adapt, normalisation: QueryNormalisation) {
+/// `weights` (one a step); with `learned_rates`, MAML++'s per-layer per-step
+/// step sizes, a different one for each weight tensor and step, whose
+/// gradients are checked with the others'.
+fn check_weighted(
+    weights: &[f64],
+    adapt: Adapt,
+    normalisation: QueryNormalisation,
+    learned_rates: bool,
+) {
     fewshot_backbone::second_order::ensure_available().unwrap();
     let steps = weights.len();
     let net = tiny_net();
-    let init = net.init(11, DType::F64, &Device::Cpu).unwrap();
+    let mut init = net.init(11, DType::F64, &Device::Cpu).unwrap();
+    if learned_rates {
+        let mut rates = ParamSet::new();
+        let adapted = init.iter().filter(|(name, _)| is_adapted(name, adapt));
+        for (i, (name, _)) in adapted.enumerate() {
+            let per_step: Vec<f64> = (0..steps)
+                .map(|k| 0.05 * (1.0 + 0.2 * k as f64) * (1.0 - 0.1 * i as f64))
+                .collect();
+            let t = Tensor::from_vec(per_step, steps, &Device::Cpu).unwrap();
+            rates.insert(rate_name(name), t).unwrap();
+        }
+        init.extend(&rates).unwrap();
+    }
     let task = task();
-    let exact = inner_loop(steps, Order::Second, adapt);
+    let exact = InnerLoop {
+        learned_rates,
+        ..inner_loop(steps, Order::Second, adapt)
+    };
     let numeric = numeric_gradient(&net, &init, &task, &exact, normalisation, weights);
     for (how, gradient) in [
         (
@@ -210,7 +238,10 @@ fn check_weighted(weights: &[f64], adapt: Adapt, normalisation: QueryNormalisati
             "{how}, {weights:?}, {adapt:?}: relative error {error:e}"
         );
     }
-    let first = inner_loop(steps, Order::First, adapt);
+    let first = InnerLoop {
+        order: Order::First,
+        ..exact
+    };
     let reverse_first = reverse_gradient(&net, &init, &task, &first, normalisation, weights);
     let unrolled_first = unrolled_gradient(&net, &init, &task, &first, normalisation, weights);
     assert!(relative_error(&reverse_first, &unrolled_first) < 1e-10);
@@ -249,13 +280,41 @@ fn exact_through_two_head_only_steps() {
 /// MAML++'s multi-step loss: every step's query loss counts, unevenly.
 #[test]
 fn exact_with_the_multi_step_loss_through_three_steps() {
-    check_weighted(&[0.2, 0.3, 0.5], Adapt::All, QueryNormalisation::Batch);
+    check_weighted(
+        &[0.2, 0.3, 0.5],
+        Adapt::All,
+        QueryNormalisation::Batch,
+        false,
+    );
 }
 
 /// A middle step's loss left out (weight 0) still leaves the others right.
 #[test]
 fn exact_with_a_multi_step_loss_that_skips_a_step() {
-    check_weighted(&[0.4, 0.0, 0.6], Adapt::All, QueryNormalisation::Support);
+    check_weighted(
+        &[0.4, 0.0, 0.6],
+        Adapt::All,
+        QueryNormalisation::Support,
+        false,
+    );
+}
+
+/// MAML++'s learned per-layer per-step step sizes: their gradients and the
+/// initialisation's, through three steps.
+#[test]
+fn exact_with_learned_step_sizes_through_three_steps() {
+    check_weighted(
+        &query_loss_weights(3, None, 0),
+        Adapt::All,
+        QueryNormalisation::Batch,
+        true,
+    );
+}
+
+/// Both MAML++ options at once, on the classifier only.
+#[test]
+fn exact_with_learned_step_sizes_and_the_multi_step_loss() {
+    check_weighted(&[0.3, 0.7], Adapt::Head, QueryNormalisation::Batch, true);
 }
 
 /// Re-runs this test binary with candle's detach switch off: building a

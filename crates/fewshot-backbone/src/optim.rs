@@ -128,6 +128,11 @@ impl Adam {
         self.config.lr = lr;
     }
 
+    /// The learning rate the next step uses.
+    pub fn lr(&self) -> f64 {
+        self.config.lr
+    }
+
     /// One update of `weights` with `grads` (same names). Returns the global
     /// gradient norm before clipping.
     pub fn step(&mut self, weights: &VarSet, grads: &ParamSet) -> Result<f64> {

@@ -4,6 +4,7 @@
 use fewshot_backbone::{AdamConfig, BackboneError, Conv4Config, Result};
 use serde::{Deserialize, Serialize};
 
+use crate::cosine_annealing::CosineAnnealing;
 use crate::multi_step_loss::MultiStepLoss;
 
 /// How the meta-gradient treats the inner updates.
@@ -64,6 +65,11 @@ pub struct MamlConfig {
     /// for each adapted weight tensor and inner step, starting at
     /// `inner_lr` and meta-learned with the initialisation.
     pub learn_inner_lr: bool,
+    /// MAML++'s cosine annealing of the meta learning rate (null: constant).
+    pub cosine_annealing: Option<CosineAnnealing>,
+    /// MAML++'s derivative-order annealing: epochs of first order before
+    /// `order` takes over (0: `order` from the start).
+    pub first_order_epochs: usize,
     /// Meta-steps in an epoch, the unit of MAML++'s schedules (its 500).
     pub iterations_per_epoch: usize,
 }
@@ -90,6 +96,8 @@ impl MamlConfig {
             init_seed: 0,
             multi_step_loss: None,
             learn_inner_lr: false,
+            cosine_annealing: None,
+            first_order_epochs: 0,
             iterations_per_epoch: 500,
         }
     }
@@ -153,6 +161,18 @@ impl MamlConfig {
                 self.inner_steps_test.to_string(),
                 "with learn_inner_lr, at most inner_steps_train: only those steps have learnt step sizes",
             );
+        }
+        if let Some(schedule) = self.cosine_annealing {
+            if schedule.epochs == 0 {
+                return invalid("cosine_annealing.epochs", "0".into(), "must be at least 1");
+            }
+            if !(schedule.min_lr >= 0.0 && schedule.min_lr <= self.optimizer.lr) {
+                return invalid(
+                    "cosine_annealing.min_lr",
+                    schedule.min_lr.to_string(),
+                    "must be between 0 and the optimiser's lr",
+                );
+            }
         }
         if self.iterations_per_epoch == 0 {
             return invalid("iterations_per_epoch", "0".into(), "must be at least 1");
@@ -225,6 +245,15 @@ mod tests {
         };
         let err = c.validate().unwrap_err().to_string();
         assert!(err.contains("inner_steps_test"), "{err}");
+        let c = MamlConfig {
+            cosine_annealing: Some(CosineAnnealing {
+                min_lr: 1.0,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("cosine_annealing.min_lr"), "{err}");
         let c = MamlConfig {
             iterations_per_epoch: 0,
             ..Default::default()

@@ -82,15 +82,30 @@ impl Maml {
         Ok(support / episode.ways)
     }
 
+    /// The (0-based) epoch of the next meta-step: the unit of MAML++'s
+    /// schedules.
+    fn epoch(&self) -> usize {
+        let epoch = self.optimizer.steps() / self.config.iterations_per_epoch as u64;
+        usize::try_from(epoch).unwrap_or(usize::MAX)
+    }
+
     /// The weights of the query losses after each inner step at this point
     /// of training (MAML++'s multi-step loss; plain MAML: the last only).
     fn query_weights(&self) -> Vec<f64> {
-        let epoch = self.optimizer.steps() / self.config.iterations_per_epoch as u64;
         query_loss_weights(
             self.config.inner_steps_train,
             self.config.multi_step_loss,
-            usize::try_from(epoch).unwrap_or(usize::MAX),
+            self.epoch(),
         )
+    }
+
+    /// The meta-gradient's order at this point of training: first order
+    /// for `first_order_epochs` (MAML++'s derivative-order annealing).
+    fn order(&self) -> Order {
+        match self.epoch() < self.config.first_order_epochs {
+            true => Order::First,
+            false => self.config.order,
+        }
     }
 
     /// The meta-gradient, meta-loss and query accuracy of one task.
@@ -99,13 +114,14 @@ impl Maml {
         params: &ParamSet,
         episode: &EpisodeTensors,
         query_weights: &[f64],
+        order: Order,
     ) -> Result<EpisodeGradient> {
-        if self.config.order == Order::Second {
+        if order == Order::Second {
             // candle reads its switch once per thread: check this one.
             second_order::ensure_available()?;
         }
         let shots = self.shots(episode)?;
-        let inner = self.inner_loop(self.config.inner_steps_train, self.config.order);
+        let inner = self.inner_loop(self.config.inner_steps_train, order);
         let labels = episode.labels_for("meta-training")?;
         let task = Task {
             support: &episode.support,
@@ -141,10 +157,14 @@ impl Learner for Maml {
 
     fn meta_train(&mut self, batch: &[EpisodeTensors]) -> Result<StepStats> {
         let params = self.weights.as_params();
-        let query_weights = self.query_weights();
+        let (query_weights, order) = (self.query_weights(), self.order());
         let (gradient, stats) = mean_over_episodes(batch, |episode| {
-            self.task_gradient(&params, episode, &query_weights)
+            self.task_gradient(&params, episode, &query_weights, order)
         })?;
+        if let Some(schedule) = self.config.cosine_annealing {
+            self.optimizer
+                .set_lr(schedule.lr_at(self.config.optimizer.lr, self.epoch()));
+        }
         self.optimizer.step(&self.weights, &gradient)?;
         Ok(stats)
     }
@@ -185,6 +205,7 @@ impl Learner for Maml {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cosine_annealing::CosineAnnealing;
     use crate::hyperparams::QueryNormalisation;
     use crate::multi_step_loss::MultiStepLoss;
     use fewshot_backbone::Conv4Config;
@@ -378,6 +399,62 @@ mod tests {
             rebuilt.predict(episode).unwrap(),
         );
         assert_eq!(a.to_vec2::<f32>().unwrap(), b.to_vec2::<f32>().unwrap());
+    }
+
+    /// First order for the first epoch, then the configured second order.
+    #[test]
+    fn derivative_order_annealing_starts_first_order() {
+        let annealed = MamlConfig {
+            first_order_epochs: 1,
+            iterations_per_epoch: 1,
+            ..small(Order::Second)
+        };
+        let mut annealed = Maml::new(annealed, &Device::Cpu).unwrap();
+        let mut first = Maml::new(small(Order::First), &Device::Cpu).unwrap();
+        let batch = episodes(5, 2, 1);
+        let weights = |m: &Maml| tensors(&m.state().unwrap());
+        annealed.meta_train(&batch).unwrap();
+        first.meta_train(&batch).unwrap();
+        assert_eq!(weights(&annealed), weights(&first));
+        annealed.meta_train(&batch).unwrap();
+        first.meta_train(&batch).unwrap();
+        assert_ne!(weights(&annealed), weights(&first));
+    }
+
+    /// The meta learning rate of each epoch is the schedule's.
+    #[test]
+    fn cosine_annealing_sets_each_epochs_meta_learning_rate() {
+        let schedule = CosineAnnealing {
+            epochs: 2,
+            min_lr: 1e-4,
+        };
+        let annealed = MamlConfig {
+            cosine_annealing: Some(schedule),
+            iterations_per_epoch: 1,
+            ..small(Order::First)
+        };
+        let mut annealed = Maml::new(annealed, &Device::Cpu).unwrap();
+        let batch = episodes(5, 2, 1);
+        for epoch in 0..3 {
+            annealed.meta_train(&batch).unwrap();
+            assert_eq!(
+                annealed.optimizer.lr(),
+                schedule.lr_at(1e-3, epoch),
+                "epoch {epoch}"
+            );
+        }
+        assert_eq!(annealed.optimizer.lr(), 1e-4);
+    }
+
+    fn tensors(state: &ParamSet) -> Vec<Vec<f64>> {
+        state
+            .tensors()
+            .iter()
+            .map(|t| {
+                let t = t.to_dtype(DType::F64).unwrap();
+                t.flatten_all().unwrap().to_vec1::<f64>().unwrap()
+            })
+            .collect()
     }
 
     #[test]

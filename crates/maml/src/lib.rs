@@ -8,15 +8,19 @@
 //!   terms; [`Adapt::Head`] adapts the classifier only (ANIL).
 //! - MAML++ options (Antoniou et al. 2019): [`MultiStepLoss`], the query
 //!   loss after every inner step, annealed toward the last; learned
-//!   per-layer per-step inner step sizes (`InnerLoop::learned_rates`).
+//!   per-layer per-step inner step sizes (`InnerLoop::learned_rates`);
+//!   [`CosineAnnealing`] of the meta learning rate; first order for the
+//!   first epochs (`MamlConfig::first_order_epochs`).
 //! - [`Maml`] is the meta-learner behind the shared `Learner` trait.
 
+pub mod cosine_annealing;
 pub mod hyperparams;
 pub mod inner_loop;
 pub mod learner;
 pub mod meta_gradient;
 pub mod multi_step_loss;
 
+pub use cosine_annealing::CosineAnnealing;
 pub use hyperparams::{Adapt, MamlConfig, Order, QueryNormalisation};
 pub use inner_loop::{adapt, InnerLoop};
 pub use learner::Maml;

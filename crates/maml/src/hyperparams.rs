@@ -65,6 +65,9 @@ pub struct MamlConfig {
     /// for each adapted weight tensor and inner step, starting at
     /// `inner_lr` and meta-learned with the initialisation.
     pub learn_inner_lr: bool,
+    /// MAML++'s per-step batch norm weights: a copy of each batch norm
+    /// weight and bias for every inner step (`NAME.stepK`), all meta-learned.
+    pub per_step_batch_norm: bool,
     /// MAML++'s cosine annealing of the meta learning rate (null: constant).
     pub cosine_annealing: Option<CosineAnnealing>,
     /// MAML++'s derivative-order annealing: epochs of first order before
@@ -96,6 +99,7 @@ impl MamlConfig {
             init_seed: 0,
             multi_step_loss: None,
             learn_inner_lr: false,
+            per_step_batch_norm: false,
             cosine_annealing: None,
             first_order_epochs: 0,
             iterations_per_epoch: 500,
@@ -155,11 +159,20 @@ impl MamlConfig {
         if self.inner_steps_train == 0 {
             return invalid("inner_steps_train", "0".into(), "must be at least 1");
         }
-        if self.learn_inner_lr && self.inner_steps_test > self.inner_steps_train {
+        let per_step = self.learn_inner_lr || self.per_step_batch_norm;
+        if per_step && self.inner_steps_test > self.inner_steps_train {
             return invalid(
                 "inner_steps_test",
                 self.inner_steps_test.to_string(),
-                "with learn_inner_lr, at most inner_steps_train: only those steps have learnt step sizes",
+                "with learn_inner_lr or per_step_batch_norm, at most inner_steps_train: \
+                 only those steps have their own weights",
+            );
+        }
+        if self.per_step_batch_norm && !self.network.batch_norm {
+            return invalid(
+                "per_step_batch_norm",
+                "true".into(),
+                "the network has no batch norm (network.batch_norm is false)",
             );
         }
         if let Some(schedule) = self.cosine_annealing {

@@ -78,6 +78,47 @@ pub fn inner_step(
     Ok(out)
 }
 
+/// MAML++'s per-step batch norm weights are stored as `NAME.stepK`, one copy
+/// for each inner step K; the network reads step K's copy as `NAME`.
+pub const STEP_MARK: &str = ".step";
+
+/// The name of weight `name`'s copy for inner step `step`.
+pub fn per_step_name(name: &str, step: usize) -> String {
+    format!("{name}{STEP_MARK}{step}")
+}
+
+/// The weights the network reads at inner step `step`: each per-step
+/// weight's copy of that step under its plain name (the other steps' left
+/// out), every other weight as it is.
+pub fn at_step(params: &ParamSet, step: usize) -> Result<ParamSet> {
+    let mut out = ParamSet::new();
+    for (name, tensor) in params.iter() {
+        match name.rsplit_once(STEP_MARK) {
+            Some((plain, k)) if k.parse::<usize>().is_ok() => {
+                if k.parse::<usize>() == Ok(step) {
+                    out.insert(plain, tensor.clone())?;
+                }
+            }
+            _ => out.insert(name, tensor.clone())?,
+        }
+    }
+    Ok(out)
+}
+
+/// Gradients named as the network reads the weights at `step` renamed to
+/// the stored names of `stored` (per-step weights to their step's copy).
+pub fn stored_names(grads: &ParamSet, stored: &ParamSet, step: usize) -> Result<ParamSet> {
+    let mut out = ParamSet::new();
+    for (name, grad) in grads.iter() {
+        let copy = per_step_name(name, step);
+        match stored.contains(&copy) {
+            true => out.insert(copy, grad.clone())?,
+            false => out.insert(name, grad.clone())?,
+        }
+    }
+    Ok(out)
+}
+
 /// The learned step size of weight `name` at inner step `step`, as a scalar.
 pub fn step_rate(rates: &ParamSet, name: &str, step: usize) -> Result<Tensor> {
     Ok(rates.get(&rate_name(name))?.get(step)?)
@@ -121,14 +162,14 @@ pub fn adapt(
     shots: usize,
     inner: &InnerLoop,
 ) -> Result<ParamSet> {
-    let (mut adapted, mut fixed, rates) = split(params, inner.adapt)?;
+    let (mut adapted, fixed, rates) = split(params, inner.adapt)?;
     for step in 0..inner.steps {
         let start = match inner.order {
             Order::Second => adapted.clone(),
             Order::First => adapted.detach(),
         };
         let (probed, probes) = start.probed()?;
-        let mut full = fixed.clone();
+        let mut full = at_step(&fixed, step)?;
         full.extend(&probed)?;
         let loss = support_loss(&net.forward(&full, support)?, labels, shots)?;
         let grads = probes.gradients(&loss.backward()?)?;
@@ -138,6 +179,8 @@ pub fn adapt(
         };
         adapted = inner_step(&adapted, &grads, &rates, inner, step)?;
     }
-    fixed.extend(&adapted)?;
-    Ok(fixed)
+    // The queries go through the batch norm of the last step taken.
+    let mut weights = at_step(&fixed, inner.steps.saturating_sub(1))?;
+    weights.extend(&adapted)?;
+    Ok(weights)
 }

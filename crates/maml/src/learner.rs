@@ -8,7 +8,7 @@ use fewshot_backbone::{
 };
 
 use crate::hyperparams::{MamlConfig, Order};
-use crate::inner_loop::{adapt, is_adapted, query_logits, rate_name, InnerLoop};
+use crate::inner_loop::{adapt, is_adapted, per_step_name, query_logits, rate_name, InnerLoop};
 use crate::meta_gradient::{meta_gradient, Task};
 use crate::multi_step_loss::query_loss_weights;
 use crate::ALGORITHM;
@@ -30,6 +30,9 @@ impl Maml {
         }
         let net = Conv4::new(config.network())?;
         let mut init = net.init(config.init_seed, DType::F32, device)?;
+        if config.per_step_batch_norm {
+            init = per_step_copies(&init, config.inner_steps_train)?;
+        }
         if config.learn_inner_lr {
             let mut rates = ParamSet::new();
             for (name, _) in init.iter().filter(|(n, _)| is_adapted(n, config.adapt)) {
@@ -144,6 +147,22 @@ impl Maml {
             accuracy: ops::accuracy(&result.query_logits, labels)?,
         })
     }
+}
+
+/// `init` with each batch norm weight replaced by one copy for each of
+/// `steps` inner steps.
+fn per_step_copies(init: &ParamSet, steps: usize) -> Result<ParamSet> {
+    let mut out = ParamSet::new();
+    for (name, tensor) in init.iter() {
+        if !name.contains(".bn.") {
+            out.insert(name, tensor.clone())?;
+            continue;
+        }
+        for step in 0..steps {
+            out.insert(per_step_name(name, step), tensor.copy()?)?;
+        }
+    }
+    Ok(out)
 }
 
 impl Learner for Maml {
@@ -455,6 +474,31 @@ mod tests {
                 t.flatten_all().unwrap().to_vec1::<f64>().unwrap()
             })
             .collect()
+    }
+
+    #[test]
+    fn per_step_batch_norm_weights_part_after_training() {
+        let config = MamlConfig {
+            per_step_batch_norm: true,
+            inner_steps_train: 2,
+            inner_steps_test: 2,
+            ..small(Order::Second)
+        };
+        let mut maml = Maml::new(config, &Device::Cpu).unwrap();
+        let names = maml.weights.names().to_vec();
+        assert!(!names.iter().any(|n| n == "block0.bn.weight"));
+        let copy = |m: &Maml, k: usize| {
+            m.weights
+                .as_params()
+                .get(&format!("block0.bn.weight.step{k}"))
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        assert_eq!(copy(&maml, 0), copy(&maml, 1));
+        maml.meta_train(&episodes(5, 2, 1)).unwrap();
+        assert_ne!(copy(&maml, 0), copy(&maml, 1));
+        assert_eq!(maml.predict(&episodes(5, 1, 6)[0]).unwrap().dims(), [15, 5]);
     }
 
     #[test]

@@ -33,7 +33,8 @@ use fewshot_backbone::{ops, BackboneError, Conv4, ParamSet, Result, VarSet};
 
 use crate::hyperparams::{Order, QueryNormalisation};
 use crate::inner_loop::{
-    inner_step, is_adapted, query_logits, split, step_rate, support_loss, InnerLoop, RATE_PREFIX,
+    at_step, inner_step, is_adapted, query_logits, split, step_rate, stored_names, support_loss,
+    InnerLoop, RATE_PREFIX,
 };
 
 /// One task's images and labels.
@@ -93,7 +94,8 @@ pub fn meta_gradient(
     let mut earlier_loss = 0.0;
     let last = inner.steps - 1;
     for (k, &weight) in query_weights.iter().enumerate() {
-        let (gradient, leaves) = support_gradient(net, &adapted, &fixed, task)?;
+        let fixed_k = at_step(&fixed, k)?;
+        let (gradient, leaves) = support_gradient(net, &adapted, &fixed_k, task)?;
         adapted = inner_step(&adapted, &gradient.detach(), &rates, inner, k)?;
         if inner.learned_rates {
             support_grads.push(gradient.detach());
@@ -102,7 +104,8 @@ pub fn meta_gradient(
             steps.push((gradient, leaves));
         }
         let term = if k < last && weight != 0.0 {
-            let term = query_term(net, &adapted, &fixed, task, normalisation, weight)?;
+            let mut term = query_term(net, &adapted, &fixed_k, task, normalisation, weight)?;
+            term.fixed = stored_names(&term.fixed, &fixed, k)?;
             earlier_loss += term.loss;
             Some(term)
         } else {
@@ -115,15 +118,16 @@ pub fn meta_gradient(
         loss,
         logits,
         adapted: mut v_adapted,
-        fixed: mut v_fixed,
+        fixed: last_fixed,
     } = query_term(
         net,
         &adapted,
-        &fixed,
+        &at_step(&fixed, last)?,
         task,
         normalisation,
         query_weights[last],
     )?;
+    let mut v_fixed = with_zeros_for_missing(&stored_names(&last_fixed, &fixed, last)?, &fixed)?;
 
     // d(meta-loss)/d r_k for each learned step size, step by step.
     let mut rate_grads: Vec<(String, Vec<Tensor>)> = Vec::new();
@@ -154,14 +158,15 @@ pub fn meta_gradient(
             }
             let products = dot.backward()?;
             let h_fixed = leaves.fixed.gradients(&products)?.detach();
+            let h_fixed = stored_names(&h_fixed, &fixed, k)?;
             let h_adapted = leaves.adapted.gradients(&products)?.detach();
             let factor = if inner.learned_rates { -1.0 } else { -inner.lr };
-            v_fixed = v_fixed.add_scaled(&h_fixed, factor)?;
+            v_fixed = add_matching(&v_fixed, &h_fixed, factor)?;
             v_adapted = v_adapted.add_scaled(&h_adapted, factor)?;
         }
         // The query loss at a_k, the result of step k - 1.
         if let Some(Some(term)) = k.checked_sub(1).map(|before| &earlier_terms[before]) {
-            v_fixed = v_fixed.add_scaled(&term.fixed, 1.0)?;
+            v_fixed = add_matching(&v_fixed, &term.fixed, 1.0)?;
             v_adapted = v_adapted.add_scaled(&term.adapted, 1.0)?;
         }
     }
@@ -182,6 +187,34 @@ pub fn meta_gradient(
         query_loss: earlier_loss + loss,
         query_logits: logits,
     })
+}
+
+/// `grads` with a zero gradient for each of `all`'s names it lacks (the
+/// per-step weights of steps the last query did not use), in `all`'s order.
+fn with_zeros_for_missing(grads: &ParamSet, all: &ParamSet) -> Result<ParamSet> {
+    let mut out = ParamSet::new();
+    for (name, tensor) in all.iter() {
+        let grad = match grads.contains(name) {
+            true => grads.get(name)?.clone(),
+            false => tensor.zeros_like()?,
+        };
+        out.insert(name, grad)?;
+    }
+    Ok(out)
+}
+
+/// `v + factor * other` where `other` has the name, `v` elsewhere (one
+/// step's gradient reaches only that step's per-step weights).
+fn add_matching(v: &ParamSet, other: &ParamSet, factor: f64) -> Result<ParamSet> {
+    let mut out = ParamSet::new();
+    for (name, tensor) in v.iter() {
+        let sum = match other.contains(name) {
+            true => (tensor + (other.get(name)? * factor)?)?,
+            false => tensor.clone(),
+        };
+        out.insert(name, sum)?;
+    }
+    Ok(out)
 }
 
 /// The gradient of the step sizes of `weight` (shaped as `rates`): the

@@ -7,7 +7,7 @@
 
 use candle_core::{DType, Device, Tensor};
 use fewshot_backbone::{ops, Conv4, Conv4Config, Downsample, FeatureHead, ParamSet};
-use maml::inner_loop::{is_adapted, query_logits, rate_name};
+use maml::inner_loop::{is_adapted, per_step_name, query_logits, rate_name};
 use maml::{
     adapt, meta_gradient, query_loss_weights, Adapt, InnerLoop, Maml, MamlConfig, Order,
     QueryNormalisation, Task,
@@ -186,24 +186,47 @@ fn check_steps(steps: usize, adapt: Adapt, normalisation: QueryNormalisation) {
         &query_loss_weights(steps, None, 0),
         adapt,
         normalisation,
-        false,
+        PlusPlus::default(),
     );
 }
 
+/// MAML++'s options that add weights.
+#[derive(Debug, Clone, Copy, Default)]
+struct PlusPlus {
+    /// Per-layer per-step step sizes, a different one for each weight
+    /// tensor and step.
+    learned_rates: bool,
+    /// Batch norm weights for each step, different for each.
+    per_step_bn: bool,
+}
+
 /// The meta-gradient of the query losses after each inner step, weighted by
-/// `weights` (one a step); with `learned_rates`, MAML++'s per-layer per-step
-/// step sizes, a different one for each weight tensor and step, whose
-/// gradients are checked with the others'.
+/// `weights` (one a step), with the gradients of the weights `plus` adds.
 fn check_weighted(
     weights: &[f64],
     adapt: Adapt,
     normalisation: QueryNormalisation,
-    learned_rates: bool,
+    plus: PlusPlus,
 ) {
     fewshot_backbone::second_order::ensure_available().unwrap();
     let steps = weights.len();
     let net = tiny_net();
     let mut init = net.init(11, DType::F64, &Device::Cpu).unwrap();
+    let learned_rates = plus.learned_rates;
+    if plus.per_step_bn {
+        let mut per_step = ParamSet::new();
+        for (name, tensor) in init.iter() {
+            if !name.contains(".bn.") {
+                per_step.insert(name, tensor.clone()).unwrap();
+                continue;
+            }
+            for k in 0..steps {
+                let copy = (tensor * (1.0 + 0.1 * k as f64)).unwrap();
+                per_step.insert(per_step_name(name, k), copy).unwrap();
+            }
+        }
+        init = per_step;
+    }
     if learned_rates {
         let mut rates = ParamSet::new();
         let adapted = init.iter().filter(|(name, _)| is_adapted(name, adapt));
@@ -284,7 +307,7 @@ fn exact_with_the_multi_step_loss_through_three_steps() {
         &[0.2, 0.3, 0.5],
         Adapt::All,
         QueryNormalisation::Batch,
-        false,
+        PlusPlus::default(),
     );
 }
 
@@ -295,7 +318,7 @@ fn exact_with_a_multi_step_loss_that_skips_a_step() {
         &[0.4, 0.0, 0.6],
         Adapt::All,
         QueryNormalisation::Support,
-        false,
+        PlusPlus::default(),
     );
 }
 
@@ -307,14 +330,54 @@ fn exact_with_learned_step_sizes_through_three_steps() {
         &query_loss_weights(3, None, 0),
         Adapt::All,
         QueryNormalisation::Batch,
-        true,
+        PlusPlus {
+            learned_rates: true,
+            ..Default::default()
+        },
     );
 }
 
 /// Both MAML++ options at once, on the classifier only.
 #[test]
 fn exact_with_learned_step_sizes_and_the_multi_step_loss() {
-    check_weighted(&[0.3, 0.7], Adapt::Head, QueryNormalisation::Batch, true);
+    check_weighted(
+        &[0.3, 0.7],
+        Adapt::Head,
+        QueryNormalisation::Batch,
+        PlusPlus {
+            learned_rates: true,
+            ..Default::default()
+        },
+    );
+}
+
+/// MAML++'s per-step batch norm weights: each step's copy gets the gradient
+/// of the losses that went through it.
+#[test]
+fn exact_with_per_step_batch_norm_through_three_steps() {
+    check_weighted(
+        &query_loss_weights(3, None, 0),
+        Adapt::All,
+        QueryNormalisation::Batch,
+        PlusPlus {
+            per_step_bn: true,
+            ..Default::default()
+        },
+    );
+}
+
+/// Every MAML++ option at once.
+#[test]
+fn exact_with_every_maml_plus_plus_option() {
+    check_weighted(
+        &[0.2, 0.3, 0.5],
+        Adapt::All,
+        QueryNormalisation::Support,
+        PlusPlus {
+            learned_rates: true,
+            per_step_bn: true,
+        },
+    );
 }
 
 /// Re-runs this test binary with candle's detach switch off: building a

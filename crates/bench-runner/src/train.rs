@@ -119,6 +119,16 @@ pub fn run(options: &TrainOptions) -> Result<()> {
         spec: config.test_episodes.spec(),
         split: SplitName::Val,
     });
+    // The last checkpoint, with the probe of the step after it.
+    let save_last = |learner: &dyn Learner, progress: &Progress, next: NextStepProbe| {
+        save(
+            learner,
+            progress,
+            &config,
+            &run.last_checkpoint(),
+            Some(next),
+        )
+    };
     let stop_request = StopRequest::install()?;
     // Validates at `progress.step` and keeps the best checkpoint.
     let validate_now = |learner: &dyn Learner, progress: &mut Progress, protocol: &EvalProtocol| {
@@ -134,13 +144,7 @@ pub fn run(options: &TrainOptions) -> Result<()> {
             return Ok(());
         };
         let next = resumed_probe.context("a resumed run has its probe")?;
-        save(
-            &*learner,
-            &progress,
-            &config,
-            &run.last_checkpoint(),
-            Some(next),
-        )?;
+        save_last(&*learner, &progress, next)?;
         run.append_metrics(&TrainingRecord {
             step: progress.step,
             seconds: progress.training_seconds,
@@ -182,26 +186,14 @@ pub fn run(options: &TrainOptions) -> Result<()> {
                     // The step's checkpoint first: a kill or a stop during
                     // the validation then loses only the validation, which
                     // the resumed run does first.
-                    save(
-                        &*learner,
-                        &progress,
-                        &config,
-                        &run.last_checkpoint(),
-                        Some(next),
-                    )?;
+                    save_last(&*learner, &progress, next)?;
                     let Some(accuracy) = validate_now(&*learner, &mut progress, protocol)? else {
                         validation_stopped = true;
                         break;
                     };
                     record.val_accuracy = Some(accuracy);
                 }
-                save(
-                    &*learner,
-                    &progress,
-                    &config,
-                    &run.last_checkpoint(),
-                    Some(next),
-                )?;
+                save_last(&*learner, &progress, next)?;
                 let seconds_per_step = (progress.training_seconds - start_seconds)
                     / (progress.step - start_step) as f64;
                 // A line in the log for runs whose bar nobody sees (stderr
@@ -227,13 +219,7 @@ pub fn run(options: &TrainOptions) -> Result<()> {
                 run.append_metrics(&window.record(progress.step, progress.training_seconds))?;
             }
             let next = probe(&learner.state()?, progress.step)?;
-            save(
-                &*learner,
-                &progress,
-                &config,
-                &run.last_checkpoint(),
-                Some(next),
-            )?;
+            save_last(&*learner, &progress, next)?;
             tracing::info!(step = progress.step, "interrupted: checkpoint written");
             break;
         }

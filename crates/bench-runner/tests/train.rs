@@ -72,6 +72,19 @@ fn str(path: &Path) -> &str {
     path.to_str().unwrap()
 }
 
+/// Trains `config` into `run` and stops after `steps` steps.
+fn train_until(config: &Path, run: &Path, steps: u64) {
+    let steps = steps.to_string();
+    fewshot(&[
+        "train",
+        str(config),
+        "--out",
+        str(run),
+        "--stop-after",
+        &steps,
+    ]);
+}
+
 /// A run stopped, moved to another folder (as a carried-over run is, through
 /// `models/in-progress/`) and resumed there ends bit for bit where an
 /// uninterrupted run ends.
@@ -83,14 +96,7 @@ fn a_resumed_run_ends_exactly_where_an_uninterrupted_one_does() {
     let stopped = dir.path().join("stopped");
     let resumed = dir.path().join("moved/resumed");
     fewshot(&["train", str(&config), "--out", str(&straight)]);
-    fewshot(&[
-        "train",
-        str(&config),
-        "--out",
-        str(&stopped),
-        "--stop-after",
-        "3",
-    ]);
+    train_until(&config, &stopped, 3);
     assert!(!stopped.join("results.json").exists());
     std::fs::create_dir_all(resumed.parent().unwrap()).unwrap();
     std::fs::rename(&stopped, &resumed).unwrap();
@@ -209,14 +215,7 @@ fn a_maml_plus_plus_run_resumes_exactly() {
     std::fs::write(&config, serde_json::to_string_pretty(&json).unwrap()).unwrap();
     let [straight, resumed] = ["straight", "resumed"].map(|name| dir.path().join(name));
     fewshot(&["train", str(&config), "--out", str(&straight)]);
-    fewshot(&[
-        "train",
-        str(&config),
-        "--out",
-        str(&resumed),
-        "--stop-after",
-        "2",
-    ]);
+    train_until(&config, &resumed, 2);
     fewshot(&["train", str(&config), "--out", str(&resumed), "--resume"]);
     let last = |run: &Path| tensors(&run.join("checkpoints/last.safetensors"));
     let weights = last(&straight);
@@ -238,14 +237,7 @@ fn resume_refuses_a_run_this_build_would_not_continue_bit_for_bit() {
     let dir = tempfile::tempdir().unwrap();
     let config = tiny_config(dir.path());
     let run = dir.path().join("run");
-    fewshot(&[
-        "train",
-        str(&config),
-        "--out",
-        str(&run),
-        "--stop-after",
-        "3",
-    ]);
+    train_until(&config, &run, 3);
     let path = run.join("checkpoints/last.safetensors");
     let mut checkpoint = Checkpoint::load(&path, &Device::Cpu).unwrap();
     let probe = checkpoint.extra["next_step_probe"].clone();
@@ -304,14 +296,7 @@ fn an_augmented_protonet_run_resumes_exactly() {
         ["straight", "resumed", "unaugmented"].map(|name| dir.path().join(name));
     fewshot(&["train", str(&augmented), "--out", str(&straight)]);
     fewshot(&["train", str(&plain), "--out", str(&unaugmented)]);
-    fewshot(&[
-        "train",
-        str(&augmented),
-        "--out",
-        str(&resumed),
-        "--stop-after",
-        "2",
-    ]);
+    train_until(&augmented, &resumed, 2);
     fewshot(&["train", str(&augmented), "--out", str(&resumed), "--resume"]);
     let last = |run: &Path| tensors(&run.join("checkpoints/last.safetensors"));
     let differing = |a: &Path, b: &Path| -> Vec<String> {
@@ -332,14 +317,7 @@ fn init_from_starts_a_run_from_the_weights_that_fit() {
     let dir = tempfile::tempdir().unwrap();
     let config = tiny_config(dir.path());
     let source = dir.path().join("source");
-    fewshot(&[
-        "train",
-        str(&config),
-        "--out",
-        str(&source),
-        "--stop-after",
-        "3",
-    ]);
+    train_until(&config, &source, 3);
     let source_checkpoint = source.join("checkpoints/last.safetensors");
 
     // Three ways and a narrower meta learner: the embedding fits, U, V and e
@@ -418,14 +396,7 @@ fn a_run_killed_during_a_validation_validates_first_when_resumed() {
     let straight = dir.path().join("straight");
     let killed = dir.path().join("killed");
     fewshot(&["train", str(&config), "--out", str(&straight)]);
-    fewshot(&[
-        "train",
-        str(&config),
-        "--out",
-        str(&killed),
-        "--stop-after",
-        "3",
-    ]);
+    train_until(&config, &killed, 3);
     // What a kill during step 3's validation leaves behind: no record of the
     // step (the checkpoint written before that validation would know no best
     // validation yet; this one knows step 3's, so resuming keeps its best).
@@ -701,14 +672,7 @@ fn predict_names_a_corrupt_support_image() {
     let dir = tempfile::tempdir().unwrap();
     let config = tiny_config(dir.path());
     let run = dir.path().join("run");
-    fewshot(&[
-        "train",
-        str(&config),
-        "--out",
-        str(&run),
-        "--stop-after",
-        "3",
-    ]);
+    train_until(&config, &run, 3);
     let (support, query) = (dir.path().join("support"), dir.path().join("query"));
     for class in ["a", "b"] {
         std::fs::create_dir_all(support.join(class)).unwrap();

@@ -129,20 +129,18 @@ pub fn meta_gradient(
     )?;
     let mut v_fixed = with_zeros_for_missing(&stored_names(&last_fixed, &fixed, last)?, &fixed)?;
 
-    // d(meta-loss)/d r_k for each learned step size, step by step.
-    let mut rate_grads: Vec<(String, Vec<Tensor>)> = Vec::new();
+    // d(meta-loss)/d r_k of each adapted weight's step sizes, last step
+    // first (`v_adapted` keeps the adapted weights' order).
+    let mut rate_grads: Vec<(String, Vec<Tensor>)> = adapted
+        .names()
+        .iter()
+        .map(|name| (name.clone(), Vec::new()))
+        .collect();
     // Step k took a_k to a_(k+1); `v` is d(meta-loss)/d a_(k+1) here.
     for k in (0..inner.steps).rev() {
         if let Some(grads) = support_grads.get(k) {
-            let mut at_step = Vec::with_capacity(v_adapted.len());
-            for (name, v) in v_adapted.iter() {
-                at_step.push((name, (grads.get(name)? * v)?.sum_all()?.neg()?));
-            }
-            for (name, grad) in at_step {
-                match rate_grads.iter_mut().find(|(n, _)| n == name) {
-                    Some((_, per_step)) => per_step.push(grad),
-                    None => rate_grads.push((name.to_string(), vec![grad])),
-                }
+            for ((_, per_step), (name, v)) in rate_grads.iter_mut().zip(v_adapted.iter()) {
+                per_step.push((grads.get(name)? * v)?.sum_all()?.neg()?);
             }
         }
         if let Some((gradient, leaves)) = steps.get(k) {

@@ -237,8 +237,9 @@ impl Conv4 {
     }
 
     /// An episode's support and query images through the net in one batch,
-    /// so batch norm normalises the episode as a unit (transductive, as MAML
-    /// and the Prototypical Networks code): (support outputs, query outputs).
+    /// so batch norm normalises the episode as a unit (transductive, as MAML,
+    /// and as the Prototypical Networks code trains): (support outputs,
+    /// query outputs).
     pub fn forward_episode(
         &self,
         params: &ParamSet,

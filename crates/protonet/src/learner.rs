@@ -47,7 +47,8 @@ impl ProtoNet {
 
     /// Query logits (queries x ways) on the given weights. Support and query
     /// are embedded in one batch, so batch norm normalises the episode as a
-    /// unit (as the reference code does, and as MAML uses it at test time).
+    /// unit, in training as the reference code does, and at test as MAML
+    /// does (the reference tests with running averages instead).
     pub fn logits(&self, params: &ParamSet, episode: &EpisodeTensors) -> Result<Tensor> {
         let (support, query) = self
             .embedding

@@ -93,13 +93,13 @@ pub fn per_step_name(name: &str, step: usize) -> String {
 pub fn at_step(params: &ParamSet, step: usize) -> Result<ParamSet> {
     let mut out = ParamSet::new();
     for (name, tensor) in params.iter() {
-        match name.rsplit_once(STEP_MARK) {
-            Some((plain, k)) if k.parse::<usize>().is_ok() => {
-                if k.parse::<usize>() == Ok(step) {
-                    out.insert(plain, tensor.clone())?;
-                }
-            }
-            _ => out.insert(name, tensor.clone())?,
+        let copy_of = name
+            .rsplit_once(STEP_MARK)
+            .and_then(|(plain, k)| Some((plain, k.parse::<usize>().ok()?)));
+        match copy_of {
+            Some((plain, k)) if k == step => out.insert(plain, tensor.clone())?,
+            Some(_) => {}
+            None => out.insert(name, tensor.clone())?,
         }
     }
     Ok(out)

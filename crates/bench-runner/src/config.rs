@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use fewshot_backbone::DeviceChoice;
-use fewshot_data::{Augmentation, EpisodeSpec, SplitName};
+use fewshot_data::{Augmentation, EpisodeSpec, SplitName, SupportCopies};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -201,7 +201,7 @@ impl Default for TrainingConfig {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EvaluationConfig {
     /// Test episodes. Default 1,000 (ProtoNets' protocol; MAML's is 600).
@@ -210,6 +210,11 @@ pub struct EvaluationConfig {
     pub seed: u64,
     /// Default `test`.
     pub split: SplitName,
+    /// Test-time augmentation: distorted copies of every support image join
+    /// each test episode and each `predict` (validation stays plain).
+    /// Default none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub support_copies: Option<SupportCopies>,
 }
 
 impl Default for EvaluationConfig {
@@ -218,6 +223,7 @@ impl Default for EvaluationConfig {
             episodes: 1000,
             seed: 1234,
             split: SplitName::Test,
+            support_copies: None,
         }
     }
 }
@@ -288,6 +294,9 @@ impl ExperimentConfig {
         }
         if self.evaluation.episodes == 0 {
             bail!("field `evaluation.episodes`: must be at least 1");
+        }
+        if let Some(copies) = &self.evaluation.support_copies {
+            copies.validate().context("field `evaluation`")?;
         }
         if !self.algorithm.is_empty() && !self.algorithm.contains_key("name") {
             bail!("field `algorithm.name`: missing; the algorithm section must name its learner");
@@ -374,6 +383,17 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("data.augment.rotaton"), "{err}");
+        let err =
+            ExperimentConfig::from_json(r#"{"evaluation": {"support_copies": {"copies": 0}}}"#)
+                .unwrap_err();
+        assert!(
+            format!("{err:#}").contains("support_copies.copies"),
+            "{err:#}"
+        );
+        let err = ExperimentConfig::from_json(r#"{"evaluation": {"support_copies": {}}}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("evaluation.support_copies"), "{err}");
         let err = ExperimentConfig::from_json(r#"{"algorithm": {"lr": 1}}"#)
             .unwrap_err()
             .to_string();

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use candle_core::Device;
 use fewshot_backbone::Checkpoint;
-use fewshot_data::SplitName;
+use fewshot_data::{SplitName, SupportCopies};
 use fewshot_eval::{EvalProtocol, Evaluation, ReportInput};
 use serde::{Deserialize, Serialize};
 
@@ -45,6 +45,25 @@ pub struct Overrides {
     /// reference code's protocol); see
     /// [`fewshot_data::ClassSplit::without_rotations`].
     pub unrotated: bool,
+    /// Distorted copies per support image (test-time augmentation), under
+    /// the experiment's distortions of them or else Koch et al.'s; 0 for
+    /// none.
+    pub support_copies: Option<usize>,
+}
+
+impl Overrides {
+    /// The experiment's support copies, changed as asked.
+    pub fn support_copies(&self, experiment: &ExperimentConfig) -> Option<SupportCopies> {
+        let configured = experiment.evaluation.support_copies.clone();
+        match self.support_copies {
+            None => configured,
+            Some(0) => None,
+            Some(copies) => Some(SupportCopies {
+                copies,
+                augment: configured.map(|c| c.augment).unwrap_or_default(),
+            }),
+        }
+    }
 }
 
 pub fn evaluate_checkpoint(
@@ -66,6 +85,7 @@ pub fn evaluate_checkpoint(
         seed: overrides.seed.unwrap_or(experiment.evaluation.seed),
         spec,
         split: overrides.split.unwrap_or(experiment.evaluation.split),
+        support_copies: overrides.support_copies(&experiment),
     };
     let bar = progress::bar(protocol.episodes as u64, "eval");
     let mut hidden_bar_log = progress::TenthsLog::new("eval", protocol.episodes as u64);

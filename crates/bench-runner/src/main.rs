@@ -148,6 +148,12 @@ enum Command {
         /// Networks reference code's test protocol).
         #[arg(long)]
         unrotated: bool,
+        /// Test-time augmentation: add this many distorted copies of every
+        /// support image (Koch et al.'s distortions unless the experiment's
+        /// `evaluation.support_copies` says others); 0 for none (default:
+        /// the experiment's).
+        #[arg(long)]
+        support_copies: Option<usize>,
         #[arg(long, default_value = "auto")]
         device: String,
         #[arg(long)]
@@ -175,6 +181,12 @@ enum Command {
         /// The images to classify.
         #[arg(long)]
         query: PathBuf,
+        /// Test-time augmentation: add this many distorted copies of every
+        /// support image (Koch et al.'s distortions unless the experiment's
+        /// `evaluation.support_copies` says others); 0 for none (default:
+        /// the experiment's).
+        #[arg(long)]
+        support_copies: Option<usize>,
         #[arg(long, default_value = "auto")]
         device: String,
         #[arg(long)]
@@ -345,6 +357,7 @@ fn run(cli: Cli) -> Result<()> {
             queries,
             split,
             unrotated,
+            support_copies,
             device,
             json,
         } => {
@@ -357,6 +370,7 @@ fn run(cli: Cli) -> Result<()> {
                 queries,
                 split,
                 unrotated,
+                support_copies,
             };
             evaluation::run_eval(&target, &device, overrides, json)
         }
@@ -365,9 +379,17 @@ fn run(cli: Cli) -> Result<()> {
             checkpoint,
             support,
             query,
+            support_copies,
             device,
             json,
-        } => predict::run(&checkpoint, &support, &query, &open_device(&device)?, json),
+        } => {
+            let overrides = evaluation::Overrides {
+                support_copies,
+                ..Default::default()
+            };
+            let device = open_device(&device)?;
+            predict::run(&checkpoint, &support, &query, overrides, &device, json)
+        }
         Command::Publish { run, model } => evaluation::publish(&run, &model),
         Command::Config { config, defaults } => {
             let config = match (config, defaults) {

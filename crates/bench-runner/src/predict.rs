@@ -6,16 +6,21 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use fewshot_backbone::{ops, Checkpoint, EpisodeTensors};
-use fewshot_data::{load_class_folder, load_image_files, ImageStore};
+use fewshot_data::{load_class_folder, load_image_files, Rng};
 use serde_json::json;
 
+use crate::evaluation::Overrides;
 use crate::run_dir::experiment_of;
 use crate::{datasets, learners};
 
+/// `overrides.support_copies` alone applies: the support set is the
+/// user's, with distorted copies of each image when the experiment's
+/// evaluation adds them, as its test episodes did.
 pub fn run(
     checkpoint: &Path,
     support: &Path,
     query: &Path,
+    overrides: Overrides,
     device: &Device,
     as_json: bool,
 ) -> Result<()> {
@@ -33,21 +38,31 @@ pub fn run(
         );
     }
     let (query_files, query_store) = load_image_files(query, &preprocess)?;
-    let mut support_images = Vec::new();
+    let mut support_pixels = Vec::new();
     let mut support_labels = Vec::new();
     for (label, class) in classes.classes.iter().enumerate() {
         for &image in &class.images {
-            support_images.push(image as usize);
+            support_pixels.extend_from_slice(support_store.image(image as usize));
             support_labels.push(label as u32);
         }
     }
+    // Square: the folder loader resizes every image to the model's side.
+    let shape @ (channels, side, _) = support_store.shape();
+    if let Some(copies) = overrides.support_copies(&experiment) {
+        // Seeded, so the same folders always get the same answer.
+        let mut rng = Rng::seed_from(experiment.evaluation.seed, 0);
+        let (pixels, labels, _) =
+            copies.expand(&support_pixels, &support_labels, channels, side, &mut rng);
+        (support_pixels, support_labels) = (pixels, labels);
+    }
     let episode = EpisodeTensors {
         ways: classes.classes.len(),
-        support: images(&support_store, &support_images, device)?,
+        support: images(support_pixels, support_labels.len(), shape, device)?,
         support_labels: Tensor::from_vec(support_labels.clone(), support_labels.len(), device)?,
         query: images(
-            &query_store,
-            &(0..query_store.len()).collect::<Vec<_>>(),
+            query_store.pixels().to_vec(),
+            query_store.len(),
+            query_store.shape(),
             device,
         )?,
         query_labels: None,
@@ -85,13 +100,13 @@ pub fn run(
     Ok(())
 }
 
-/// The given images of a store as a float tensor in [0, 1].
-fn images(store: &ImageStore, indices: &[usize], device: &Device) -> Result<Tensor> {
-    let (c, h, w) = store.shape();
-    let mut pixels = Vec::with_capacity(indices.len() * store.image_len());
-    for &i in indices {
-        pixels.extend_from_slice(store.image(i));
-    }
-    let t = Tensor::from_vec(pixels, (indices.len(), c, h, w), device).context("query images")?;
+/// `count` images of `shape` as a float tensor in [0, 1].
+fn images(
+    pixels: Vec<u8>,
+    count: usize,
+    (c, h, w): (usize, usize, usize),
+    device: &Device,
+) -> Result<Tensor> {
+    let t = Tensor::from_vec(pixels, (count, c, h, w), device).context("images")?;
     Ok((t.to_dtype(DType::F32)? / 255.0)?)
 }

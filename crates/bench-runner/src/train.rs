@@ -118,6 +118,7 @@ pub fn run(options: &TrainOptions) -> Result<()> {
         seed: config.seed.wrapping_add(VALIDATION_SEED_OFFSET),
         spec: config.test_episodes.spec(),
         split: SplitName::Val,
+        support_copies: None,
     });
     // The last checkpoint, with the probe of the step after it.
     let save_last = |learner: &dyn Learner, progress: &Progress, next: NextStepProbe| {

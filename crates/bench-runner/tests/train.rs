@@ -608,6 +608,32 @@ fn compare_refuses_evaluations_of_different_episodes() {
     // ...but says which classes it drew from.
     assert_eq!(unrotated["evaluation"]["split_name"], "test unrotated");
     assert_eq!(plain["evaluation"]["split_name"], "test");
+
+    // Support copies keep the episodes' images: they pair with the plain
+    // evaluation, which `--support-copies 0` reproduces.
+    let copied = fewshot(&["eval", str(&run), "--support-copies", "2", "--json"]);
+    let copied_json: serde_json::Value = serde_json::from_slice(&copied.stdout).unwrap();
+    assert_eq!(
+        copied_json["evaluation"]["protocol"]["support_copies"]["copies"],
+        2
+    );
+    let copied_path = dir.path().join("copied.json");
+    std::fs::write(&copied_path, &copied.stdout).unwrap();
+    let compared = fewshot(&["compare", str(&copied_path), str(&run)]);
+    let compared = String::from_utf8(compared.stdout).unwrap();
+    assert!(
+        compared.contains("2 distorted copies of each support image"),
+        "{compared}"
+    );
+    let none = fewshot(&["eval", str(&run), "--support-copies", "0", "--json"]);
+    let none: serde_json::Value = serde_json::from_slice(&none.stdout).unwrap();
+    assert_eq!(
+        none["evaluation"]["episodes"],
+        plain["evaluation"]["episodes"]
+    );
+    assert!(none["evaluation"]["protocol"]
+        .get("support_copies")
+        .is_none());
 }
 
 #[test]
@@ -635,17 +661,27 @@ fn predict_labels_query_files_from_class_folders() {
             &query.join(format!("{}.png", class.name)),
         );
     }
-    let out = fewshot(&[
-        "predict",
-        "--checkpoint",
-        str(&run.join("checkpoints/best.safetensors")),
-        "--support",
-        str(&support),
-        "--query",
-        str(&query),
-        "--json",
-    ]);
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let checkpoint = run.join("checkpoints/best.safetensors");
+    let predict = |extra: &[&str]| -> serde_json::Value {
+        let mut args = vec![
+            "predict",
+            "--checkpoint",
+            str(&checkpoint),
+            "--support",
+            str(&support),
+            "--query",
+            str(&query),
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        serde_json::from_slice(&fewshot(&args).stdout).unwrap()
+    };
+    let report = predict(&[]);
+    // Distorted copies of the support images change the probabilities,
+    // the same way every time.
+    let copied = predict(&["--support-copies", "3"]);
+    assert_ne!(copied, report);
+    assert_eq!(copied, predict(&["--support-copies", "3"]));
     let predictions = report["predictions"].as_array().unwrap();
     assert_eq!(predictions.len(), 3);
     let class_names: Vec<&str> = data.test.classes[..3]

@@ -15,6 +15,11 @@ use crate::error::{DataError, Result};
 use crate::rng::Rng;
 use crate::split::{rotate_planes, ClassSplit, Rotation};
 use crate::store::ImageStore;
+use crate::support_copies::SupportCopies;
+
+/// Offsets the seed of the stream that draws support copies, so that it is
+/// not the stream that picks the episode's classes and images.
+const SUPPORT_COPIES_STREAM: u64 = 0x5u64 << 60 | 0xC0_9E5;
 
 /// The shape of an episode.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -75,6 +80,8 @@ pub struct EpisodeSampler {
     groups: Vec<Vec<usize>>,
     /// Distorts every image of every episode (training only).
     augmentation: Option<Augmentation>,
+    /// Adds distorted copies of the support images (test-time augmentation).
+    support_copies: Option<SupportCopies>,
 }
 
 impl EpisodeSampler {
@@ -144,6 +151,7 @@ impl EpisodeSampler {
             seed,
             groups,
             augmentation: None,
+            support_copies: None,
         })
     }
 
@@ -162,6 +170,25 @@ impl EpisodeSampler {
             });
         }
         self.augmentation = Some(augmentation);
+        Ok(self)
+    }
+
+    /// The same episodes, each support image followed by distorted copies
+    /// of itself (see [`SupportCopies`]): episode `i` keeps its classes,
+    /// support and query images, and its spec's `shots` grows to
+    /// `shots * (1 + copies)`. The copies come from a stream of their own,
+    /// a pure function of the seed and `i`.
+    pub fn with_support_copies(mut self, support_copies: SupportCopies) -> Result<Self> {
+        support_copies.validate()?;
+        let (_, height, width) = self.store.shape();
+        if height != width {
+            return Err(DataError::InvalidSpec {
+                field: "support_copies",
+                value: format!("{height}x{width} images"),
+                reason: "affine distortions need square images".into(),
+            });
+        }
+        self.support_copies = Some(support_copies);
         Ok(self)
     }
 
@@ -246,7 +273,7 @@ impl EpisodeSampler {
                     .apply(&original, channels, side, image);
             }
         }
-        Episode {
+        let mut episode = Episode {
             spec: self.spec,
             image_shape: self.store.shape(),
             classes,
@@ -256,7 +283,24 @@ impl EpisodeSampler {
             query,
             query_labels,
             query_images,
+        };
+        if let Some(support_copies) = &self.support_copies {
+            let mut copies_rng =
+                Rng::seed_from(self.seed.wrapping_add(SUPPORT_COPIES_STREAM), index);
+            let (channels, side, _) = self.store.shape();
+            let (support, labels, sources) = support_copies.expand(
+                &episode.support,
+                &episode.support_labels,
+                channels,
+                side,
+                &mut copies_rng,
+            );
+            episode.support_images = sources.iter().map(|&s| episode.support_images[s]).collect();
+            episode.support = support;
+            episode.support_labels = labels;
+            episode.spec.shots *= 1 + support_copies.copies;
         }
+        episode
     }
 
     /// Episodes `start .. start + count`, built in parallel; equal to
@@ -438,6 +482,42 @@ mod tests {
             .with_augmentation(Augmentation::default())
             .unwrap_err();
         assert!(err.to_string().contains("square"), "{err}");
+    }
+
+    #[test]
+    fn support_copies_keep_the_episode_and_add_distorted_shots() {
+        let images = 20 * 6;
+        let pixels = (0..images)
+            .flat_map(|i| (0..64).map(move |p| ((i * 5 + p * 3) % 256) as u8))
+            .collect();
+        let store = Arc::new(ImageStore::new(1, 8, 8, pixels).unwrap());
+        let (_, split) = fixture(20, 6, 5);
+        let plain = EpisodeSampler::new(store, split, spec(5, 2, 3), 9).unwrap();
+        let copied = plain
+            .clone()
+            .with_support_copies(SupportCopies::new(3))
+            .unwrap();
+        for index in 0..6 {
+            let (p, c) = (plain.episode(index), copied.episode(index));
+            assert_eq!(c.spec.shots, 8);
+            assert_eq!((p.classes.clone(), &p.query), (c.classes.clone(), &c.query));
+            assert_eq!(c.support_labels.len(), 5 * 8);
+            assert_eq!(c.support.len(), 5 * 8 * 64);
+            for label in 0..5 {
+                let block = &c.support[label * 8 * 64..(label + 1) * 8 * 64];
+                // The class's two drawings first, as in the plain episode.
+                assert_eq!(block[..128], p.support[label * 128..(label + 1) * 128]);
+                let ids = &c.support_images[label * 8..(label + 1) * 8];
+                assert!(ids
+                    .chunks(2)
+                    .all(|pair| pair == &p.support_images[label * 2..label * 2 + 2]));
+            }
+            assert_eq!(c, copied.episode(index), "seeded");
+        }
+        let err = plain
+            .with_support_copies(SupportCopies::new(0))
+            .unwrap_err();
+        assert!(err.to_string().contains("support_copies.copies"), "{err}");
     }
 
     #[test]

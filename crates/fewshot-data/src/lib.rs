@@ -33,6 +33,7 @@ pub mod preprocess;
 pub mod rng;
 pub mod split;
 pub mod store;
+pub mod support_copies;
 pub mod synthetic;
 
 pub use augment::{Affine, Augmentation};
@@ -47,4 +48,5 @@ pub use preprocess::Preprocess;
 pub use rng::Rng;
 pub use split::{rotate_into, ClassSplit, FewShotClass, FewShotDataset, Rotation, SplitName};
 pub use store::ImageStore;
+pub use support_copies::SupportCopies;
 pub use synthetic::SyntheticOptions;

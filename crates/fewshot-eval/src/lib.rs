@@ -18,6 +18,7 @@
 //!     seed: 1234,
 //!     spec: EpisodeSpec { ways: 5, shots: 1, queries: 15, same_group: false },
 //!     split: SplitName::Test,
+//!     support_copies: None,
 //! };
 //! let device = candle_core::Device::Cpu;
 //! let mut on_progress = |_done| std::ops::ControlFlow::Continue(());

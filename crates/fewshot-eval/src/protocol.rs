@@ -10,7 +10,7 @@ use rayon::prelude::*;
 
 use candle_core::{DType, Device, Tensor};
 use fewshot_backbone::{ops, EpisodeTensors, Learner};
-use fewshot_data::{ClassSplit, EpisodeSampler, EpisodeSpec, ImageStore, SplitName};
+use fewshot_data::{ClassSplit, EpisodeSampler, EpisodeSpec, ImageStore, SplitName, SupportCopies};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{EvalError, Result};
@@ -30,6 +30,11 @@ pub struct EvalProtocol {
     pub seed: u64,
     pub spec: EpisodeSpec,
     pub split: SplitName,
+    /// Test-time augmentation: distorted copies of every support image
+    /// join the episode ([`SupportCopies`]). The episodes keep their images,
+    /// so an evaluation with copies pairs with one without.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub support_copies: Option<SupportCopies>,
 }
 
 /// A learner's score on one episode.
@@ -93,7 +98,10 @@ pub fn evaluate(
     check_protocol(protocol)?;
     let started = Instant::now();
     let classes = split.fingerprint();
-    let sampler = EpisodeSampler::new(store, split.clone(), protocol.spec, protocol.seed)?;
+    let mut sampler = EpisodeSampler::new(store, split.clone(), protocol.spec, protocol.seed)?;
+    if let Some(support_copies) = &protocol.support_copies {
+        sampler = sampler.with_support_copies(support_copies.clone())?;
+    }
     let mut results = Vec::with_capacity(protocol.episodes);
     while results.len() < protocol.episodes {
         let start = results.len() as u64;
@@ -186,7 +194,9 @@ fn scalar(tensor: &Tensor) -> fewshot_backbone::Result<f64> {
 }
 
 /// Ok when `a` and `b` scored the same episodes, so that their results can
-/// be paired; otherwise a `Mismatch` naming the first difference.
+/// be paired; otherwise a `Mismatch` naming the first difference. Support
+/// copies may differ: they add to an episode's support set but keep its
+/// images, so comparing shows what they buy.
 pub fn check_same_episodes(a: &Evaluation, b: &Evaluation) -> Result<()> {
     let (pa, pb) = (&a.protocol, &b.protocol);
     let differences = [

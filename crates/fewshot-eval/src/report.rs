@@ -118,12 +118,16 @@ pub fn accuracy_line(evaluation: &Evaluation) -> String {
     let protocol = &evaluation.protocol;
     let spec = protocol.spec;
     let within = if spec.same_group { " within-group" } else { "" };
+    let copies = match &protocol.support_copies {
+        Some(c) => format!(", {} distorted copies of each support image", c.copies),
+        None => String::new(),
+    };
     let split = evaluation
         .split_name
         .as_deref()
         .unwrap_or(protocol.split.as_str());
     format!(
-        "accuracy: {:.2}% ± {:.2}% (95% CI, {} episodes, {}-way {}-shot {}-query{within}, split {}, seed {})",
+        "accuracy: {:.2}% ± {:.2}% (95% CI, {} episodes, {}-way {}-shot {}-query{within}{copies}, split {}, seed {})",
         evaluation.accuracy.mean * 100.0,
         evaluation.accuracy.ci95 * 100.0,
         evaluation.accuracy.n,

@@ -6,7 +6,9 @@ use std::ops::ControlFlow;
 
 use candle_core::{Device, Tensor};
 use fewshot_backbone::{BackboneError, EpisodeTensors, Learner, ParamSet, StepStats};
-use fewshot_data::{synthetic, EpisodeSpec, FewShotDataset, SplitName, SyntheticOptions};
+use fewshot_data::{
+    synthetic, EpisodeSpec, FewShotDataset, SplitName, SupportCopies, SyntheticOptions,
+};
 use fewshot_eval::{check_same_episodes, compare, evaluate, EvalError, EvalProtocol, Evaluation};
 
 /// Classifies each query as the class whose mean support image is nearest.
@@ -87,6 +89,7 @@ fn protocol(episodes: usize, seed: u64) -> EvalProtocol {
             same_group: false,
         },
         split: SplitName::Test,
+        support_copies: None,
     }
 }
 
@@ -248,6 +251,34 @@ fn evaluations_of_different_episodes_are_not_compared() {
             .contains("result 3 is of episode 3 vs episode 4"),
         "{err}"
     );
+}
+
+#[test]
+fn support_copies_pair_with_the_plain_episodes() {
+    let data = dataset();
+    let plain = run(&data, &protocol(40, 3));
+    let copied_protocol = EvalProtocol {
+        support_copies: Some(SupportCopies::new(4)),
+        ..protocol(40, 3)
+    };
+    let copied = run(&data, &copied_protocol);
+    assert_eq!(
+        copied.episodes,
+        run(&data, &copied_protocol).episodes,
+        "seeded"
+    );
+    // Same queries, other class means: some episode scores differently.
+    assert_ne!(copied.accuracies(), plain.accuracies());
+    let comparison = compare(&copied, &plain).unwrap();
+    assert_eq!(comparison.n, 40);
+
+    // Old evaluation files (no field) read as no copies, and plain
+    // protocols are written as before.
+    let json = serde_json::to_value(&plain.protocol).unwrap();
+    assert!(json.get("support_copies").is_none(), "{json}");
+    let back: EvalProtocol =
+        serde_json::from_value(serde_json::to_value(&copied.protocol).unwrap()).unwrap();
+    assert_eq!(back, copied_protocol);
 }
 
 #[test]

@@ -46,6 +46,7 @@ fn evaluation() -> Evaluation {
                 same_group: false,
             },
             split: SplitName::Test,
+            support_copies: None,
         },
         accuracy: summarize(&accuracies).unwrap(),
         episodes,
@@ -226,4 +227,16 @@ fn the_accuracy_line_names_the_classes_drawn_from() {
     evaluation.split_name = None;
     let line = accuracy_line(&evaluation);
     assert!(line.contains(", split test, seed 1234)"), "{line}");
+}
+
+#[test]
+fn the_accuracy_line_says_when_support_images_had_copies() {
+    let mut evaluation = evaluation();
+    assert!(!accuracy_line(&evaluation).contains("copies"));
+    evaluation.protocol.support_copies = Some(fewshot_data::SupportCopies::new(16));
+    let line = accuracy_line(&evaluation);
+    assert!(
+        line.contains("15-query, 16 distorted copies of each support image, split"),
+        "{line}"
+    );
 }

@@ -5,19 +5,21 @@
 # and counts how many queries it names right. Lake et al.'s one-shot task
 # in miniature: 20 characters of one alphabet, one drawing each.
 #
-# Usage: scripts/predict_omniglot_alphabet.sh CHECKPOINT ALPHABET [OUT_DIR]
+# Usage: scripts/predict_omniglot_alphabet.sh CHECKPOINT ALPHABET [OUT_DIR [FLAGS...]]
 #   ALPHABET: a folder name under omniglot/images_evaluation (or
 #   images_background), e.g. Kannada. The first 20 characters are used;
-#   drawer 1 gives the support image, drawer 2 the query.
+#   drawer 1 gives the support image, drawer 2 the query. FLAGS go to
+#   `fewshot predict`, e.g. --support-copies 16.
 # Needs FEWSHOT_DATA_DIR (the folder holding omniglot/).
 set -euo pipefail
 if [ $# -lt 2 ]; then
-  sed -n 2,13p "$0" >&2
+  sed -n 2,14p "$0" >&2
   exit 2
 fi
 checkpoint=$(realpath "$1")
 alphabet=$2
 out=$(realpath -m "${3:-runs/predict-$alphabet}")
+shift $(($# < 3 ? $# : 3))
 : "${FEWSHOT_DATA_DIR:?set FEWSHOT_DATA_DIR to the folder holding omniglot/}"
 source_dir=""
 for set in images_evaluation images_background; do
@@ -43,7 +45,7 @@ done
 
 cargo build --release -q -p bench-runner
 target/release/fewshot predict --checkpoint "$checkpoint" \
-  --support "$out/support" --query "$out/query" | tee "$out/predictions.tsv"
+  --support "$out/support" --query "$out/query" "$@" | tee "$out/predictions.tsv"
 # A query is right when its predicted class is the character it was drawn as.
 awk -F'\t' '{ n++; split($1, parts, "/"); file = parts[length(parts)];
   sub(/\.png$/, "", file); if (file == $2) right++ }

@@ -161,14 +161,7 @@ impl EpisodeSampler {
     /// function of the seed and `i`. For training episodes only.
     pub fn with_augmentation(mut self, augmentation: Augmentation) -> Result<Self> {
         augmentation.validate()?;
-        let (_, height, width) = self.store.shape();
-        if height != width {
-            return Err(DataError::InvalidSpec {
-                field: "augment",
-                value: format!("{height}x{width} images"),
-                reason: "affine augmentation needs square images".into(),
-            });
-        }
+        self.require_square_images("augment")?;
         self.augmentation = Some(augmentation);
         Ok(self)
     }
@@ -180,16 +173,22 @@ impl EpisodeSampler {
     /// a pure function of the seed and `i`.
     pub fn with_support_copies(mut self, support_copies: SupportCopies) -> Result<Self> {
         support_copies.validate()?;
+        self.require_square_images("support_copies")?;
+        self.support_copies = Some(support_copies);
+        Ok(self)
+    }
+
+    /// Affine distortions (see [`crate::Affine::apply`]) work on square images.
+    fn require_square_images(&self, field: &'static str) -> Result<()> {
         let (_, height, width) = self.store.shape();
         if height != width {
             return Err(DataError::InvalidSpec {
-                field: "support_copies",
+                field,
                 value: format!("{height}x{width} images"),
                 reason: "affine distortions need square images".into(),
             });
         }
-        self.support_copies = Some(support_copies);
-        Ok(self)
+        Ok(())
     }
 
     pub fn spec(&self) -> EpisodeSpec {

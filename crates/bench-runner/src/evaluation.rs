@@ -51,18 +51,20 @@ pub struct Overrides {
     pub support_copies: Option<usize>,
 }
 
-impl Overrides {
-    /// The experiment's support copies, changed as asked.
-    pub fn support_copies(&self, experiment: &ExperimentConfig) -> Option<SupportCopies> {
-        let configured = experiment.evaluation.support_copies.clone();
-        match self.support_copies {
-            None => configured,
-            Some(0) => None,
-            Some(copies) => Some(SupportCopies {
-                copies,
-                augment: configured.map(|c| c.augment).unwrap_or_default(),
-            }),
-        }
+/// The experiment's support copies, with their count changed to `requested`
+/// when given (0: none); for `eval` and `predict` alike.
+pub fn support_copies(
+    requested: Option<usize>,
+    experiment: &ExperimentConfig,
+) -> Option<SupportCopies> {
+    let configured = experiment.evaluation.support_copies.clone();
+    match requested {
+        None => configured,
+        Some(0) => None,
+        Some(copies) => Some(SupportCopies {
+            copies,
+            augment: configured.map(|c| c.augment).unwrap_or_default(),
+        }),
     }
 }
 
@@ -85,7 +87,7 @@ pub fn evaluate_checkpoint(
         seed: overrides.seed.unwrap_or(experiment.evaluation.seed),
         spec,
         split: overrides.split.unwrap_or(experiment.evaluation.split),
-        support_copies: overrides.support_copies(&experiment),
+        support_copies: support_copies(overrides.support_copies, &experiment),
     };
     let bar = progress::bar(protocol.episodes as u64, "eval");
     let mut hidden_bar_log = progress::TenthsLog::new("eval", protocol.episodes as u64);

@@ -383,12 +383,8 @@ fn run(cli: Cli) -> Result<()> {
             device,
             json,
         } => {
-            let overrides = evaluation::Overrides {
-                support_copies,
-                ..Default::default()
-            };
             let device = open_device(&device)?;
-            predict::run(&checkpoint, &support, &query, overrides, &device, json)
+            predict::run(&checkpoint, &support, &query, support_copies, &device, json)
         }
         Command::Publish { run, model } => evaluation::publish(&run, &model),
         Command::Config { config, defaults } => {

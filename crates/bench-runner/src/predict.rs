@@ -9,18 +9,17 @@ use fewshot_backbone::{ops, Checkpoint, EpisodeTensors};
 use fewshot_data::{load_class_folder, load_image_files, Rng};
 use serde_json::json;
 
-use crate::evaluation::Overrides;
 use crate::run_dir::experiment_of;
-use crate::{datasets, learners};
+use crate::{datasets, evaluation, learners};
 
-/// `overrides.support_copies` alone applies: the support set is the
-/// user's, with distorted copies of each image when the experiment's
-/// evaluation adds them, as its test episodes did.
+/// The support set is the user's, with distorted copies of each image when
+/// the experiment's evaluation adds them, as its test episodes did
+/// (`support_copies` changes their count, as `eval --support-copies` does).
 pub fn run(
     checkpoint: &Path,
     support: &Path,
     query: &Path,
-    overrides: Overrides,
+    support_copies: Option<usize>,
     device: &Device,
     as_json: bool,
 ) -> Result<()> {
@@ -48,7 +47,7 @@ pub fn run(
     }
     // Square: the folder loader resizes every image to the model's side.
     let shape @ (channels, side, _) = support_store.shape();
-    if let Some(copies) = overrides.support_copies(&experiment) {
+    if let Some(copies) = evaluation::support_copies(support_copies, &experiment) {
         // Seeded, so the same folders always get the same answer.
         let mut rng = Rng::seed_from(experiment.evaluation.seed, 0);
         let (pixels, labels, _) =

@@ -15,6 +15,8 @@ mod inspect;
 mod interrupt;
 mod kernel_bench;
 mod learners;
+#[cfg(test)]
+mod portable_path;
 mod predict;
 mod progress;
 mod run_dir;
@@ -331,6 +333,12 @@ fn main() {
 }
 
 fn run(cli: Cli) -> Result<()> {
+    // A misspelt FEWSHOT_OPS_PATH stops the program rather than being
+    // ignored; a forced portable path is said, since it is much slower.
+    let ops_path = fewshot_backbone::ops::path::configured()?;
+    if ops_path == fewshot_backbone::ops::path::OpsPath::Portable {
+        tracing::info!("FEWSHOT_OPS_PATH=portable: candle's own ops, not the CPU kernels");
+    }
     match cli.command {
         Command::Data {
             command: DataCommand::Inspect { data, json },

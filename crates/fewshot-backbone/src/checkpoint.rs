@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use candle_core::Device;
+use candle_core::{DType, Device};
 use safetensors::SafeTensors;
 
 use crate::error::{BackboneError, Result};
@@ -85,12 +85,19 @@ impl Checkpoint {
             .ok_or_else(|| bad(format!("metadata `{KEY_CONFIG}` is missing")))?;
         let config = serde_json::from_str(&config_text)
             .map_err(|e| bad(format!("metadata `{KEY_CONFIG}` is not JSON: {e}")))?;
-        let loaded = candle_core::safetensors::load_buffer(&bytes, device)?;
+        let loaded = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)?;
         let mut names: Vec<&String> = loaded.keys().collect();
         names.sort();
         let mut tensors = ParamSet::new();
         for name in names {
-            tensors.insert(name.clone(), loaded[name].clone())?;
+            let tensor = &loaded[name];
+            // f64 entries (the optimiser's step count) stay on the host:
+            // some devices (Metal) have no f64.
+            let tensor = match tensor.dtype() {
+                DType::F64 => tensor.clone(),
+                _ => tensor.to_device(device)?,
+            };
+            tensors.insert(name.clone(), tensor)?;
         }
         Ok(Self {
             algorithm,

@@ -206,7 +206,10 @@ impl Conv4 {
                     .map(|_| (2.0 * rng.uniform() - 1.0) * bound)
                     .collect()
             };
-            let tensor = Tensor::from_vec(values, shape, device)?.to_dtype(dtype)?;
+            // Cast on the host: some devices (Metal) have no f64.
+            let tensor = Tensor::from_vec(values, shape, &Device::Cpu)?
+                .to_dtype(dtype)?
+                .to_device(device)?;
             params.insert(name, tensor)?;
         }
         Ok(params)

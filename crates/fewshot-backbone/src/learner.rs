@@ -188,7 +188,11 @@ pub fn mean_over_episodes(
     batch: &[EpisodeTensors],
     episode_gradient: impl Fn(&EpisodeTensors) -> Result<EpisodeGradient> + Sync,
 ) -> Result<(ParamSet, StepStats)> {
-    let results: Vec<Result<EpisodeGradient>> = batch.par_iter().map(&episode_gradient).collect();
+    let settings = crate::ops::path::ThreadSettings::capture();
+    let results: Vec<Result<EpisodeGradient>> = batch
+        .par_iter()
+        .map(|episode| settings.run(|| episode_gradient(episode)))
+        .collect();
     let scale = 1.0 / batch.len().max(1) as f64;
     let mut stats = StepStats {
         loss: 0.0,

@@ -3,10 +3,12 @@
 //! Learners call these functions instead of candle's tensor methods. On the
 //! CPU, in f32 and f64, convolution, batch norm, ReLU and max-pooling run on
 //! the kernels of [`crate::kernels`]; on other devices and dtypes they are
-//! built from candle ops. Either way every op here is correct to second order
-//! (see the gradient tests in `tests/gradients.rs` and `tests/kernels.rs`);
-//! in particular the candle path avoids candle's `max_pool2d` (its gradient is
-//! scaled by 1/(k*k)) and `softmax_last_dim` (no backward).
+//! built from candle ops, the portable path ([`candle_path`]; [`path`] forces
+//! it on the CPU, for tests). Either way every op here is correct to second
+//! order (see the gradient tests in `tests/gradients.rs`, which CI runs on
+//! both paths, and `tests/kernels.rs`); in particular the portable path
+//! avoids candle's `max_pool2d` (its gradient is scaled by 1/(k*k)) and
+//! `softmax_last_dim` (no backward).
 
 use candle_core::{DType, Tensor, D};
 
@@ -14,11 +16,19 @@ use crate::error::{BackboneError, Result};
 use crate::kernels;
 
 pub mod candle_path;
+pub mod path;
+
+/// Whether `op` runs on the CPU kernels for `x` (else the portable path),
+/// after [`path::with_f64_forbidden`]'s check.
+fn on_kernels(op: &'static str, x: &Tensor) -> Result<bool> {
+    path::check_dtype(op, x)?;
+    Ok(kernels::supports(x))
+}
 
 /// 2-D convolution without bias (a bias before batch norm is cancelled by it).
 /// `x`: (N, Cin, H, W), `weight`: (Cout, Cin, K, K).
 pub fn conv2d(x: &Tensor, weight: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
-    match kernels::supports(x) {
+    match on_kernels("conv2d", x)? {
         true => Ok(kernels::conv2d(x, weight, stride, padding)?),
         false => candle_path::conv2d(x, weight, stride, padding),
     }
@@ -27,7 +37,7 @@ pub fn conv2d(x: &Tensor, weight: &Tensor, stride: usize, padding: usize) -> Res
 /// Batch normalisation with the statistics of this batch (transductive, as MAML
 /// uses it at meta-test time too): per channel over N, H and W, biased variance.
 pub fn batch_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Tensor> {
-    match kernels::supports(x) {
+    match on_kernels("batch_norm", x)? {
         true => Ok(kernels::batch_norm(x, gamma, beta, eps)?),
         false => candle_path::batch_norm(x, gamma, beta, eps),
     }
@@ -35,7 +45,7 @@ pub fn batch_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result
 
 /// `relu(batch_norm(x))`, fused into one pass on the CPU.
 pub fn batch_norm_relu(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Tensor> {
-    match kernels::supports(x) {
+    match on_kernels("batch_norm_relu", x)? {
         true => Ok(kernels::batch_norm_relu(x, gamma, beta, eps)?),
         false => candle_path::relu(&candle_path::batch_norm(x, gamma, beta, eps)?),
     }
@@ -61,7 +71,7 @@ pub fn batch_norm_relu_by_reference(
         });
     }
     let reference = x.narrow(0, 0, reference_rows)?;
-    let fast = kernels::supports(x);
+    let fast = on_kernels("batch_norm_relu_by_reference", x)?;
     let (mean, var) = match fast {
         true => {
             let moments = kernels::channel_moments(&reference)?;
@@ -79,7 +89,7 @@ pub fn batch_norm_relu_by_reference(
 }
 
 pub fn relu(x: &Tensor) -> Result<Tensor> {
-    match kernels::supports(x) {
+    match on_kernels("relu", x)? {
         true => Ok(kernels::relu(x)?),
         false => candle_path::relu(x),
     }
@@ -96,7 +106,7 @@ pub fn max_pool2x2(x: &Tensor) -> Result<Tensor> {
             reason: "needs at least 2x2 pixels".to_string(),
         });
     }
-    match kernels::supports(x) {
+    match on_kernels("max_pool2x2", x)? {
         true => Ok(kernels::max_pool2x2(x)?),
         false => candle_path::max_pool2x2(x),
     }
@@ -113,7 +123,8 @@ pub fn max_pool2x2_ceil(x: &Tensor) -> Result<Tensor> {
         if size % 2 == 1 {
             let mut shape = padded.dims().to_vec();
             shape[axis] = 1;
-            let edge = Tensor::full(f64::NEG_INFINITY, shape, x.device())?.to_dtype(x.dtype())?;
+            // Made in f32: devices without f64 run this too.
+            let edge = Tensor::full(f32::NEG_INFINITY, shape, x.device())?.to_dtype(x.dtype())?;
             padded = Tensor::cat(&[&padded, &edge], axis)?;
         }
     }
@@ -137,7 +148,7 @@ pub fn conv2d_per_sample(x: &Tensor, weights: &Tensor, padding: usize) -> Result
             ),
         });
     }
-    match kernels::supports(x) {
+    match on_kernels("conv2d_per_sample", x)? {
         true => Ok(kernels::conv2d_per_sample(x, weights, 1, padding)?),
         false => candle_path::conv2d_per_sample(x, weights, padding),
     }
@@ -146,6 +157,7 @@ pub fn conv2d_per_sample(x: &Tensor, weights: &Tensor, padding: usize) -> Result
 /// A linear map with a different weight for every row, no bias:
 /// `x`: (N, in), `weights`: (N, out, in) -> (N, out).
 pub fn linear_per_sample(x: &Tensor, weights: &Tensor) -> Result<Tensor> {
+    path::check_dtype("linear_per_sample", x)?;
     let (n, inputs) = x.dims2()?;
     let (wn, outputs, win) = weights.dims3()?;
     if wn != n || win != inputs {
@@ -161,16 +173,19 @@ pub fn linear_per_sample(x: &Tensor, weights: &Tensor) -> Result<Tensor> {
 
 /// Mean over the spatial axes: (N, C, H, W) -> (N, C).
 pub fn spatial_mean(x: &Tensor) -> Result<Tensor> {
+    path::check_dtype("spatial_mean", x)?;
     Ok(x.mean((2, 3))?)
 }
 
 /// (N, C, H, W) -> (N, C*H*W).
 pub fn flatten(x: &Tensor) -> Result<Tensor> {
+    path::check_dtype("flatten", x)?;
     Ok(x.flatten_from(1)?)
 }
 
 /// `x W^T + b` with `weight`: (out, in) and `bias`: (out).
 pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    path::check_dtype("linear", x)?;
     let y = x.matmul(&weight.t()?)?;
     match bias {
         Some(b) => Ok(y.broadcast_add(b)?),
@@ -181,6 +196,7 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tens
 /// Log-softmax over the last axis. The max is subtracted for stability and
 /// detached: the result does not depend on it, so neither does its gradient.
 pub fn log_softmax(logits: &Tensor) -> Result<Tensor> {
+    path::check_dtype("log_softmax", logits)?;
     let shifted = logits.broadcast_sub(&logits.max_keepdim(D::Minus1)?.detach())?;
     let log_norm = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
     Ok(shifted.broadcast_sub(&log_norm)?)
@@ -198,7 +214,9 @@ pub fn one_hot(labels: &Tensor, classes: usize, dtype: DType) -> Result<Tensor> 
     let hits = labels
         .unsqueeze(1)?
         .broadcast_eq(&class_ids.unsqueeze(0)?)?;
-    Ok(hits.to_dtype(dtype)?)
+    let one_hot = hits.to_dtype(dtype)?;
+    path::check_dtype("one_hot", &one_hot)?;
+    Ok(one_hot)
 }
 
 /// Mean cross-entropy of `logits` (N, classes) against integer `labels` (N).
@@ -223,10 +241,9 @@ pub fn accuracy(logits: &Tensor, labels: &Tensor) -> Result<f64> {
     let predicted = logits.argmax(D::Minus1)?;
     let correct = predicted
         .eq(&labels.to_dtype(DType::U32)?)?
-        .to_dtype(DType::F64)?
-        .mean_all()?
-        .to_scalar::<f64>()?;
-    Ok(correct)
+        .to_dtype(DType::F32)?
+        .sum_all()?;
+    Ok(path::to_host_f64(&correct)? / labels.elem_count() as f64)
 }
 
 #[cfg(test)]

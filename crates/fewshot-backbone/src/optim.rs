@@ -2,11 +2,12 @@
 //! every learner here. Its moments are part of a learner's state, so a resumed
 //! run continues exactly where it stopped.
 
-use candle_core::{DType, Tensor};
+use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{BackboneError, Result};
 use crate::learner::OPTIMIZER_PREFIX;
+use crate::ops::path::to_host_f64;
 use crate::params::{ParamSet, VarSet};
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -174,14 +175,9 @@ impl Adam {
 
     /// The moments and step count, under [`OPTIMIZER_PREFIX`].
     pub fn state(&self) -> Result<ParamSet> {
-        let device = self
-            .first_moments
-            .tensors()
-            .first()
-            .map(|t| t.device().clone());
-        let device = device.unwrap_or(candle_core::Device::Cpu);
         let mut state = ParamSet::new();
-        state.insert(STEPS, Tensor::new(self.steps as f64, &device)?)?;
+        // f64 for exactness, on the host: some devices (Metal) have no f64.
+        state.insert(STEPS, Tensor::new(self.steps as f64, &Device::Cpu)?)?;
         state.extend(&self.first_moments.with_prefix(FIRST))?;
         state.extend(&self.second_moments.with_prefix(SECOND))?;
         Ok(state.with_prefix(OPTIMIZER_PREFIX))
@@ -194,7 +190,7 @@ impl Adam {
         if state.is_empty() {
             return Ok(());
         }
-        let steps = state.get(STEPS)?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let steps = to_host_f64(state.get(STEPS)?)?;
         let restore = |current: &ParamSet, prefix: &str| -> Result<ParamSet> {
             let saved = state.strip_prefix(prefix);
             let mut out = ParamSet::new();
@@ -234,11 +230,7 @@ pub fn load_training_state(weights: &VarSet, optimizer: &mut Adam, state: &Param
 pub fn global_norm(tensors: &ParamSet) -> Result<f64> {
     let mut total = 0.0;
     for t in tensors.tensors() {
-        total += t
-            .sqr()?
-            .sum_all()?
-            .to_dtype(DType::F64)?
-            .to_scalar::<f64>()?;
+        total += to_host_f64(&t.sqr()?.sum_all()?)?;
     }
     Ok(total.sqrt())
 }

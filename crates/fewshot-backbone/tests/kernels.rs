@@ -115,14 +115,16 @@ fn agree(name: &str, kernel: Op, reference: Op, shapes: &[&[usize]], seed: u64) 
 
 #[test]
 fn convolution_matches_candle_on_odd_sizes_strides_and_paddings() {
-    // Not (2, 0, 6, 9, 3) nor (3, 2, 8, 7, 3): candle's own input gradient comes out 6x10 and 8x5 there
-    // (its transposed convolution mis-sizes some strided shapes); ours is
-    // checked on that shape against finite differences in tests/gradients.rs.
+    // (2, 0, 6, 9) and (3, 2, 8, 7) leave rows or columns over after the
+    // last window, where candle's own input gradient comes out the wrong
+    // size (6x10 and 8x5): the portable path pads and cuts by hand there.
     for (stride, padding, h, w, k) in [
         (1, 0, 5, 7, 3),
         (1, 1, 6, 5, 3),
         (2, 1, 7, 7, 3),
         (2, 0, 7, 9, 3),
+        (2, 0, 6, 9, 3),
+        (3, 2, 8, 7, 3),
         (3, 2, 8, 8, 3),
         (1, 2, 4, 4, 5),
     ] {
@@ -239,4 +241,31 @@ fn max_pool_matches_candle_on_odd_sizes() {
             (h * 10 + w) as u64,
         );
     }
+}
+
+#[test]
+fn max_pool_matches_candle_on_ties() {
+    // Every pixel doubled across and clipped at zero: each window's pixels tie
+    // in pairs, and many windows tie at zero, as on a drawing's flat
+    // background. The gradient must reach one pixel of a tie, on both paths.
+    let tied = |t: &Tensor| -> Tensor {
+        let (n, c, h, w) = t.dims4().unwrap();
+        t.relu()
+            .unwrap()
+            .unsqueeze(4)
+            .unwrap()
+            .repeat((1, 1, 1, 1, 2))
+            .unwrap()
+            .reshape((n, c, h, 2 * w))
+            .unwrap()
+    };
+    let kernel: Op = Rc::new(move |t| kernels::max_pool2x2(&tied(&t[0])).unwrap());
+    let reference: Op = Rc::new(move |t| candle_path::max_pool2x2(&tied(&t[0])).unwrap());
+    agree(
+        "max_pool2x2 with ties",
+        kernel,
+        reference,
+        &[&[2, 3, 6, 3]],
+        17,
+    );
 }

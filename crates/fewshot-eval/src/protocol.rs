@@ -108,14 +108,17 @@ pub fn evaluate(
         let count = EPISODE_CHUNK.min(protocol.episodes - results.len());
         // Episodes of a chunk are scored in parallel: candle's CPU ops use
         // little more than one core on these small batches.
+        let settings = ops::path::ThreadSettings::capture();
         let scored: Vec<Result<EpisodeResult>> = sampler
             .episodes(start, count)
             .par_iter()
             .enumerate()
             .map(|(offset, episode)| {
-                let index = start + offset as u64;
-                let tensors = EpisodeTensors::from_episode(episode, device, DType::F32)?;
-                score(learner, &tensors, index)
+                settings.run(|| {
+                    let index = start + offset as u64;
+                    let tensors = EpisodeTensors::from_episode(episode, device, DType::F32)?;
+                    score(learner, &tensors, index)
+                })
             })
             .collect();
         for result in scored {
@@ -190,7 +193,7 @@ fn score(learner: &dyn Learner, episode: &EpisodeTensors, index: u64) -> Result<
 
 /// The value of a one-element tensor of any float dtype.
 fn scalar(tensor: &Tensor) -> fewshot_backbone::Result<f64> {
-    Ok(tensor.to_dtype(DType::F64)?.to_scalar::<f64>()?)
+    ops::path::to_host_f64(tensor)
 }
 
 /// Ok when `a` and `b` scored the same episodes, so that their results can

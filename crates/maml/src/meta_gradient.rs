@@ -28,7 +28,7 @@
 //! becomes `r_k` inside the product, and `d/dr_k = -<g_k, v>` with `v` at
 //! a_(k+1).
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 use fewshot_backbone::{ops, BackboneError, Conv4, ParamSet, Result, VarSet};
 
 use crate::hyperparams::{Order, QueryNormalisation};
@@ -259,7 +259,7 @@ fn query_term(
     }
     let grads = loss.backward()?;
     Ok(QueryTerm {
-        loss: loss.to_dtype(DType::F64)?.to_scalar::<f64>()?,
+        loss: ops::path::to_host_f64(&loss)?,
         logits: logits.detach(),
         adapted: adapted_vars.gradients(&grads)?.detach(),
         fixed: fixed_vars.gradients(&grads)?.detach(),

@@ -160,7 +160,10 @@ impl MetaNetwork {
                     .map(|_| (2.0 * rng.uniform() - 1.0) * bound)
                     .collect()
             };
-            let tensor = Tensor::from_vec(values, shape, device)?.to_dtype(DType::F32)?;
+            // Cast on the host: some devices (Metal) have no f64.
+            let tensor = Tensor::from_vec(values, shape, &Device::Cpu)?
+                .to_dtype(DType::F32)?
+                .to_device(device)?;
             params.insert(name, tensor)?;
         }
         Ok(params)

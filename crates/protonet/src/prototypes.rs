@@ -10,10 +10,7 @@ use fewshot_backbone::{ops, BackboneError, Result};
 pub fn prototypes(support: &Tensor, labels: &Tensor, ways: usize) -> Result<Tensor> {
     let membership = ops::one_hot(labels, ways, support.dtype())?.t()?; // (ways, n)
     let counts = membership.sum_keepdim(1)?;
-    let empty = counts
-        .flatten_all()?
-        .to_dtype(candle_core::DType::F64)?
-        .to_vec1::<f64>()?
+    let empty = ops::path::to_host_vec_f64(&counts)?
         .iter()
         .position(|&c| c == 0.0);
     if let Some(class) = empty {

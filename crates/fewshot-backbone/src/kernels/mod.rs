@@ -12,7 +12,8 @@
 //! terms of ops of this same module (the convolution's input gradient is itself
 //! a custom op whose backward is a convolution, and so on), so second-order
 //! MAML differentiates through them exactly. [`crate::ops`] routes CPU tensors
-//! of f32 and f64 here and everything else to candle's own ops.
+//! of f32 and f64 here and everything else to candle's own ops (the portable
+//! path, which [`crate::ops::path`] can also force on the CPU).
 //!
 //! The glue ([`Kernel1`]..[`Kernel3`], [`apply1`]..[`apply3`]) and the
 //! matrix product ([`matmul`]) are public so that a learner crate can add
@@ -37,9 +38,12 @@ pub use conv::{conv2d, conv2d_input_grad, conv2d_per_sample, conv2d_weight_grad,
 pub use op::{apply1, apply2, apply3, gradient_if, Kernel1, Kernel2, Kernel3};
 pub use pool::max_pool2x2;
 
-/// Whether `tensor` takes the kernels of this module.
+/// Whether `tensor` takes the kernels of this module: a CPU tensor of f32 or
+/// f64, unless the portable path is forced ([`crate::ops::path`]).
 pub fn supports(tensor: &Tensor) -> bool {
-    tensor.device().is_cpu() && matches!(tensor.dtype(), DType::F32 | DType::F64)
+    tensor.device().is_cpu()
+        && matches!(tensor.dtype(), DType::F32 | DType::F64)
+        && crate::ops::path::current() == crate::ops::path::OpsPath::Kernels
 }
 
 /// Floating-point operations the convolution kernels have run since the

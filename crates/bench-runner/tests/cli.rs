@@ -73,6 +73,23 @@ fn inspect_runs_on_the_built_in_dataset() {
 }
 
 #[test]
+fn a_misspelt_ops_path_stops_the_program_and_is_named() {
+    let out = Command::new(env!("CARGO_BIN_EXE_fewshot"))
+        .args(["data", "inspect"])
+        .env("FEWSHOT_OPS_PATH", "gpu")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("FEWSHOT_OPS_PATH")
+            && stderr.contains("`gpu`")
+            && stderr.contains("portable"),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn a_missing_dataset_says_how_to_get_it() {
     let out = fewshot(&[
         "data",

@@ -15,7 +15,6 @@
 //! back to the host with [`to_host_f64`], which copies before it widens.
 
 use std::cell::Cell;
-use std::fmt;
 use std::str::FromStr;
 use std::sync::OnceLock;
 
@@ -43,21 +42,16 @@ impl FromStr for OpsPath {
         match s {
             "kernels" => Ok(Self::Kernels),
             "portable" => Ok(Self::Portable),
-            _ => Err(BackboneError::InvalidConfig {
-                field: "FEWSHOT_OPS_PATH",
-                value: s.to_string(),
-                reason: "expected `kernels` (the default) or `portable`".to_string(),
-            }),
+            _ => Err(invalid_path(s)),
         }
     }
 }
 
-impl fmt::Display for OpsPath {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Kernels => write!(f, "kernels"),
-            Self::Portable => write!(f, "portable"),
-        }
+fn invalid_path(value: &str) -> BackboneError {
+    BackboneError::InvalidConfig {
+        field: "FEWSHOT_OPS_PATH",
+        value: value.to_string(),
+        reason: "expected `kernels` (the default) or `portable`".to_string(),
     }
 }
 
@@ -65,21 +59,16 @@ impl fmt::Display for OpsPath {
 /// names its bad value. The `fewshot` binary calls this first thing, so a
 /// typo stops it; a library user who never calls it gets the kernels path.
 pub fn configured() -> Result<OpsPath> {
+    // The bad value, if any, rather than the error: errors are not Clone.
     static CONFIGURED: OnceLock<std::result::Result<OpsPath, String>> = OnceLock::new();
-    let parsed = CONFIGURED.get_or_init(|| match std::env::var(ENV_VAR) {
-        Ok(value) => value.parse().map_err(|e: BackboneError| e.to_string()),
-        Err(std::env::VarError::NotPresent) => Ok(OpsPath::Kernels),
-        Err(std::env::VarError::NotUnicode(value)) => Err(format!(
-            "invalid {ENV_VAR} {value:?}: expected `kernels` or `portable`"
-        )),
+    let parsed = CONFIGURED.get_or_init(|| match std::env::var_os(ENV_VAR) {
+        None => Ok(OpsPath::Kernels),
+        Some(value) => {
+            let value = value.to_string_lossy().into_owned();
+            value.parse().map_err(|_| value)
+        }
     });
-    parsed
-        .clone()
-        .map_err(|message| BackboneError::InvalidConfig {
-            field: "environment",
-            value: ENV_VAR.to_string(),
-            reason: message,
-        })
+    parsed.clone().map_err(|value| invalid_path(&value))
 }
 
 thread_local! {

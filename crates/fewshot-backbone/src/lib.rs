@@ -7,6 +7,7 @@
 pub mod checkpoint;
 pub mod conv4;
 pub mod device;
+pub mod device_check;
 pub mod error;
 pub mod kernels;
 pub mod learner;

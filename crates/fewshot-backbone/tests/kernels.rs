@@ -6,12 +6,11 @@
 
 use std::rc::Rc;
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor};
+use fewshot_backbone::device_check::{derivatives, max_relative_difference, quantity_name, Op};
 use fewshot_backbone::ops::candle_path;
 use fewshot_backbone::{kernels, second_order};
 use fewshot_data::Rng;
-
-type Op = Rc<dyn Fn(&[Tensor]) -> Tensor>;
 
 fn random(shape: &[usize], dtype: DType, rng: &mut Rng) -> Tensor {
     let n = shape.iter().product();
@@ -22,92 +21,20 @@ fn random(shape: &[usize], dtype: DType, rng: &mut Rng) -> Tensor {
         .unwrap()
 }
 
-/// A scalar weighing every output element differently, through a square so
-/// that second derivatives matter.
-fn curved(y: &Tensor) -> Tensor {
-    let n = y.elem_count();
-    let w: Vec<f64> = (0..n)
-        .map(|i| ((i * 7919) % 13) as f64 / 13.0 - 0.4)
-        .collect();
-    let w = Tensor::from_vec(w, y.dims(), &Device::Cpu)
-        .unwrap()
-        .to_dtype(y.dtype())
-        .unwrap();
-    (y.sqr().unwrap() * w).unwrap().sum_all().unwrap()
-}
-
-/// The op's output, the gradient of `curved(output)` for each input, and the
-/// gradient of `sum(gradient * direction)` for each input.
-fn derivatives(op: &Op, inputs: &[Tensor], directions: &[Tensor]) -> Vec<Tensor> {
-    let vars: Vec<Var> = inputs
-        .iter()
-        .map(|t| Var::from_tensor(t).unwrap())
-        .collect();
-    let leaves: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
-    let out = op(&leaves);
-    let grads = curved(&out).backward().unwrap();
-    let mut results = vec![out.detach()];
-    let mut dot = Tensor::zeros((), inputs[0].dtype(), &Device::Cpu).unwrap();
-    for (v, d) in vars.iter().zip(directions) {
-        let g = grads
-            .get(v.as_tensor())
-            .cloned()
-            .unwrap_or(v.zeros_like().unwrap());
-        results.push(g.detach());
-        dot = (dot + (g * d).unwrap().sum_all().unwrap()).unwrap();
-    }
-    let second = dot.backward().unwrap();
-    for v in &vars {
-        let h = second
-            .get(v.as_tensor())
-            .cloned()
-            .unwrap_or(v.zeros_like().unwrap());
-        results.push(h.detach());
-    }
-    results
-}
-
-fn max_relative_difference(a: &Tensor, b: &Tensor) -> f64 {
-    assert_eq!(a.dims(), b.dims());
-    let a: Vec<f64> = a
-        .to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    let b: Vec<f64> = b
-        .to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    let scale = b.iter().fold(1f64, |m, v| m.max(v.abs()));
-    a.iter()
-        .zip(&b)
-        .fold(0f64, |m, (x, y)| m.max((x - y).abs() / scale))
-}
-
 fn agree(name: &str, kernel: Op, reference: Op, shapes: &[&[usize]], seed: u64) {
     second_order::ensure_available().unwrap();
     for (dtype, tolerance) in [(DType::F64, 1e-10), (DType::F32, 2e-4)] {
         let mut rng = Rng::seed_from(seed, 0);
         let inputs: Vec<Tensor> = shapes.iter().map(|s| random(s, dtype, &mut rng)).collect();
         let directions: Vec<Tensor> = shapes.iter().map(|s| random(s, dtype, &mut rng)).collect();
-        let ours = derivatives(&kernel, &inputs, &directions);
-        let theirs = derivatives(&reference, &inputs, &directions);
-        let what = |i: usize| match i {
-            0 => "value".to_string(),
-            i if i <= inputs.len() => format!("gradient of input {}", i - 1),
-            i => format!("second-order gradient of input {}", i - 1 - inputs.len()),
-        };
+        let ours = derivatives(&kernel, &inputs, &directions).unwrap();
+        let theirs = derivatives(&reference, &inputs, &directions).unwrap();
         for (i, (a, b)) in ours.iter().zip(&theirs).enumerate() {
-            let diff = max_relative_difference(a, b);
+            let diff = max_relative_difference(a, b).unwrap();
             assert!(
                 diff < tolerance,
                 "{name} {dtype:?}: {} differs by {diff:e}",
-                what(i)
+                quantity_name(i, inputs.len())
             );
         }
     }
@@ -128,9 +55,8 @@ fn convolution_matches_candle_on_odd_sizes_strides_and_paddings() {
         (3, 2, 8, 8, 3),
         (1, 2, 4, 4, 5),
     ] {
-        let kernel: Op = Rc::new(move |t| kernels::conv2d(&t[0], &t[1], stride, padding).unwrap());
-        let reference: Op =
-            Rc::new(move |t| candle_path::conv2d(&t[0], &t[1], stride, padding).unwrap());
+        let kernel: Op = Rc::new(move |t| Ok(kernels::conv2d(&t[0], &t[1], stride, padding)?));
+        let reference: Op = Rc::new(move |t| candle_path::conv2d(&t[0], &t[1], stride, padding));
         agree(
             &format!("conv2d stride {stride} padding {padding} {h}x{w} kernel {k}"),
             kernel,
@@ -147,9 +73,8 @@ fn per_sample_convolution_matches_candle() {
     // parallel); odd sizes and paddings.
     for (batch, padding, h, w, k) in [(1, 1, 5, 7, 3), (3, 0, 6, 5, 3), (5, 2, 4, 4, 5)] {
         let kernel: Op =
-            Rc::new(move |t| kernels::conv2d_per_sample(&t[0], &t[1], 1, padding).unwrap());
-        let reference: Op =
-            Rc::new(move |t| candle_path::conv2d_per_sample(&t[0], &t[1], padding).unwrap());
+            Rc::new(move |t| Ok(kernels::conv2d_per_sample(&t[0], &t[1], 1, padding)?));
+        let reference: Op = Rc::new(move |t| candle_path::conv2d_per_sample(&t[0], &t[1], padding));
         agree(
             &format!("conv2d_per_sample batch {batch} padding {padding} {h}x{w} kernel {k}"),
             kernel,
@@ -163,8 +88,8 @@ fn per_sample_convolution_matches_candle() {
 #[test]
 fn convolution_in_many_chunks_matches_candle() {
     // Enough images and pixels that the kernels split the batch into chunks.
-    let kernel: Op = Rc::new(|t| kernels::conv2d(&t[0], &t[1], 1, 1).unwrap());
-    let reference: Op = Rc::new(|t| candle_path::conv2d(&t[0], &t[1], 1, 1).unwrap());
+    let kernel: Op = Rc::new(|t| Ok(kernels::conv2d(&t[0], &t[1], 1, 1)?));
+    let reference: Op = Rc::new(|t| candle_path::conv2d(&t[0], &t[1], 1, 1));
     agree(
         "conv2d chunked",
         kernel,
@@ -176,8 +101,8 @@ fn convolution_in_many_chunks_matches_candle() {
 
 #[test]
 fn batch_norm_matches_candle() {
-    let kernel: Op = Rc::new(|t| kernels::batch_norm(&t[0], &t[1], &t[2], 1e-5).unwrap());
-    let reference: Op = Rc::new(|t| candle_path::batch_norm(&t[0], &t[1], &t[2], 1e-5).unwrap());
+    let kernel: Op = Rc::new(|t| Ok(kernels::batch_norm(&t[0], &t[1], &t[2], 1e-5)?));
+    let reference: Op = Rc::new(|t| candle_path::batch_norm(&t[0], &t[1], &t[2], 1e-5));
     agree(
         "batch_norm",
         kernel,
@@ -189,10 +114,10 @@ fn batch_norm_matches_candle() {
 
 #[test]
 fn batch_norm_with_relu_matches_candle() {
-    let kernel: Op = Rc::new(|t| kernels::batch_norm_relu(&t[0], &t[1], &t[2], 1e-5).unwrap());
+    let kernel: Op = Rc::new(|t| Ok(kernels::batch_norm_relu(&t[0], &t[1], &t[2], 1e-5)?));
     let reference: Op = Rc::new(|t| {
-        let normalised = candle_path::batch_norm(&t[0], &t[1], &t[2], 1e-5).unwrap();
-        candle_path::relu(&normalised).unwrap()
+        let normalised = candle_path::batch_norm(&t[0], &t[1], &t[2], 1e-5)?;
+        candle_path::relu(&normalised)
     });
     agree(
         "batch_norm_relu",
@@ -205,34 +130,26 @@ fn batch_norm_with_relu_matches_candle() {
 
 #[test]
 fn channel_moments_match_candle() {
-    let kernel: Op = Rc::new(|t| kernels::channel_moments(&t[0]).unwrap());
+    let kernel: Op = Rc::new(|t| Ok(kernels::channel_moments(&t[0])?));
     let reference: Op = Rc::new(|t| {
-        let x = &t[0];
-        let mean = x.mean_keepdim((0, 2, 3)).unwrap();
-        let var = x
-            .broadcast_sub(&mean)
-            .unwrap()
-            .sqr()
-            .unwrap()
-            .mean((0, 2, 3))
-            .unwrap();
-        Tensor::stack(&[mean.flatten_all().unwrap(), var], 0).unwrap()
+        let (mean, var) = candle_path::channel_moments(&t[0])?;
+        Ok(Tensor::stack(&[mean, var], 0)?)
     });
     agree("channel_moments", kernel, reference, &[&[3, 2, 7, 5]], 23);
 }
 
 #[test]
 fn relu_matches_candle() {
-    let kernel: Op = Rc::new(|t| kernels::relu(&t[0]).unwrap());
-    let reference: Op = Rc::new(|t| candle_path::relu(&t[0]).unwrap());
+    let kernel: Op = Rc::new(|t| Ok(kernels::relu(&t[0])?));
+    let reference: Op = Rc::new(|t| candle_path::relu(&t[0]));
     agree("relu", kernel, reference, &[&[2, 3, 5, 7]], 31);
 }
 
 #[test]
 fn max_pool_matches_candle_on_odd_sizes() {
     for (h, w) in [(4, 4), (5, 7), (2, 3)] {
-        let kernel: Op = Rc::new(|t| kernels::max_pool2x2(&t[0]).unwrap());
-        let reference: Op = Rc::new(|t| candle_path::max_pool2x2(&t[0]).unwrap());
+        let kernel: Op = Rc::new(|t| Ok(kernels::max_pool2x2(&t[0])?));
+        let reference: Op = Rc::new(|t| candle_path::max_pool2x2(&t[0]));
         agree(
             &format!("max_pool2x2 {h}x{w}"),
             kernel,
@@ -259,8 +176,8 @@ fn max_pool_matches_candle_on_ties() {
             .reshape((n, c, h, 2 * w))
             .unwrap()
     };
-    let kernel: Op = Rc::new(move |t| kernels::max_pool2x2(&tied(&t[0])).unwrap());
-    let reference: Op = Rc::new(move |t| candle_path::max_pool2x2(&tied(&t[0])).unwrap());
+    let kernel: Op = Rc::new(move |t| Ok(kernels::max_pool2x2(&tied(&t[0]))?));
+    let reference: Op = Rc::new(move |t| candle_path::max_pool2x2(&tied(&t[0])));
     agree(
         "max_pool2x2 with ties",
         kernel,

@@ -1,5 +1,5 @@
-"""PyTorch CPU reference of `fewshot bench --suite kernels`: the same cases,
-shapes and work, for a side-by-side speed comparison.
+"""PyTorch reference of `fewshot bench --suite kernels`: the same cases,
+shapes and work, for a side-by-side speed comparison, on the CPU or a GPU.
 
 Cases (batches of 80 images, 5 classes; MAML tasks are 5-way 1-shot with 75
 queries, second order through `torch.autograd.grad(create_graph=True)`):
@@ -16,9 +16,13 @@ queries, second order through `torch.autograd.grad(create_graph=True)`):
 Batch norm uses batch statistics (no running averages); the inner loop adapts
 every weight but batch norm's, with the support loss scaled as the MAML
 reference does (sum over examples / shots). Prints one JSON object:
-{"threads", "peak_rss_mib", "cases": [{"name", "median_ms", "repeats"}]}.
+{"device", "threads", "peak_rss_mib", "cases": [{"name", "median_ms", "repeats"}]},
+on a GPU with each case's "peak_device_mib" (torch.cuda.max_memory_allocated).
+On a GPU every step ends with torch.cuda.synchronize(), so a time is the
+work's, not its queueing's; float32 products stay full precision (no TF32),
+as candle's.
 
-Usage: python pytorch_kernels.py [--case NAME ...] [--repeats 10] [--threads 2]
+Usage: python pytorch_kernels.py [--case NAME ...] [--repeats 10] [--threads 2] [--device cpu|cuda]
 """
 
 import argparse
@@ -46,7 +50,7 @@ def make_net(channels, side, filters, downsample, head):
     params["head.weight"] = torch.nn.init.xavier_uniform_(torch.empty(WAYS, features))
     params["head.bias"] = torch.zeros(WAYS)
     config = {"downsample": downsample, "head": head}
-    return config, {k: v.requires_grad_() for k, v in params.items()}
+    return config, {k: v.to(DEVICE).requires_grad_() for k, v in params.items()}
 
 
 def forward(config, params, x):
@@ -61,12 +65,15 @@ def forward(config, params, x):
     return F.linear(x, params["head.weight"], params["head.bias"])
 
 
+DEVICE = torch.device("cpu")
+
+
 def images(count, channels, side):
-    return torch.rand(count, channels, side, side)
+    return torch.rand(count, channels, side, side).to(DEVICE)
 
 
 def labels(count):
-    return torch.arange(count) % WAYS
+    return (torch.arange(count) % WAYS).to(DEVICE)
 
 
 def train_case(net, channels, side):
@@ -163,21 +170,36 @@ def main():
     parser.add_argument("--case", action="append", default=[])
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    on_gpu = DEVICE.type == "cuda"
+    if on_gpu:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     results = []
     for name in args.case or CASES:
+        if on_gpu:
+            torch.cuda.reset_peak_memory_stats(DEVICE)
         step = build(name)
         step()  # warm-up
         times = []
         for _ in range(max(args.repeats, 1)):
             start = time.perf_counter()
             step()
+            if on_gpu:
+                torch.cuda.synchronize(DEVICE)
             times.append(time.perf_counter() - start)
-        results.append({"name": name, "median_ms": statistics.median(times) * 1e3, "repeats": len(times)})
+        result = {"name": name, "median_ms": statistics.median(times) * 1e3, "repeats": len(times)}
+        if on_gpu:
+            result["peak_device_mib"] = torch.cuda.max_memory_allocated(DEVICE) / 2**20
+        results.append(result)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"threads": args.threads, "torch": torch.__version__, "peak_rss_mib": peak, "cases": results}))
+    print(json.dumps({"device": str(DEVICE), "threads": args.threads, "torch": torch.__version__,
+                      "peak_rss_mib": peak, "cases": results}))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Result};
 use candle_core::DType;
-use fewshot_backbone::EpisodeTensors;
+use fewshot_backbone::{DeviceChoice, EpisodeTensors};
 use fewshot_data::{CacheStatus, EpisodeSampler, EpisodeSpec};
 use serde_json::json;
 
@@ -34,15 +34,22 @@ pub struct BenchArgs<'a> {
     pub episodes: usize,
     pub cases: &'a [String],
     pub repeats: usize,
+    /// Overrides the suite's device (the kernels suite's CPU, the config's).
+    pub device: Option<DeviceChoice>,
     pub as_json: bool,
 }
 
 pub fn run(args: BenchArgs<'_>) -> Result<()> {
     match (args.suite, args.experiment) {
         (Suite::Data, _) => data_suite(args.data, args.episodes, args.as_json),
-        (Suite::Train, Some(path)) => train_suite(path, args.episodes, args.as_json),
+        (Suite::Train, Some(path)) => train_suite(path, args.device, args.episodes, args.as_json),
         (Suite::Train, None) => bail!("--suite train needs --config CONFIG.json"),
-        (Suite::Kernels, _) => kernel_bench::run(args.cases, args.repeats, args.as_json),
+        (Suite::Kernels, _) => kernel_bench::run(
+            args.cases,
+            args.repeats,
+            args.device.unwrap_or(DeviceChoice::Cpu),
+            args.as_json,
+        ),
     }
 }
 
@@ -51,9 +58,18 @@ const WARMUP_STEPS: u64 = 3;
 
 /// Median time per meta-training step of the config's learner, over steps
 /// that together hold at least `episodes` episodes.
-fn train_suite(path: &Path, episodes: usize, as_json: bool) -> Result<()> {
+fn train_suite(
+    path: &Path,
+    device: Option<DeviceChoice>,
+    episodes: usize,
+    as_json: bool,
+) -> Result<()> {
     let config = ExperimentConfig::from_file(path)?;
-    let device = config.device_choice()?.open()?;
+    let device = match device {
+        Some(choice) => choice,
+        None => config.device_choice()?,
+    }
+    .open()?;
     let loaded = datasets::load(&config.data, config.seed)?;
     let data = &loaded.dataset;
     let section = serde_json::Value::Object(config.algorithm.clone());
@@ -70,6 +86,8 @@ fn train_suite(path: &Path, episodes: usize, as_json: bool) -> Result<()> {
             .map(|e| EpisodeTensors::from_episode(e, &device, DType::F32))
             .collect::<fewshot_backbone::Result<_>>()?;
         learner.meta_train(&batch)?;
+        // A GPU runs ahead of the host: time the work, not its queueing.
+        device.synchronize()?;
         if step >= WARMUP_STEPS {
             times.push(start.elapsed().as_secs_f64());
         }
@@ -81,6 +99,7 @@ fn train_suite(path: &Path, episodes: usize, as_json: bool) -> Result<()> {
         "suite": "train",
         "config": path,
         "algorithm": learner.algorithm(),
+        "device": fewshot_backbone::device::device_name(&device),
         "episode": format!("{}-way {}-shot {}-query", spec.ways, spec.shots, spec.queries),
         "meta_batch": meta_batch,
         "steps": times.len(),

@@ -1,14 +1,15 @@
-//! `fewshot bench --suite kernels`: the backbone's CPU path on the shapes that
-//! matter, each case timed as the median of repeated steps. The same cases,
-//! with the same shapes, are in `scripts/pytorch_kernels.py`.
+//! `fewshot bench --suite kernels`: the backbone's CPU path (or a GPU's, with
+//! `--device`) on the shapes that matter, each case timed as the median of
+//! repeated steps. The same cases, with the same shapes, are in
+//! `scripts/pytorch_kernels.py`.
 
 use std::time::Instant;
 
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
 use fewshot_backbone::{
-    kernels, ops, Adam, AdamConfig, Conv4, Conv4Config, Downsample, EpisodeTensors, FeatureHead,
-    Learner, ParamSet, VarSet,
+    kernels, ops, Adam, AdamConfig, Conv4, Conv4Config, DeviceChoice, Downsample, EpisodeTensors,
+    FeatureHead, Learner, ParamSet, VarSet,
 };
 use fewshot_data::Rng;
 use maml::{Adapt, InnerLoop, Order};
@@ -41,7 +42,7 @@ pub const CASES: [&str; 7] = [
     "eval-conv4-28",
 ];
 
-pub fn run(only: &[String], repeats: usize, as_json: bool) -> Result<()> {
+pub fn run(only: &[String], repeats: usize, choice: DeviceChoice, as_json: bool) -> Result<()> {
     for name in only {
         if !CASES.contains(&name.as_str()) {
             bail!(
@@ -50,22 +51,21 @@ pub fn run(only: &[String], repeats: usize, as_json: bool) -> Result<()> {
             );
         }
     }
-    let device = Device::Cpu;
+    let device = choice.open()?;
     let mut results = Vec::new();
     for name in CASES {
         if !only.is_empty() && !only.iter().any(|o| o == name) {
             continue;
         }
+        let flops = convolution_flops(name)?;
         let mut case = build(name, &device)?;
-        // Warm-up, and the convolution work of one step.
         (case.step)()?;
-        let before = kernels::convolution_flops();
-        (case.step)()?;
-        let flops = (kernels::convolution_flops() - before) as f64;
         let mut times = Vec::with_capacity(repeats);
         for _ in 0..repeats.max(1) {
             let start = Instant::now();
             (case.step)()?;
+            // A GPU runs ahead of the host: time the work, not its queueing.
+            device.synchronize()?;
             times.push(start.elapsed().as_secs_f64());
         }
         times.sort_by(f64::total_cmp);
@@ -91,6 +91,7 @@ pub fn run(only: &[String], repeats: usize, as_json: bool) -> Result<()> {
     let peak = peak_memory_mib();
     if as_json {
         let report = json!({
+            "device": choice.to_string(),
             "threads": rayon::current_num_threads(),
             "peak_rss_mib": peak,
             "cases": results,
@@ -100,6 +101,18 @@ pub fn run(only: &[String], repeats: usize, as_json: bool) -> Result<()> {
         println!("peak resident memory of this process: {peak:.0} MiB");
     }
     Ok(())
+}
+
+/// The multiply-adds (times 2) of one step's convolutions, counted by the
+/// CPU kernels: a warm-up step, then one counted. A GPU does the same work.
+fn convolution_flops(name: &'static str) -> Result<f64> {
+    let mut case = build(name, &Device::Cpu)?;
+    ops::path::with_path(ops::path::OpsPath::Kernels, || -> Result<f64> {
+        (case.step)()?;
+        let before = kernels::convolution_flops();
+        (case.step)()?;
+        Ok((kernels::convolution_flops() - before) as f64)
+    })
 }
 
 fn build(name: &'static str, device: &Device) -> Result<Case> {

@@ -10,6 +10,7 @@ mod bench;
 mod config;
 mod continuation;
 mod datasets;
+mod device_check;
 mod evaluation;
 mod inspect;
 mod interrupt;
@@ -210,6 +211,18 @@ enum Command {
         #[arg(long)]
         defaults: bool,
     },
+    /// Check that a device (a GPU) computes what the CPU kernels compute:
+    /// second order on the device, every op's value and gradients to second
+    /// order, MAML's meta-gradient, and training steps of every learner.
+    /// Exits with an error if any differs beyond its tolerance. `--device
+    /// cpu` checks the portable path (what GPUs run) against the kernels.
+    CheckDevice {
+        #[arg(long, default_value = "auto")]
+        device: String,
+        /// Print one JSON object instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run a benchmark suite.
     Bench {
         #[arg(long, value_enum, default_value = "data")]
@@ -229,6 +242,10 @@ enum Command {
         /// Timed repetitions of each kernel case (after one warm-up step).
         #[arg(long, default_value_t = 10)]
         repeats: usize,
+        /// The device of the kernels and train suites (default: cpu for
+        /// kernels, the config's for train).
+        #[arg(long)]
+        device: Option<String>,
         /// Print one JSON object instead of a table.
         #[arg(long)]
         json: bool,
@@ -420,6 +437,7 @@ fn run(cli: Cli) -> Result<()> {
             episodes,
             cases,
             repeats,
+            device,
             json,
         } => bench::run(bench::BenchArgs {
             suite,
@@ -428,8 +446,10 @@ fn run(cli: Cli) -> Result<()> {
             episodes,
             cases: &cases,
             repeats,
+            device: device.map(|d| d.parse()).transpose()?,
             as_json: json,
         }),
+        Command::CheckDevice { device, json } => device_check::run(device.parse()?, json),
     }
 }
 

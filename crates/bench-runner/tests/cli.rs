@@ -185,3 +185,31 @@ fn a_closed_stdout_ends_the_command_without_a_panic() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+#[test]
+fn check_device_on_the_cpu_checks_the_portable_path_and_passes() {
+    let out = fewshot(&["check-device", "--device", "cpu", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["device"], "cpu");
+    assert!(report["ops"].as_array().unwrap().len() > 40, "{report}");
+    assert_eq!(report["learners"].as_array().unwrap().len(), 4);
+}
+
+#[test]
+#[cfg(not(feature = "cuda"))]
+fn a_gpu_check_without_the_cuda_feature_says_how_to_build_one() {
+    for args in [
+        &["check-device", "--device", "cuda"][..],
+        &["bench", "--suite", "kernels", "--device", "cuda:1"][..],
+    ] {
+        let out = fewshot(args);
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("--features cuda"), "{stderr}");
+    }
+}

@@ -13,7 +13,7 @@ rounds=${1:-3}
 repeats=${2:-20}
 out=${3:-runs/kernel-comparison.json}
 venv=scripts/.venv
-cases=${CASES:-"train-conv4-28 train-conv4-84 maml2-1step-28 maml2-5step-28 maml2-5step-84 maml2-batch32-28 eval-conv4-28"}
+cases=${CASES:-"train-conv4-28 train-conv4-84 train-conv4-105 train-conv5-128-56 protonet-60way-28 maml2-1step-28 maml2-5step-28 maml2-5step-84 maml2-batch32-28 eval-conv4-28"}
 
 if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"

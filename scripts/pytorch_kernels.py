@@ -5,6 +5,12 @@ Cases (batches of 80 images, 5 classes; MAML tasks are 5-way 1-shot with 75
 queries, second order through `torch.autograd.grad(create_graph=True)`):
   train-conv4-28  64-filter conv-4 with max-pooling on 1x28x28: forward, backward, Adam
   train-conv4-84  32-filter conv-4 with max-pooling on 3x84x84: forward, backward, Adam
+  train-conv4-105 the train-conv4-28 net on 1x105x105 (Omniglot at full resolution)
+  train-conv5-128-56  5 blocks of 128 filters with max-pooling on 1x56x56
+  protonet-60way-28  a Prototypical Networks training step as the paper trains
+                  Omniglot: a 60-way 1-shot 5-query episode (360 images) through
+                  the train-conv4-28 embedding in one batch, prototypes, negative
+                  squared distances, cross-entropy, Adam
   maml2-1step-28  MAML's Omniglot net (stride-2 convs), 1 inner step, exact meta-gradient
   maml2-5step-28  the same with 5 inner steps
   maml2-5step-84  MAML's miniImageNet net, 5 inner steps
@@ -37,24 +43,25 @@ import torch.nn.functional as F
 BATCH, WAYS, SUPPORT, QUERY = 80, 5, 5, 75
 
 
-def make_net(channels, side, filters, downsample, head):
-    """Weights of a conv-4 with a 5-way linear classifier, as a dict."""
+def make_net(channels, side, filters, downsample, head, blocks=4, classifier=True):
+    """Weights of a conv net with a 5-way linear classifier, as a dict."""
     params = {}
-    for block in range(4):
+    for block in range(blocks):
         cin = channels if block == 0 else filters
         params[f"block{block}.conv.weight"] = torch.nn.init.xavier_uniform_(torch.empty(filters, cin, 3, 3))
         params[f"block{block}.bn.weight"] = torch.ones(filters)
         params[f"block{block}.bn.bias"] = torch.zeros(filters)
         side = side // 2 if downsample == "max-pool" else (side + 1) // 2
     features = filters if head == "mean" else filters * side * side
-    params["head.weight"] = torch.nn.init.xavier_uniform_(torch.empty(WAYS, features))
-    params["head.bias"] = torch.zeros(WAYS)
-    config = {"downsample": downsample, "head": head}
+    if classifier:
+        params["head.weight"] = torch.nn.init.xavier_uniform_(torch.empty(WAYS, features))
+        params["head.bias"] = torch.zeros(WAYS)
+    config = {"downsample": downsample, "head": head, "blocks": blocks, "classifier": classifier}
     return config, {k: v.to(DEVICE).requires_grad_() for k, v in params.items()}
 
 
 def forward(config, params, x):
-    for block in range(4):
+    for block in range(config["blocks"]):
         stride = 2 if config["downsample"] == "stride2" else 1
         x = F.conv2d(x, params[f"block{block}.conv.weight"], stride=stride, padding=1)
         x = F.batch_norm(x, None, None, params[f"block{block}.bn.weight"], params[f"block{block}.bn.bias"], training=True)
@@ -62,6 +69,8 @@ def forward(config, params, x):
         if config["downsample"] == "max-pool":
             x = F.max_pool2d(x, 2)
     x = x.mean(dim=(2, 3)) if config["head"] == "mean" else x.flatten(1)
+    if not config["classifier"]:
+        return x
     return F.linear(x, params["head.weight"], params["head.bias"])
 
 
@@ -84,6 +93,23 @@ def train_case(net, channels, side):
     def step():
         optimizer.zero_grad()
         F.cross_entropy(forward(config, params, x), y).backward()
+        optimizer.step()
+
+    return step
+
+
+def protonet_case(ways, queries):
+    config, params = make_net(1, 28, 64, "max-pool", "flatten", classifier=False)
+    support, query = images(ways, 1, 28), images(ways * queries, 1, 28)
+    query_labels = (torch.arange(ways * queries) % ways).to(DEVICE)
+    optimizer = torch.optim.Adam(params.values(), lr=1e-3)
+
+    def step():
+        optimizer.zero_grad()
+        embeddings = forward(config, params, torch.cat([support, query]))
+        prototypes, queries_embedded = embeddings[:ways], embeddings[ways:]  # 1 shot: the support itself
+        logits = -torch.cdist(queries_embedded, prototypes).pow(2)
+        F.cross_entropy(logits, query_labels).backward()
         optimizer.step()
 
     return step
@@ -149,6 +175,12 @@ def build(name):
         return train_case(pooled_28(), 1, 28)
     if name == "train-conv4-84":
         return train_case(make_net(3, 84, 32, "max-pool", "flatten"), 3, 84)
+    if name == "train-conv4-105":
+        return train_case(make_net(1, 105, 64, "max-pool", "flatten"), 1, 105)
+    if name == "train-conv5-128-56":
+        return train_case(make_net(1, 56, 128, "max-pool", "flatten", blocks=5), 1, 56)
+    if name == "protonet-60way-28":
+        return protonet_case(60, 5)
     if name == "eval-conv4-28":
         return eval_case(pooled_28())
     if name == "maml2-1step-28":
@@ -162,7 +194,7 @@ def build(name):
     raise SystemExit(f"unknown case {name}")
 
 
-CASES = ["train-conv4-28", "train-conv4-84", "maml2-1step-28", "maml2-5step-28", "maml2-5step-84", "maml2-batch32-28", "eval-conv4-28"]
+CASES = ["train-conv4-28", "train-conv4-84", "train-conv4-105", "train-conv5-128-56", "protonet-60way-28", "maml2-1step-28", "maml2-5step-28", "maml2-5step-84", "maml2-batch32-28", "eval-conv4-28"]
 
 
 def main():

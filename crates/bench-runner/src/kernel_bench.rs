@@ -32,9 +32,12 @@ struct Case {
 }
 
 /// Every case's name, in the order they run.
-pub const CASES: [&str; 7] = [
+pub const CASES: [&str; 10] = [
     "train-conv4-28",
     "train-conv4-84",
+    "train-conv4-105",
+    "train-conv5-128-56",
+    "protonet-60way-28",
     "maml2-1step-28",
     "maml2-5step-28",
     "maml2-5step-84",
@@ -125,6 +128,27 @@ fn build(name: &'static str, device: &Device) -> Result<Case> {
             &mut rng,
             device,
         )?,
+        "train-conv4-105" => train_case(
+            name,
+            classifier_net(Conv4Config {
+                image_size: 105,
+                ..pooled_28()
+            }),
+            &mut rng,
+            device,
+        )?,
+        "train-conv5-128-56" => train_case(
+            name,
+            classifier_net(Conv4Config {
+                image_size: 56,
+                filters: 128,
+                blocks: 5,
+                ..pooled_28()
+            }),
+            &mut rng,
+            device,
+        )?,
+        "protonet-60way-28" => protonet_case(name, &mut rng, device)?,
         "eval-conv4-28" => eval_case(name, classifier_net(pooled_28()), &mut rng, device)?,
         "maml2-1step-28" => maml_case(name, Conv4Config::omniglot(), 0.4, 1, &mut rng, device)?,
         "maml2-5step-28" => maml_case(name, Conv4Config::omniglot(), 0.4, 5, &mut rng, device)?,
@@ -169,8 +193,9 @@ fn images(count: usize, config: &Conv4Config, rng: &mut Rng, device: &Device) ->
     )?)
 }
 
-fn labels(count: usize, device: &Device) -> Result<Tensor> {
-    let values: Vec<u32> = (0..count).map(|i| (i % WAYS) as u32).collect();
+/// `count` labels cycling through `ways` classes.
+fn labels(count: usize, ways: usize, device: &Device) -> Result<Tensor> {
+    let values: Vec<u32> = (0..count).map(|i| (i % ways) as u32).collect();
     Ok(Tensor::from_vec(values, count, device)?)
 }
 
@@ -188,7 +213,7 @@ fn train_case(
     device: &Device,
 ) -> Result<Case> {
     let x = images(BATCH, &config, rng, device)?;
-    let y = labels(BATCH, device)?;
+    let y = labels(BATCH, WAYS, device)?;
     let (net, params) = network(config, device)?;
     let weights: VarSet = params.to_vars()?;
     let mut adam = Adam::new(AdamConfig::default(), &weights)?;
@@ -240,7 +265,8 @@ fn maml_case(
     let config = classifier_net(config);
     let support = images(SUPPORT, &config, rng, device)?;
     let query = images(QUERY, &config, rng, device)?;
-    let (support_labels, query_labels) = (labels(SUPPORT, device)?, labels(QUERY, device)?);
+    let (support_labels, query_labels) =
+        (labels(SUPPORT, WAYS, device)?, labels(QUERY, WAYS, device)?);
     let (net, params) = network(config, device)?;
     let inner = InnerLoop {
         lr: inner_lr,
@@ -287,9 +313,9 @@ fn maml_batch_case(name: &'static str, rng: &mut Rng, device: &Device) -> Result
             Ok(EpisodeTensors {
                 ways: WAYS,
                 support: images(WAYS, &network, rng, device)?,
-                support_labels: labels(WAYS, device)?,
+                support_labels: labels(WAYS, WAYS, device)?,
                 query: images(WAYS, &network, rng, device)?,
-                query_labels: Some(labels(WAYS, device)?),
+                query_labels: Some(labels(WAYS, WAYS, device)?),
             })
         })
         .collect::<Result<Vec<_>>>()?;
@@ -301,6 +327,34 @@ fn maml_batch_case(name: &'static str, rng: &mut Rng, device: &Device) -> Result
     Ok(Case {
         name,
         what: "meta-batch of 32 5-way 1-shot tasks, 1 query per class, 1 inner step, second order, Adam",
+        step: Box::new(step),
+    })
+}
+
+/// One meta-training step of the `protonet` learner as the paper trains
+/// Omniglot: a 60-way 1-shot episode with 5 queries a class (360 images
+/// through the 64-filter conv-4 in one batch), prototypes, distances,
+/// cross-entropy, backward, Adam.
+fn protonet_case(name: &'static str, rng: &mut Rng, device: &Device) -> Result<Case> {
+    const PROTONET_WAYS: usize = 60;
+    const PROTONET_QUERIES: usize = 5;
+    let config = protonet::ProtoNetConfig::default();
+    let query_count = PROTONET_WAYS * PROTONET_QUERIES;
+    let episode = EpisodeTensors {
+        ways: PROTONET_WAYS,
+        support: images(PROTONET_WAYS, &config.embedding, rng, device)?,
+        support_labels: labels(PROTONET_WAYS, PROTONET_WAYS, device)?,
+        query: images(query_count, &config.embedding, rng, device)?,
+        query_labels: Some(labels(query_count, PROTONET_WAYS, device)?),
+    };
+    let mut learner = protonet::ProtoNet::new(config, device)?;
+    let step = move || -> Result<()> {
+        learner.meta_train(std::slice::from_ref(&episode))?;
+        Ok(())
+    };
+    Ok(Case {
+        name,
+        what: "60-way 1-shot 5-query episode: 360 images, prototypes, distances, backward, Adam",
         step: Box::new(step),
     })
 }

@@ -236,7 +236,8 @@ enum Command {
         #[arg(long, default_value_t = 20_000)]
         episodes: usize,
         /// Kernel cases to run (all when absent): train-conv4-28, train-conv4-84,
-        /// maml2-1step-28, maml2-5step-28, maml2-5step-84, maml2-batch32-28, eval-conv4-28.
+        /// train-conv4-105, train-conv5-128-56, protonet-60way-28, maml2-1step-28,
+        /// maml2-5step-28, maml2-5step-84, maml2-batch32-28, eval-conv4-28.
         #[arg(long = "case")]
         cases: Vec<String>,
         /// Timed repetitions of each kernel case (after one warm-up step).

@@ -92,6 +92,15 @@ pub struct DataConfig {
     pub split: OmniglotSplit,
     /// Side of the square images. Default 28 (84 for miniImageNet).
     pub image_size: Option<usize>,
+    /// `folder` only: 1 (grey) or 3 (RGB). Default: as the files are, 3 when
+    /// any image is in colour, else 1 (`train` writes the count it found
+    /// into the run's config, so `eval` and `predict` read images as the
+    /// model was trained on them).
+    pub channels: Option<usize>,
+    /// `folder` only: replace every pixel value v by 255 - v, for dark
+    /// strokes on a light background (Omniglot's models expect ink as high
+    /// values). Default false.
+    pub invert: bool,
     /// Train on the validation classes too, leaving none to validate on:
     /// Prototypical Networks' final protocol, and for Vinyals' Omniglot
     /// split the 1,200 training characters of the Meta Networks paper. The
@@ -122,6 +131,8 @@ impl Default for DataConfig {
             root: None,
             split: OmniglotSplit::Vinyals,
             image_size: None,
+            channels: None,
+            invert: false,
             train_with_val: false,
             validation_alphabets: 0,
             rotation_classes: false,
@@ -273,6 +284,25 @@ impl ExperimentConfig {
         if self.data.image_size() == 0 {
             bail!("field `data.image_size`: must be at least 1");
         }
+        let folder = self.data.dataset == DatasetKind::Folder;
+        match self.data.channels {
+            Some(channels) if !folder => bail!(
+                "field `data.channels`: {channels} set, but only the `folder` dataset takes it \
+                 ({:?} is read as its papers read it)",
+                self.data.dataset
+            ),
+            Some(channels) if channels != 1 && channels != 3 => {
+                bail!("field `data.channels`: {channels}; must be 1 (grey) or 3 (RGB)")
+            }
+            _ => {}
+        }
+        if self.data.invert && !folder {
+            bail!(
+                "field `data.invert`: set, but only the `folder` dataset takes it ({:?} is \
+                 read as its papers read it)",
+                self.data.dataset
+            );
+        }
         let lake =
             self.data.dataset == DatasetKind::Omniglot && self.data.split == OmniglotSplit::Lake;
         if self.data.validation_alphabets > 0 && !lake {
@@ -373,6 +403,27 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("data.validation_alphabets"), "{err}");
+        for (json, field) in [
+            (
+                r#"{"data": {"dataset": "folder", "channels": 2}}"#,
+                "data.channels",
+            ),
+            (
+                r#"{"data": {"dataset": "omniglot", "channels": 3}}"#,
+                "data.channels",
+            ),
+            (
+                r#"{"data": {"dataset": "synthetic", "invert": true}}"#,
+                "data.invert",
+            ),
+        ] {
+            let err = ExperimentConfig::from_json(json).unwrap_err().to_string();
+            assert!(err.contains(field), "{json}: {err}");
+        }
+        ExperimentConfig::from_json(
+            r#"{"data": {"dataset": "folder", "channels": 3, "invert": true}}"#,
+        )
+        .unwrap();
         let err = ExperimentConfig::from_json(r#"{"data": {"augment": {"probability": 2}}}"#)
             .unwrap_err();
         assert!(

@@ -4,8 +4,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use fewshot_data::{
-    dataset_root, mini_imagenet, synthetic, CacheOptions, CacheStatus, EpisodeSampler,
-    FewShotDataset, ImageFolderDataset, Omniglot, OmniglotOptions, Preprocess,
+    dataset_root, folder_channels, mini_imagenet, synthetic, CacheOptions, CacheStatus,
+    EpisodeSampler, FewShotDataset, ImageFolderDataset, Omniglot, OmniglotOptions, Preprocess,
 };
 
 use crate::config::{DataConfig, DatasetKind, ExperimentConfig, OmniglotSplit};
@@ -59,7 +59,7 @@ pub fn load(config: &DataConfig, seed: u64) -> Result<Loaded> {
                 .as_deref()
                 .context("field `data.root`: the folder dataset needs its folder")?;
             (
-                ImageFolderDataset::load(root, &preprocess(config))?,
+                ImageFolderDataset::load(root, &preprocess(config)?)?,
                 None,
                 None,
             )
@@ -112,16 +112,28 @@ pub fn training_sampler(
 
 /// How images of this data config are decoded: also what `predict` applies to
 /// a user's own images, so they match what the model was trained on.
-pub fn preprocess(config: &DataConfig) -> Preprocess {
-    Preprocess {
+/// How the images of `config`'s dataset are decoded: Omniglot grey and
+/// inverted (its files are black ink on white; the models see ink as 1),
+/// miniImageNet in colour, synthetic glyphs grey, a folder as its config
+/// says (channels by default as the files are, no inversion).
+pub fn preprocess(config: &DataConfig) -> Result<Preprocess> {
+    let channels = match (config.dataset, config.channels) {
+        (_, Some(channels)) => channels,
+        (DatasetKind::MiniImagenet, None) => 3,
+        (DatasetKind::Folder, None) => {
+            let root = config
+                .root
+                .as_deref()
+                .context("field `data.root`: the folder dataset needs its folder")?;
+            folder_channels(root)?
+        }
+        (DatasetKind::Omniglot | DatasetKind::Synthetic, None) => 1,
+    };
+    Ok(Preprocess {
         size: config.image_size(),
-        channels: match config.dataset {
-            DatasetKind::MiniImagenet => 3,
-            _ => 1,
-        },
-        // Omniglot files are black ink on white; the loader turns ink to 1.
-        invert: config.dataset == DatasetKind::Omniglot,
-    }
+        channels,
+        invert: config.dataset == DatasetKind::Omniglot || config.invert,
+    })
 }
 
 #[cfg(test)]
@@ -148,5 +160,36 @@ mod tests {
         );
         assert!(merged.val.classes.is_empty());
         assert_eq!(merged.test, plain.test);
+    }
+
+    #[test]
+    fn a_folder_is_read_in_its_files_colours_and_inverted_on_request() {
+        let dir = tempfile::tempdir().unwrap();
+        for (split, class, colour) in [("train", "a", [255, 255, 255]), ("test", "b", [250, 0, 0])]
+        {
+            let path = dir.path().join(split).join(class).join("0.png");
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            image::RgbImage::from_pixel(4, 4, image::Rgb(colour))
+                .save(&path)
+                .unwrap();
+        }
+        let mut config = DataConfig {
+            dataset: DatasetKind::Folder,
+            root: Some(dir.path().to_path_buf()),
+            image_size: Some(4),
+            ..DataConfig::default()
+        };
+        // PNGs saved as RGB count as colour even where they look grey: the
+        // file says so. One red image would be enough.
+        assert_eq!(preprocess(&config).unwrap().channels, 3);
+        let store = load(&config, 0).unwrap().dataset.store;
+        assert_eq!(store.shape(), (3, 4, 4));
+        assert_eq!(store.image(1)[0], 250);
+
+        config.channels = Some(1);
+        config.invert = true;
+        let store = load(&config, 0).unwrap().dataset.store;
+        assert_eq!(store.shape(), (1, 4, 4));
+        assert_eq!(store.image(0)[0], 0, "white inverted is 0");
     }
 }

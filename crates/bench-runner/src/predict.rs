@@ -26,7 +26,7 @@ pub fn run(
     let ckpt = Checkpoint::load(checkpoint, device)?;
     let experiment = experiment_of(&ckpt, checkpoint)?;
     let learner = learners::from_checkpoint(&ckpt, device)?;
-    let preprocess = datasets::preprocess(&experiment.data);
+    let preprocess = datasets::preprocess(&experiment.data)?;
 
     let (support_store, classes) = load_class_folder(support, &preprocess)?;
     if classes.classes.len() < 2 {

@@ -10,7 +10,7 @@ use fewshot_backbone::{Checkpoint, EpisodeTensors, Learner};
 use fewshot_data::SplitName;
 use fewshot_eval::{EvalError, EvalProtocol, TrainingRecord};
 
-use crate::config::ExperimentConfig;
+use crate::config::{DatasetKind, ExperimentConfig};
 use crate::continuation::{self, NextStepProbe};
 use crate::datasets;
 use crate::evaluation;
@@ -37,7 +37,13 @@ pub struct TrainOptions {
 }
 
 pub fn run(options: &TrainOptions) -> Result<()> {
-    let config = ExperimentConfig::from_file(&options.config)?;
+    let mut config = ExperimentConfig::from_file(&options.config)?;
+    // A folder's channel count, when not given, is found from its files
+    // here and kept in the run's config and checkpoints, so that `eval` and
+    // `predict` read images as the model was trained on them.
+    if config.data.dataset == DatasetKind::Folder && config.data.channels.is_none() {
+        config.data.channels = Some(datasets::preprocess(&config.data)?.channels);
+    }
     if config.algorithm.is_empty() {
         bail!(
             "config {}: no `algorithm` section: nothing to train (known: {})",

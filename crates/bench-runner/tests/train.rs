@@ -812,3 +812,59 @@ fn metanet_original_mini_imagenet_model_trains_from_a_config() {
         3
     );
 }
+
+/// A folder of colour images trains a 3-channel network; a 1-channel one is
+/// refused with the settings to change; the run keeps the channel count it
+/// found in the files.
+#[test]
+fn a_colour_folder_trains_a_colour_network_and_the_run_keeps_its_channels() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    for (split, offset) in [("train", 0u8), ("val", 60), ("test", 120)] {
+        for class in 0..5u8 {
+            for image in 0..2u8 {
+                let path = data.join(split).join(format!("c{class}/{image}.png"));
+                std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+                let colour = [offset + class * 10, image * 100, 255 - class * 40];
+                image::RgbImage::from_fn(16, 16, |x, y| {
+                    let ink = (x + y + u32::from(class)) % 4 == 0;
+                    image::Rgb(if ink { colour } else { [0, 0, 0] })
+                })
+                .save(&path)
+                .unwrap();
+            }
+        }
+    }
+    let config = |in_channels: usize| {
+        let path = dir.path().join(format!("colour-{in_channels}.json"));
+        let config = serde_json::json!({
+            "name": "colour",
+            "data": { "dataset": "folder", "root": data, "image_size": 16 },
+            "train_episodes": { "ways": 5, "shots": 1, "queries": 1 },
+            "test_episodes": { "ways": 5, "shots": 1, "queries": 1 },
+            "training": { "steps": 2, "meta_batch": 1, "validate_every": 2, "validation_episodes": 2 },
+            "evaluation": { "episodes": 2 },
+            "algorithm": {
+                "name": "protonet",
+                "embedding": { "filters": 4, "image_size": 16, "in_channels": in_channels }
+            }
+        });
+        std::fs::write(&path, config.to_string()).unwrap();
+        path
+    };
+    let stderr = fewshot_fails(&[
+        "train",
+        str(&config(1)),
+        "--out",
+        str(&dir.path().join("grey-net")),
+    ]);
+    assert!(
+        stderr.contains("3x16x16") && stderr.contains("data.channels"),
+        "{stderr}"
+    );
+    let run = dir.path().join("colour-net");
+    fewshot(&["train", str(&config(3)), "--out", str(&run)]);
+    let saved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
+    assert_eq!(saved["data"]["channels"], 3);
+}

@@ -285,14 +285,10 @@ impl Conv4 {
         let c = &self.config;
         let (_, channels, h, w) = images.dims4()?;
         if channels != c.in_channels || h != c.image_size || w != c.image_size {
-            return Err(BackboneError::InvalidConfig {
-                field: "input images",
-                value: format!("{channels}x{h}x{w}"),
-                reason: format!(
-                    "the network expects {}x{}x{}",
-                    c.in_channels, c.image_size, c.image_size
-                ),
-            });
+            return Err(BackboneError::input_shape(
+                (channels, h, w),
+                (c.in_channels, c.image_size, c.image_size),
+            ));
         }
         let mut x = images.clone();
         for block in 0..c.blocks {

@@ -39,4 +39,21 @@ pub enum BackboneError {
     SecondOrderUnavailable { measured: f64 },
 }
 
+impl BackboneError {
+    /// Images of (channels, height, width) `got` given to a network that
+    /// reads `expected`: says which settings to make agree.
+    pub fn input_shape(got: (usize, usize, usize), expected: (usize, usize, usize)) -> Self {
+        Self::InvalidConfig {
+            field: "input images",
+            value: format!("{}x{}x{}", got.0, got.1, got.2),
+            reason: format!(
+                "the network reads {}x{}x{} (channels x height x width): make the learner's \
+                 network settings (in_channels, image_size) and the data's (data.channels, \
+                 data.image_size) agree",
+                expected.0, expected.1, expected.2
+            ),
+        }
+    }
+}
+
 pub type Result<T> = std::result::Result<T, BackboneError>;

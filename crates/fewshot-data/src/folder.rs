@@ -69,6 +69,54 @@ impl ImageFolderDataset {
     }
 }
 
+/// The channels of a folder's images as the files are: 3 when any image
+/// under `dir` (in its class folders, or in the class folders of its
+/// `train/`, `val/` and `test/`) is in colour, else 1. Reads each file's
+/// header only.
+pub fn folder_channels(dir: &Path) -> Result<usize> {
+    let mut files = Vec::new();
+    let split_dirs: Vec<PathBuf> = SplitName::ALL
+        .iter()
+        .map(|s| dir.join(s.as_str()))
+        .filter(|d| d.is_dir())
+        .collect();
+    let class_roots = match split_dirs.is_empty() {
+        true => vec![dir.to_path_buf()],
+        false => split_dirs,
+    };
+    for root in class_roots {
+        for (_, class_dir) in sorted_subdirs(&root)? {
+            files.extend(sorted_files(&class_dir, IMAGE_EXTENSIONS)?);
+        }
+    }
+    if files.is_empty() {
+        return Err(DataError::EmptyFolder {
+            path: dir.to_path_buf(),
+            expected: format!("class folders of {IMAGES}"),
+        });
+    }
+    for path in &files {
+        if color_type(path)?.has_color() {
+            return Ok(3);
+        }
+    }
+    Ok(1)
+}
+
+/// A file's colour type, from its header.
+fn color_type(path: &Path) -> Result<image::ColorType> {
+    let image_error = |e: image::ImageError| DataError::Image {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    };
+    let reader = image::ImageReader::open(path)
+        .map_err(|e| DataError::io(path, e))?
+        .with_guessed_format()
+        .map_err(|e| DataError::io(path, e))?;
+    let decoder = reader.into_decoder().map_err(image_error)?;
+    Ok(image::ImageDecoder::color_type(&decoder))
+}
+
 /// Every image directly in `dir` (sorted by name), e.g. queries to classify.
 pub fn load_image_files(dir: &Path, pre: &Preprocess) -> Result<(Vec<PathBuf>, ImageStore)> {
     pre.validate()?;

@@ -40,7 +40,7 @@ pub use augment::{Affine, Augmentation};
 pub use cache::{CacheOptions, CacheStatus};
 pub use episode::{Episode, EpisodeClass, EpisodeSampler, EpisodeSpec};
 pub use error::{DataError, Result};
-pub use folder::{load_class_folder, load_image_files, ImageFolderDataset};
+pub use folder::{folder_channels, load_class_folder, load_image_files, ImageFolderDataset};
 pub use locate::dataset_root;
 pub use mini_imagenet::MiniImageNetOptions;
 pub use omniglot::{Character, Omniglot, OmniglotOptions, OmniglotSet};

@@ -6,12 +6,13 @@ use std::path::PathBuf;
 /// each variant names the file, run or value at fault.
 #[derive(Debug, thiserror::Error)]
 pub enum EvalError {
-    /// The learner or the tensor code under it failed.
-    #[error("learner: {0}")]
+    /// The learner or the tensor code under it failed. (Transparent: a
+    /// message of its own would print the source's twice in an error chain.)
+    #[error(transparent)]
     Backbone(#[from] fewshot_backbone::BackboneError),
 
     /// Episodes could not be sampled (bad spec, too few classes or images).
-    #[error("data: {0}")]
+    #[error(transparent)]
     Data(#[from] fewshot_data::DataError),
 
     #[error("{path}: {source}")]

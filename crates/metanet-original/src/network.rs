@@ -205,11 +205,10 @@ impl AugmentedNet {
         };
         let (_, got_channels, h, w) = input.dims4()?;
         if got_channels != channels || h != size || w != size {
-            return Err(BackboneError::InvalidConfig {
-                field: "input images",
-                value: format!("{got_channels}x{h}x{w}"),
-                reason: format!("the network expects {channels}x{size}x{size}"),
-            });
+            return Err(BackboneError::input_shape(
+                (got_channels, h, w),
+                (channels, size, size),
+            ));
         }
         let mut x = input.clone();
         for block in 0..self.blocks {

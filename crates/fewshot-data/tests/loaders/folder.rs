@@ -1,8 +1,8 @@
 use fewshot_data::{
-    load_class_folder, load_image_files, DataError, ImageFolderDataset, Preprocess,
+    folder_channels, load_class_folder, load_image_files, DataError, ImageFolderDataset, Preprocess,
 };
 
-use crate::fixtures::{write_class_folder, write_rgb};
+use crate::fixtures::{write_class_folder, write_grey_png, write_rgb};
 
 const RGB4: Preprocess = Preprocess {
     size: 4,
@@ -79,4 +79,25 @@ fn flat_folder_of_query_images() {
         .collect();
     assert_eq!(names, ["a.png", "b.png", "c.jpeg"]);
     assert_eq!(store.image(1)[0], 20);
+}
+
+#[test]
+fn folder_channels_are_as_the_files_are() {
+    let dir = tempfile::tempdir().unwrap();
+    let grey = dir.path().join("grey");
+    write_grey_png(&grey.join("train/a/0.png"), 4, 1);
+    write_grey_png(&grey.join("test/b/0.png"), 4, 2);
+    assert_eq!(folder_channels(&grey).unwrap(), 1);
+    // One colour image anywhere makes the folder RGB; a class folder
+    // without train/val/test is read the same way.
+    write_rgb(&grey.join("test/b/1.jpg"), 4, [200, 10, 10]);
+    assert_eq!(folder_channels(&grey).unwrap(), 3);
+    assert_eq!(folder_channels(&grey.join("test")).unwrap(), 3);
+    assert_eq!(folder_channels(&grey.join("train")).unwrap(), 1);
+
+    let err = folder_channels(&dir.path().join("empty")).unwrap_err();
+    assert!(err.to_string().contains("empty"), "{err}");
+    std::fs::write(grey.join("train/a/1.png"), b"not a png").unwrap();
+    let err = folder_channels(&grey.join("train")).unwrap_err();
+    assert!(err.to_string().contains("1.png"), "{err}");
 }

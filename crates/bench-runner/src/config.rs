@@ -54,6 +54,10 @@ impl Default for ExperimentConfig {
 pub enum DatasetKind {
     Omniglot,
     MiniImagenet,
+    /// CIFAR-100's classes split 64 / 16 / 20 (Bertinetto et al.).
+    CifarFs,
+    /// CIFAR-100's superclasses split 12 / 4 / 4 (Oreshkin et al.).
+    Fc100,
     /// `root` holds `train/`, `val/`, `test/`, each with one folder per class.
     Folder,
     /// Built-in procedurally drawn glyphs: needs no files.
@@ -64,6 +68,7 @@ impl DatasetKind {
     pub fn default_image_size(self) -> usize {
         match self {
             Self::MiniImagenet => 84,
+            Self::CifarFs | Self::Fc100 => 32,
             Self::Omniglot | Self::Folder | Self::Synthetic => 28,
         }
     }

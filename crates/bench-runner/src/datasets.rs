@@ -4,8 +4,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use fewshot_data::{
-    dataset_root, folder_channels, mini_imagenet, synthetic, CacheOptions, CacheStatus,
-    EpisodeSampler, FewShotDataset, ImageFolderDataset, Omniglot, OmniglotOptions, Preprocess,
+    cifar100, dataset_root, folder_channels, mini_imagenet, synthetic, CacheOptions, CacheStatus,
+    Cifar100Split, EpisodeSampler, FewShotDataset, ImageFolderDataset, Omniglot, OmniglotOptions,
+    Preprocess,
 };
 
 use crate::config::{DataConfig, DatasetKind, ExperimentConfig, OmniglotSplit};
@@ -52,6 +53,14 @@ pub fn load(config: &DataConfig, seed: u64) -> Result<Loaded> {
             let options = mini_imagenet::MiniImageNetOptions { image_size, cache };
             let (dataset, status) = mini_imagenet::load_with_status(&root, &options)?;
             (dataset, None, Some(status))
+        }
+        DatasetKind::CifarFs | DatasetKind::Fc100 => {
+            let root = dataset_root("cifar100", config.root.as_deref())?;
+            let split = match config.dataset {
+                DatasetKind::CifarFs => Cifar100Split::CifarFs,
+                _ => Cifar100Split::Fc100,
+            };
+            (cifar100::load(&root, split, image_size)?, None, None)
         }
         DatasetKind::Folder => {
             let root = config
@@ -119,7 +128,7 @@ pub fn training_sampler(
 pub fn preprocess(config: &DataConfig) -> Result<Preprocess> {
     let channels = match (config.dataset, config.channels) {
         (_, Some(channels)) => channels,
-        (DatasetKind::MiniImagenet, None) => 3,
+        (DatasetKind::MiniImagenet | DatasetKind::CifarFs | DatasetKind::Fc100, None) => 3,
         (DatasetKind::Folder, None) => {
             let root = config
                 .root

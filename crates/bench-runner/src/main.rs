@@ -285,6 +285,8 @@ struct DataArgs {
 enum DatasetArg {
     Omniglot,
     MiniImagenet,
+    CifarFs,
+    Fc100,
     Folder,
     Synthetic,
 }
@@ -295,6 +297,8 @@ impl DataArgs {
             dataset: match self.dataset {
                 DatasetArg::Omniglot => DatasetKind::Omniglot,
                 DatasetArg::MiniImagenet => DatasetKind::MiniImagenet,
+                DatasetArg::CifarFs => DatasetKind::CifarFs,
+                DatasetArg::Fc100 => DatasetKind::Fc100,
                 DatasetArg::Folder => DatasetKind::Folder,
                 DatasetArg::Synthetic => DatasetKind::Synthetic,
             },

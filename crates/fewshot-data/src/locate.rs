@@ -12,11 +12,11 @@ pub const DATA_DIR_ENV: &str = "FEWSHOT_DATA_DIR";
 /// given, else `$FEWSHOT_DATA_DIR/<dataset>`. A folder that does not exist
 /// gives [`DataError::MissingDataset`] with instructions.
 pub fn dataset_root(dataset: &str, explicit: Option<&Path>) -> Result<PathBuf> {
-    if !matches!(dataset, "omniglot" | "mini-imagenet") {
+    if !matches!(dataset, "omniglot" | "mini-imagenet" | "cifar100") {
         return Err(DataError::InvalidSpec {
             field: "dataset",
             value: dataset.to_string(),
-            reason: "expected omniglot or mini-imagenet".into(),
+            reason: "expected omniglot, mini-imagenet or cifar100".into(),
         });
     }
     let root = match (explicit, std::env::var_os(DATA_DIR_ENV)) {
@@ -43,6 +43,7 @@ pub fn dataset_root(dataset: &str, explicit: Option<&Path>) -> Result<PathBuf> {
 pub(crate) fn missing_dataset(dataset: &str, path: &Path) -> DataError {
     let help = match dataset {
         "omniglot" => omniglot_help(),
+        "cifar100" => cifar100_help(),
         _ => mini_imagenet_help(),
     };
     DataError::MissingDataset {
@@ -79,6 +80,17 @@ fn mini_imagenet_help() -> String {
          obtain under its terms of access.\n\
          Then set {DATA_DIR_ENV} to the folder that holds mini-imagenet/, or pass the \
          mini-imagenet folder explicitly."
+    )
+}
+
+fn cifar100_help() -> String {
+    format!(
+        "CIFAR-FS and FC100 are read from CIFAR-100's binary version:\n\
+         1. Download cifar-100-binary.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html.\n\
+         2. Unpack it and rename its folder cifar-100-binary/ to cifar100/, giving \
+         cifar100/train.bin, test.bin, fine_label_names.txt and coarse_label_names.txt.\n\
+         3. Set {DATA_DIR_ENV} to the folder that holds cifar100/, or pass the cifar100 \
+         folder explicitly. The class splits come with this project."
     )
 }
 

@@ -98,7 +98,7 @@ pub fn decode_file(path: &Path, pre: &Preprocess, out: &mut [u8]) -> Result<()> 
     Ok(())
 }
 
-fn resized<P>(image: ImageBuffer<P, Vec<u8>>, size: u32) -> ImageBuffer<P, Vec<u8>>
+pub(crate) fn resized<P>(image: ImageBuffer<P, Vec<u8>>, size: u32) -> ImageBuffer<P, Vec<u8>>
 where
     P: Pixel<Subpixel = u8> + 'static,
 {

@@ -98,3 +98,43 @@ pub fn write_class_folder(dir: &Path, classes: usize, images: usize) {
         std::fs::write(class_dir.join("notes.txt"), b"not an image").unwrap();
     }
 }
+
+/// CIFAR-100's binary layout with the real label names (from the split
+/// lists, so that every listed class exists): fine class k in superclass
+/// k / 5, with `per_file` images in each of train.bin and test.bin. Pixel
+/// bytes: red k, green the image's index within its class, blue 200.
+pub fn write_cifar100(root: &Path, per_file: usize) {
+    std::fs::create_dir_all(root).unwrap();
+    let lists = |dir: &str| -> Vec<String> {
+        ["train", "val", "test"]
+            .iter()
+            .flat_map(|s| {
+                let path = format!("{}/splits/{dir}/{s}.txt", env!("CARGO_MANIFEST_DIR"));
+                std::fs::read_to_string(path)
+                    .unwrap()
+                    .lines()
+                    .map(String::from)
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    };
+    let (fine, coarse) = (lists("cifar-fs"), lists("fc100"));
+    std::fs::write(root.join("fine_label_names.txt"), fine.join("\n") + "\n").unwrap();
+    std::fs::write(
+        root.join("coarse_label_names.txt"),
+        coarse.join("\n") + "\n",
+    )
+    .unwrap();
+    for (file, first) in [("train.bin", 0), ("test.bin", per_file)] {
+        let mut bytes = Vec::new();
+        for image in first..first + per_file {
+            for k in 0..fine.len() {
+                bytes.extend([(k / 5) as u8, k as u8]);
+                bytes.extend([k as u8; 1024]);
+                bytes.extend([image as u8; 1024]);
+                bytes.extend([200u8; 1024]);
+            }
+        }
+        std::fs::write(root.join(file), bytes).unwrap();
+    }
+}

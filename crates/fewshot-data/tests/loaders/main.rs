@@ -1,5 +1,6 @@
 //! The loaders on small datasets generated in temporary folders.
 
+mod cifar100;
 mod fixtures;
 mod folder;
 mod mini_imagenet;

@@ -58,6 +58,9 @@ pub enum DatasetKind {
     CifarFs,
     /// CIFAR-100's superclasses split 12 / 4 / 4 (Oreshkin et al.).
     Fc100,
+    /// CUB-200-2011's bird species split 100 / 50 / 50, each image cut to
+    /// its bounding box.
+    Cub,
     /// `root` holds `train/`, `val/`, `test/`, each with one folder per class.
     Folder,
     /// Built-in procedurally drawn glyphs: needs no files.
@@ -67,7 +70,7 @@ pub enum DatasetKind {
 impl DatasetKind {
     pub fn default_image_size(self) -> usize {
         match self {
-            Self::MiniImagenet => 84,
+            Self::MiniImagenet | Self::Cub => 84,
             Self::CifarFs | Self::Fc100 => 32,
             Self::Omniglot | Self::Folder | Self::Synthetic => 28,
         }

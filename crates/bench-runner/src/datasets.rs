@@ -4,9 +4,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use fewshot_data::{
-    cifar100, dataset_root, folder_channels, mini_imagenet, synthetic, CacheOptions, CacheStatus,
-    Cifar100Split, EpisodeSampler, FewShotDataset, ImageFolderDataset, Omniglot, OmniglotOptions,
-    Preprocess,
+    cifar100, cub, dataset_root, folder_channels, mini_imagenet, synthetic, CacheOptions,
+    CacheStatus, Cifar100Split, CubOptions, EpisodeSampler, FewShotDataset, ImageFolderDataset,
+    Omniglot, OmniglotOptions, Preprocess,
 };
 
 use crate::config::{DataConfig, DatasetKind, ExperimentConfig, OmniglotSplit};
@@ -61,6 +61,16 @@ pub fn load(config: &DataConfig, seed: u64) -> Result<Loaded> {
                 _ => Cifar100Split::Fc100,
             };
             (cifar100::load(&root, split, image_size)?, None, None)
+        }
+        DatasetKind::Cub => {
+            let root = dataset_root("cub", config.root.as_deref())?;
+            let options = CubOptions {
+                image_size,
+                crop: true,
+                cache,
+            };
+            let (dataset, status) = cub::load(&root, &options)?;
+            (dataset, None, Some(status))
         }
         DatasetKind::Folder => {
             let root = config
@@ -128,7 +138,13 @@ pub fn training_sampler(
 pub fn preprocess(config: &DataConfig) -> Result<Preprocess> {
     let channels = match (config.dataset, config.channels) {
         (_, Some(channels)) => channels,
-        (DatasetKind::MiniImagenet | DatasetKind::CifarFs | DatasetKind::Fc100, None) => 3,
+        (
+            DatasetKind::MiniImagenet
+            | DatasetKind::CifarFs
+            | DatasetKind::Fc100
+            | DatasetKind::Cub,
+            None,
+        ) => 3,
         (DatasetKind::Folder, None) => {
             let root = config
                 .root

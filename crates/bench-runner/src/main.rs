@@ -287,6 +287,7 @@ enum DatasetArg {
     MiniImagenet,
     CifarFs,
     Fc100,
+    Cub,
     Folder,
     Synthetic,
 }
@@ -299,6 +300,7 @@ impl DataArgs {
                 DatasetArg::MiniImagenet => DatasetKind::MiniImagenet,
                 DatasetArg::CifarFs => DatasetKind::CifarFs,
                 DatasetArg::Fc100 => DatasetKind::Fc100,
+                DatasetArg::Cub => DatasetKind::Cub,
                 DatasetArg::Folder => DatasetKind::Folder,
                 DatasetArg::Synthetic => DatasetKind::Synthetic,
             },

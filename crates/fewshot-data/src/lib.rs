@@ -1,7 +1,7 @@
 //! Few-shot learning data: datasets, class splits and seeded N-way K-shot
 //! episode sampling.
 //!
-//! A loader ([`Omniglot`], [`mini_imagenet`], [`cifar100`], [`folder`], [`synthetic`])
+//! A loader ([`Omniglot`], [`mini_imagenet`], [`cifar100`], [`cub`], [`folder`], [`synthetic`])
 //! decodes every image once into an [`ImageStore`] and describes the classes
 //! of each split as lists of image indices ([`ClassSplit`]). An
 //! [`EpisodeSampler`] then draws [`Episode`]s from a split; episode `i` of a
@@ -24,6 +24,7 @@
 pub mod augment;
 pub mod cache;
 pub mod cifar100;
+pub mod cub;
 pub mod episode;
 pub mod error;
 pub mod folder;
@@ -40,6 +41,7 @@ pub mod synthetic;
 pub use augment::{Affine, Augmentation};
 pub use cache::{CacheOptions, CacheStatus};
 pub use cifar100::Cifar100Split;
+pub use cub::CubOptions;
 pub use episode::{Episode, EpisodeClass, EpisodeSampler, EpisodeSpec};
 pub use error::{DataError, Result};
 pub use folder::{folder_channels, load_class_folder, load_image_files, ImageFolderDataset};

@@ -12,11 +12,11 @@ pub const DATA_DIR_ENV: &str = "FEWSHOT_DATA_DIR";
 /// given, else `$FEWSHOT_DATA_DIR/<dataset>`. A folder that does not exist
 /// gives [`DataError::MissingDataset`] with instructions.
 pub fn dataset_root(dataset: &str, explicit: Option<&Path>) -> Result<PathBuf> {
-    if !matches!(dataset, "omniglot" | "mini-imagenet" | "cifar100") {
+    if !matches!(dataset, "omniglot" | "mini-imagenet" | "cifar100" | "cub") {
         return Err(DataError::InvalidSpec {
             field: "dataset",
             value: dataset.to_string(),
-            reason: "expected omniglot, mini-imagenet or cifar100".into(),
+            reason: "expected omniglot, mini-imagenet, cifar100 or cub".into(),
         });
     }
     let root = match (explicit, std::env::var_os(DATA_DIR_ENV)) {
@@ -44,6 +44,7 @@ pub(crate) fn missing_dataset(dataset: &str, path: &Path) -> DataError {
     let help = match dataset {
         "omniglot" => omniglot_help(),
         "cifar100" => cifar100_help(),
+        "cub" => cub_help(),
         _ => mini_imagenet_help(),
     };
     DataError::MissingDataset {
@@ -91,6 +92,18 @@ fn cifar100_help() -> String {
          cifar100/train.bin, test.bin, fine_label_names.txt and coarse_label_names.txt.\n\
          3. Set {DATA_DIR_ENV} to the folder that holds cifar100/, or pass the cifar100 \
          folder explicitly. The class splits come with this project."
+    )
+}
+
+fn cub_help() -> String {
+    format!(
+        "To get CUB-200-2011:\n\
+         1. Download CUB_200_2011.tgz from https://www.vision.caltech.edu/datasets/cub_200_2011/ \
+         (Caltech's data page).\n\
+         2. Unpack it and rename its folder CUB_200_2011/ to cub/, giving cub/images/<NNN.Species>/*.jpg, \
+         cub/images.txt and cub/bounding_boxes.txt.\n\
+         3. Set {DATA_DIR_ENV} to the folder that holds cub/, or pass the cub folder explicitly. \
+         The species splits come with this project."
     )
 }
 

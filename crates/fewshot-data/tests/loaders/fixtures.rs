@@ -138,3 +138,39 @@ pub fn write_cifar100(root: &Path, per_file: usize) {
         std::fs::write(root.join(file), bytes).unwrap();
     }
 }
+
+/// CUB-200-2011's layout with every species of the split lists and
+/// `per_species` 20x10 JPEGs each: the left half red, the right half blue,
+/// the bounding box the right half (so a cropped image is all blue).
+pub fn write_cub(root: &Path, per_species: usize) {
+    let species: Vec<String> = ["train", "val", "test"]
+        .iter()
+        .flat_map(|s| {
+            let path = format!("{}/splits/cub/{s}.txt", env!("CARGO_MANIFEST_DIR"));
+            std::fs::read_to_string(path)
+                .unwrap()
+                .lines()
+                .map(String::from)
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let (mut images, mut boxes) = (String::new(), String::new());
+    let mut id = 0;
+    for name in &species {
+        for k in 0..per_species {
+            id += 1;
+            let rel = format!("{name}/{name}_{k}.jpg");
+            let path = root.join("images").join(&rel);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            image::RgbImage::from_fn(20, 10, |x, _| {
+                image::Rgb(if x < 10 { [255, 0, 0] } else { [0, 0, 255] })
+            })
+            .save(&path)
+            .unwrap();
+            images += &format!("{id} {rel}\n");
+            boxes += &format!("{id} 10.0 0.0 10.0 10.0\n");
+        }
+    }
+    std::fs::write(root.join("images.txt"), images).unwrap();
+    std::fs::write(root.join("bounding_boxes.txt"), boxes).unwrap();
+}

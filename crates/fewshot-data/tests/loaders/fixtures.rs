@@ -105,20 +105,7 @@ pub fn write_class_folder(dir: &Path, classes: usize, images: usize) {
 /// bytes: red k, green the image's index within its class, blue 200.
 pub fn write_cifar100(root: &Path, per_file: usize) {
     std::fs::create_dir_all(root).unwrap();
-    let lists = |dir: &str| -> Vec<String> {
-        ["train", "val", "test"]
-            .iter()
-            .flat_map(|s| {
-                let path = format!("{}/splits/{dir}/{s}.txt", env!("CARGO_MANIFEST_DIR"));
-                std::fs::read_to_string(path)
-                    .unwrap()
-                    .lines()
-                    .map(String::from)
-                    .collect::<Vec<_>>()
-            })
-            .collect()
-    };
-    let (fine, coarse) = (lists("cifar-fs"), lists("fc100"));
+    let (fine, coarse) = (split_lists("cifar-fs"), split_lists("fc100"));
     std::fs::write(root.join("fine_label_names.txt"), fine.join("\n") + "\n").unwrap();
     std::fs::write(
         root.join("coarse_label_names.txt"),
@@ -143,17 +130,7 @@ pub fn write_cifar100(root: &Path, per_file: usize) {
 /// `per_species` 20x10 JPEGs each: the left half red, the right half blue,
 /// the bounding box the right half (so a cropped image is all blue).
 pub fn write_cub(root: &Path, per_species: usize) {
-    let species: Vec<String> = ["train", "val", "test"]
-        .iter()
-        .flat_map(|s| {
-            let path = format!("{}/splits/cub/{s}.txt", env!("CARGO_MANIFEST_DIR"));
-            std::fs::read_to_string(path)
-                .unwrap()
-                .lines()
-                .map(String::from)
-                .collect::<Vec<_>>()
-        })
-        .collect();
+    let species = split_lists("cub");
     let (mut images, mut boxes) = (String::new(), String::new());
     let mut id = 0;
     for name in &species {
@@ -173,4 +150,19 @@ pub fn write_cub(root: &Path, per_species: usize) {
     }
     std::fs::write(root.join("images.txt"), images).unwrap();
     std::fs::write(root.join("bounding_boxes.txt"), boxes).unwrap();
+}
+
+/// Every name of the crate's `splits/<dir>/` lists, train, val, then test.
+fn split_lists(dir: &str) -> Vec<String> {
+    ["train", "val", "test"]
+        .iter()
+        .flat_map(|split| {
+            let path = format!("{}/splits/{dir}/{split}.txt", env!("CARGO_MANIFEST_DIR"));
+            std::fs::read_to_string(path)
+                .unwrap()
+                .lines()
+                .map(String::from)
+                .collect::<Vec<_>>()
+        })
+        .collect()
 }

@@ -72,17 +72,11 @@ pub fn load(config: &DataConfig, seed: u64) -> Result<Loaded> {
             let (dataset, status) = cub::load(&root, &options)?;
             (dataset, None, Some(status))
         }
-        DatasetKind::Folder => {
-            let root = config
-                .root
-                .as_deref()
-                .context("field `data.root`: the folder dataset needs its folder")?;
-            (
-                ImageFolderDataset::load(root, &preprocess(config)?)?,
-                None,
-                None,
-            )
-        }
+        DatasetKind::Folder => (
+            ImageFolderDataset::load(folder_root(config)?, &preprocess(config)?)?,
+            None,
+            None,
+        ),
         DatasetKind::Synthetic => {
             let options = synthetic::SyntheticOptions {
                 image_size,
@@ -129,12 +123,20 @@ pub fn training_sampler(
     }
 }
 
-/// How images of this data config are decoded: also what `predict` applies to
-/// a user's own images, so they match what the model was trained on.
-/// How the images of `config`'s dataset are decoded: Omniglot grey and
-/// inverted (its files are black ink on white; the models see ink as 1),
-/// miniImageNet in colour, synthetic glyphs grey, a folder as its config
-/// says (channels by default as the files are, no inversion).
+/// The `folder` dataset's folder, which has no default.
+fn folder_root(config: &DataConfig) -> Result<&std::path::Path> {
+    config
+        .root
+        .as_deref()
+        .context("field `data.root`: the folder dataset needs its folder")
+}
+
+/// How the images of `config`'s dataset are decoded (also what `predict`
+/// applies to a user's own images, so they match what the model was trained
+/// on): Omniglot grey and inverted (its files are black ink on white; the
+/// models see ink as 1), the photograph datasets in colour, synthetic glyphs
+/// grey, a folder as its config says (channels by default as the files are,
+/// no inversion).
 pub fn preprocess(config: &DataConfig) -> Result<Preprocess> {
     let channels = match (config.dataset, config.channels) {
         (_, Some(channels)) => channels,
@@ -145,13 +147,7 @@ pub fn preprocess(config: &DataConfig) -> Result<Preprocess> {
             | DatasetKind::Cub,
             None,
         ) => 3,
-        (DatasetKind::Folder, None) => {
-            let root = config
-                .root
-                .as_deref()
-                .context("field `data.root`: the folder dataset needs its folder")?;
-            folder_channels(root)?
-        }
+        (DatasetKind::Folder, None) => folder_channels(folder_root(config)?)?,
         (DatasetKind::Omniglot | DatasetKind::Synthetic, None) => 1,
     };
     Ok(Preprocess {

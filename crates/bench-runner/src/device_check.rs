@@ -97,7 +97,7 @@ pub fn learner_run(
     config: &serde_json::Value,
     data: &FewShotDataset,
     device: &Device,
-) -> Result<(Vec<f64>, Vec<f32>)> {
+) -> Result<(Vec<f64>, Vec<f64>)> {
     let mut learner = learners::build(config, device)?;
     let batches = batches(data, 4, device)?;
     let losses = batches[..3]
@@ -105,8 +105,7 @@ pub fn learner_run(
         .map(|batch| Ok(learner.meta_train(batch)?.loss))
         .collect::<Result<_>>()?;
     let logits = learner.predict(&batches[3][0])?;
-    let logits = path::to_host_vec_f64(&logits)?;
-    Ok((losses, logits.into_iter().map(|v| v as f32).collect()))
+    Ok((losses, path::to_host_vec_f64(&logits)?))
 }
 
 /// How two runs of one learner compare.
@@ -131,9 +130,9 @@ impl LearnerAgreement {
         self.first_loss < 1e-4 && self.losses < 1e-2 && self.logits < 2e-2
     }
 
-    pub fn of(learner: &str, a: &(Vec<f64>, Vec<f32>), b: &(Vec<f64>, Vec<f32>)) -> Self {
+    pub fn of(learner: &str, a: &(Vec<f64>, Vec<f64>), b: &(Vec<f64>, Vec<f64>)) -> Self {
         let relative = |x: f64, y: f64| (x - y).abs() / x.abs().max(y.abs()).max(1.0);
-        let scale = a.1.iter().fold(1f32, |m, v| m.max(v.abs()));
+        let scale = a.1.iter().fold(1f64, |m, v| m.max(v.abs()));
         Self {
             learner: learner.to_string(),
             first_loss: relative(a.0[0], b.0[0]),
@@ -146,7 +145,7 @@ impl LearnerAgreement {
                 .1
                 .iter()
                 .zip(&b.1)
-                .fold(0f64, |m, (x, y)| m.max(((x - y).abs() / scale) as f64)),
+                .fold(0f64, |m, (x, y)| m.max((x - y).abs() / scale)),
         }
     }
 }
@@ -380,8 +379,8 @@ mod tests {
 
     #[test]
     fn a_learner_run_that_parts_is_reported() {
-        let a = (vec![1.0, 0.9, 0.8], vec![1.0f32, -1.0]);
-        let b = (vec![1.0, 0.95, 0.8], vec![1.0f32, -1.0]);
+        let a = (vec![1.0, 0.9, 0.8], vec![1.0, -1.0]);
+        let b = (vec![1.0, 0.95, 0.8], vec![1.0, -1.0]);
         let agreement = LearnerAgreement::of("x", &a, &b);
         assert!(!agreement.passes(), "{agreement:?}");
         assert!(LearnerAgreement::of("x", &a, &a).passes());

@@ -60,9 +60,12 @@ pub fn run(only: &[String], repeats: usize, choice: DeviceChoice, as_json: bool)
         if !only.is_empty() && !only.iter().any(|o| o == name) {
             continue;
         }
-        let flops = convolution_flops(name)?;
         let mut case = build(name, &device)?;
-        (case.step)()?;
+        // Warm-up; on the CPU it also counts the convolution work.
+        let flops = match device.is_cpu() {
+            true => counted_step(&mut case)?,
+            false => convolution_flops(name)?,
+        };
         let mut times = Vec::with_capacity(repeats);
         for _ in 0..repeats.max(1) {
             let start = Instant::now();
@@ -106,15 +109,21 @@ pub fn run(only: &[String], repeats: usize, choice: DeviceChoice, as_json: bool)
     Ok(())
 }
 
-/// The multiply-adds (times 2) of one step's convolutions, counted by the
-/// CPU kernels: a warm-up step, then one counted. A GPU does the same work.
+/// The multiply-adds (times 2) of one step's convolutions as the CPU
+/// kernels count them (none on another device or path).
+fn counted_step(case: &mut Case) -> Result<f64> {
+    let before = kernels::convolution_flops();
+    (case.step)()?;
+    Ok((kernels::convolution_flops() - before) as f64)
+}
+
+/// [`counted_step`] of the case built on the CPU kernels, after a warm-up:
+/// a GPU does the same work.
 fn convolution_flops(name: &'static str) -> Result<f64> {
     let mut case = build(name, &Device::Cpu)?;
-    ops::path::with_path(ops::path::OpsPath::Kernels, || -> Result<f64> {
+    ops::path::with_path(ops::path::OpsPath::Kernels, || {
         (case.step)()?;
-        let before = kernels::convolution_flops();
-        (case.step)()?;
-        Ok((kernels::convolution_flops() - before) as f64)
+        counted_step(&mut case)
     })
 }
 

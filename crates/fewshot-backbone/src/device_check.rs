@@ -195,7 +195,7 @@ fn case(name: &'static str, shapes: &[&[usize]], op: Op) -> OpCase {
 /// Each input pixel doubled across and clipped at zero: every window of a
 /// 2x2 max-pool then ties in pairs, and many tie at zero, as on a drawing's
 /// flat background. The gradient must reach one pixel of a tie.
-fn tied(x: &Tensor) -> Result<Tensor> {
+pub fn tied(x: &Tensor) -> Result<Tensor> {
     let (n, c, h, w) = x.dims4()?;
     Ok(ops::relu(x)?
         .unsqueeze(4)?

@@ -7,7 +7,9 @@
 use std::rc::Rc;
 
 use candle_core::{DType, Device, Tensor};
-use fewshot_backbone::device_check::{derivatives, max_relative_difference, quantity_name, Op};
+use fewshot_backbone::device_check::{
+    derivatives, max_relative_difference, quantity_name, tied, Op,
+};
 use fewshot_backbone::ops::candle_path;
 use fewshot_backbone::{kernels, second_order};
 use fewshot_data::Rng;
@@ -162,22 +164,10 @@ fn max_pool_matches_candle_on_odd_sizes() {
 
 #[test]
 fn max_pool_matches_candle_on_ties() {
-    // Every pixel doubled across and clipped at zero: each window's pixels tie
-    // in pairs, and many windows tie at zero, as on a drawing's flat
-    // background. The gradient must reach one pixel of a tie, on both paths.
-    let tied = |t: &Tensor| -> Tensor {
-        let (n, c, h, w) = t.dims4().unwrap();
-        t.relu()
-            .unwrap()
-            .unsqueeze(4)
-            .unwrap()
-            .repeat((1, 1, 1, 1, 2))
-            .unwrap()
-            .reshape((n, c, h, 2 * w))
-            .unwrap()
-    };
-    let kernel: Op = Rc::new(move |t| Ok(kernels::max_pool2x2(&tied(&t[0]))?));
-    let reference: Op = Rc::new(move |t| candle_path::max_pool2x2(&tied(&t[0])));
+    // Ties in pairs and at zero, as on a drawing's flat background: the
+    // gradient must reach one pixel of a tie, on both paths.
+    let kernel: Op = Rc::new(|t| Ok(kernels::max_pool2x2(&tied(&t[0])?)?));
+    let reference: Op = Rc::new(|t| candle_path::max_pool2x2(&tied(&t[0])?));
     agree(
         "max_pool2x2 with ties",
         kernel,

@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use crate::error::{DataError, Result};
 use crate::locate::missing_dataset;
-use crate::preprocess::resized;
+use crate::preprocess::{resized, write_planes};
 use crate::split::{ClassSplit, FewShotClass, FewShotDataset, Rotation, SplitName};
 use crate::store::ImageStore;
 
@@ -120,8 +120,7 @@ pub fn load(root: &Path, split: Cifar100Split, image_size: usize) -> Result<FewS
         images: images_of[fine].clone(),
         rotation: Rotation::R0,
     };
-    let mut splits = Vec::with_capacity(3);
-    for name in SplitName::ALL {
+    let split_of = |name: SplitName| -> Result<ClassSplit> {
         let listed: Vec<&str> = split.list(name).lines().filter(|l| !l.is_empty()).collect();
         let known = match split {
             Cifar100Split::CifarFs => &fine_names,
@@ -149,18 +148,17 @@ pub fn load(root: &Path, split: Cifar100Split, image_size: usize) -> Result<FewS
             .filter(|&fine| !images_of[fine].is_empty())
             .map(class)
             .collect();
-        splits.push(ClassSplit {
+        Ok(ClassSplit {
             name: name.as_str().to_string(),
             classes,
             random_rotation: false,
-        });
-    }
-    let [train, val, test] =
-        <[ClassSplit; 3]>::try_from(splits).map_err(|_| DataError::InvalidSpec {
-            field: "splits",
-            value: split.name().into(),
-            reason: "expected three".into(),
-        })?;
+        })
+    };
+    let (train, val, test) = (
+        split_of(SplitName::Train)?,
+        split_of(SplitName::Val)?,
+        split_of(SplitName::Test)?,
+    );
     Ok(FewShotDataset {
         name: split.name().to_string(),
         store: Arc::new(store),
@@ -202,8 +200,7 @@ fn append_image(planes: &[u8], size: usize, out: &mut Vec<u8>) {
         let i = y as usize * SIDE + x as usize;
         image::Rgb([planes[i], planes[PLANE + i], planes[2 * PLANE + i]])
     });
-    let image = resized(image, size as u32);
-    for channel in 0..3 {
-        out.extend(image.pixels().map(|p| p.0[channel]));
-    }
+    let start = out.len();
+    out.resize(start + 3 * size * size, 0);
+    write_planes(&resized(image, size as u32), &mut out[start..]);
 }

@@ -17,9 +17,8 @@ use rayon::prelude::*;
 use crate::cache::{self, CacheOptions, CacheStatus, Fnv1a, SourceFile};
 use crate::error::{DataError, Result};
 use crate::locate::missing_dataset;
-use crate::preprocess::{resized, Preprocess};
+use crate::preprocess::{decode_regions, CropBox, Preprocess};
 use crate::split::{ClassSplit, FewShotClass, FewShotDataset, Rotation, SplitName};
-use crate::store::ImageStore;
 
 /// Options of [`load`].
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -41,9 +40,6 @@ impl Default for CubOptions {
     }
 }
 
-/// A box in pixels: left, top, width, height.
-type BoundingBox = [f64; 4];
-
 /// Loads the 200 species into the three splits.
 pub fn load(root: &Path, options: &CubOptions) -> Result<(FewShotDataset, CacheStatus)> {
     let pre = Preprocess {
@@ -61,7 +57,7 @@ pub fn load(root: &Path, options: &CubOptions) -> Result<(FewShotDataset, CacheS
     }
     let mut images = read_lines(&images_list, |id, rest| Ok((id, PathBuf::from(rest))))?;
     images.sort_by_key(|(id, _)| *id);
-    let boxes: HashMap<u64, BoundingBox> = match options.crop {
+    let boxes: HashMap<u64, CropBox> = match options.crop {
         true => {
             if !boxes_list.is_file() {
                 return Err(missing_dataset("cub", &boxes_list));
@@ -145,7 +141,7 @@ pub fn load(root: &Path, options: &CubOptions) -> Result<(FewShotDataset, CacheS
         .par_iter()
         .map(|(_, path)| SourceFile::stat(root, images_dir.join(path)))
         .collect::<Result<_>>()?;
-    let crop_boxes: Vec<Option<BoundingBox>> = images
+    let crop_boxes: Vec<Option<CropBox>> = images
         .iter()
         .map(|(id, _)| match options.crop {
             true => boxes
@@ -171,7 +167,8 @@ pub fn load(root: &Path, options: &CubOptions) -> Result<(FewShotDataset, CacheS
         false => "cub".to_string(),
     };
     let (store, status) = cache::load_or_build(&kind, &options.cache, &pre, &sources, || {
-        decode(&sources, &crop_boxes, &pre)
+        let paths: Vec<PathBuf> = sources.iter().map(|s| s.path.clone()).collect();
+        decode_regions(&paths, &crop_boxes, &pre)
     })?;
     let dataset = FewShotDataset {
         name: "cub".into(),
@@ -181,51 +178,6 @@ pub fn load(root: &Path, options: &CubOptions) -> Result<(FewShotDataset, CacheS
         test,
     };
     Ok((dataset, status))
-}
-
-/// Each image decoded, cut to its box (clamped to the image), resized.
-fn decode(
-    sources: &[SourceFile],
-    boxes: &[Option<BoundingBox>],
-    pre: &Preprocess,
-) -> Result<ImageStore> {
-    let len = pre.image_len();
-    let mut pixels = vec![0u8; sources.len() * len];
-    pixels
-        .par_chunks_mut(len)
-        .zip(sources.par_iter().zip(boxes))
-        .try_for_each(|(out, (source, crop))| -> Result<()> {
-            let image_error = |message: String| DataError::Image {
-                path: source.path.clone(),
-                message,
-            };
-            let image = image::open(&source.path).map_err(|e| image_error(e.to_string()))?;
-            let image = match crop {
-                Some([x, y, w, h]) => {
-                    let (width, height) = (image.width() as f64, image.height() as f64);
-                    let left = x.clamp(0.0, width - 1.0);
-                    let top = y.clamp(0.0, height - 1.0);
-                    let right = (x + w).clamp(left + 1.0, width);
-                    let bottom = (y + h).clamp(top + 1.0, height);
-                    image.crop_imm(
-                        left as u32,
-                        top as u32,
-                        (right - left) as u32,
-                        (bottom - top) as u32,
-                    )
-                }
-                None => image,
-            };
-            let rgb = resized(image.to_rgb8(), pre.size as u32);
-            let plane = pre.size * pre.size;
-            for (i, pixel) in rgb.pixels().enumerate() {
-                for c in 0..3 {
-                    out[c * plane + i] = pixel.0[c];
-                }
-            }
-            Ok(())
-        })?;
-    ImageStore::new(3, pre.size, pre.size, pixels)
 }
 
 /// Every non-empty line of `path` as `id rest`, through `parse`, whose

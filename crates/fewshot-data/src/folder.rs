@@ -84,16 +84,9 @@ pub fn folder_channels(dir: &Path) -> Result<usize> {
         true => vec![dir.to_path_buf()],
         false => split_dirs,
     };
+    // The walk the loaders take, with their errors for empty folders.
     for root in class_roots {
-        for (_, class_dir) in sorted_subdirs(&root)? {
-            files.extend(sorted_files(&class_dir, IMAGE_EXTENSIONS)?);
-        }
-    }
-    if files.is_empty() {
-        return Err(DataError::EmptyFolder {
-            path: dir.to_path_buf(),
-            expected: format!("class folders of {IMAGES}"),
-        });
+        list_split(&root, &folder_name(&root), &mut files)?;
     }
     for path in &files {
         if color_type(path)?.has_color() {

@@ -59,6 +59,20 @@ impl Preprocess {
 /// Decodes one PNG or JPEG file (the format is read from the bytes, not the
 /// name) into `out`, which must be `pre.image_len()` bytes long.
 pub fn decode_file(path: &Path, pre: &Preprocess, out: &mut [u8]) -> Result<()> {
+    decode_region(path, None, pre, out)
+}
+
+/// A region of an image in pixels: left, top, width, height.
+pub type CropBox = [f64; 4];
+
+/// [`decode_file`], the image first cut to `crop` where given (a box that
+/// reaches past an edge stops at it).
+pub(crate) fn decode_region(
+    path: &Path,
+    crop: Option<CropBox>,
+    pre: &Preprocess,
+    out: &mut [u8],
+) -> Result<()> {
     pre.validate()?;
     if out.len() != pre.image_len() {
         return Err(DataError::InvalidSpec {
@@ -78,19 +92,28 @@ pub fn decode_file(path: &Path, pre: &Preprocess, out: &mut [u8]) -> Result<()> 
             message: "image has no pixels".into(),
         });
     }
+    let image = match crop {
+        Some([x, y, w, h]) => {
+            let (width, height) = (f64::from(image.width()), f64::from(image.height()));
+            let left = x.clamp(0.0, width - 1.0);
+            let top = y.clamp(0.0, height - 1.0);
+            let right = (x + w).clamp(left + 1.0, width);
+            let bottom = (y + h).clamp(top + 1.0, height);
+            image.crop_imm(
+                left as u32,
+                top as u32,
+                (right - left) as u32,
+                (bottom - top) as u32,
+            )
+        }
+        None => image,
+    };
     // validate() checked that the size fits in u32.
     let size = pre.size as u32;
     if pre.channels == 1 {
         out.copy_from_slice(resized(image.into_luma8(), size).as_raw());
     } else {
-        // Interleaved RGB in the file, one plane per channel in the store.
-        let rgb = resized(image.into_rgb8(), size);
-        let (red, rest) = out.split_at_mut(pre.size * pre.size);
-        let (green, blue) = rest.split_at_mut(pre.size * pre.size);
-        let planes = red.iter_mut().zip(green.iter_mut()).zip(blue.iter_mut());
-        for (((r, g), b), px) in planes.zip(rgb.as_raw().chunks_exact(3)) {
-            (*r, *g, *b) = (px[0], px[1], px[2]);
-        }
+        write_planes(&resized(image.into_rgb8(), size), out);
     }
     if pre.invert {
         out.iter_mut().for_each(|v| *v = 255 - *v);
@@ -109,15 +132,36 @@ where
     }
 }
 
+/// Interleaved RGB pixels (as in a file) written to `out` as three planes
+/// (as in the store).
+pub(crate) fn write_planes(rgb: &image::RgbImage, out: &mut [u8]) {
+    let plane = (rgb.width() * rgb.height()) as usize;
+    let (red, rest) = out.split_at_mut(plane);
+    let (green, blue) = rest.split_at_mut(plane);
+    let planes = red.iter_mut().zip(green.iter_mut()).zip(blue.iter_mut());
+    for (((r, g), b), px) in planes.zip(rgb.as_raw().chunks_exact(3)) {
+        (*r, *g, *b) = (px[0], px[1], px[2]);
+    }
+}
+
 /// Decodes `paths` in parallel into a new store, image `i` from `paths[i]`.
 pub fn decode_files(paths: &[PathBuf], pre: &Preprocess) -> Result<ImageStore> {
+    decode_regions(paths, &vec![None; paths.len()], pre)
+}
+
+/// [`decode_files`], image `i` first cut to `crops[i]` where given.
+pub(crate) fn decode_regions(
+    paths: &[PathBuf],
+    crops: &[Option<CropBox>],
+    pre: &Preprocess,
+) -> Result<ImageStore> {
     pre.validate()?;
     let len = pre.image_len();
     let mut pixels = vec![0u8; paths.len() * len];
     pixels
         .par_chunks_mut(len)
-        .zip(paths.par_iter())
-        .try_for_each(|(out, path)| decode_file(path, pre, out))?;
+        .zip(paths.par_iter().zip(crops))
+        .try_for_each(|(out, (path, crop))| decode_region(path, *crop, pre, out))?;
     ImageStore::new(pre.channels, pre.size, pre.size, pixels)
 }
 

@@ -54,6 +54,8 @@ impl Default for ExperimentConfig {
 pub enum DatasetKind {
     Omniglot,
     MiniImagenet,
+    /// 608 ImageNet classes split 351 / 97 / 160 by super-category (Ren et al.).
+    TieredImagenet,
     /// CIFAR-100's classes split 64 / 16 / 20 (Bertinetto et al.).
     CifarFs,
     /// CIFAR-100's superclasses split 12 / 4 / 4 (Oreshkin et al.).
@@ -70,7 +72,7 @@ pub enum DatasetKind {
 impl DatasetKind {
     pub fn default_image_size(self) -> usize {
         match self {
-            Self::MiniImagenet | Self::Cub => 84,
+            Self::MiniImagenet | Self::TieredImagenet | Self::Cub => 84,
             Self::CifarFs | Self::Fc100 => 32,
             Self::Omniglot | Self::Folder | Self::Synthetic => 28,
         }
@@ -98,8 +100,12 @@ pub struct DataConfig {
     pub root: Option<PathBuf>,
     /// Omniglot only. Default `vinyals`.
     pub split: OmniglotSplit,
-    /// Side of the square images. Default 28 (84 for miniImageNet).
+    /// Side of the square images. Default 28 (84 for miniImageNet,
+    /// tieredImageNet and CUB, 32 for CIFAR-FS and FC100).
     pub image_size: Option<usize>,
+    /// `tiered-imagenet` only: keep the first this many images of each
+    /// class (the whole dataset is 16.5 GB at 84x84). Default: all.
+    pub images_per_class: Option<usize>,
     /// `folder` only: 1 (grey) or 3 (RGB). Default: as the files are, 3 when
     /// any image is in colour, else 1 (`train` writes the count it found
     /// into the run's config, so `eval` and `predict` read images as the
@@ -139,6 +145,7 @@ impl Default for DataConfig {
             root: None,
             split: OmniglotSplit::Vinyals,
             image_size: None,
+            images_per_class: None,
             channels: None,
             invert: false,
             train_with_val: false,
@@ -311,6 +318,15 @@ impl ExperimentConfig {
                 self.data.dataset
             );
         }
+        match self.data.images_per_class {
+            Some(_) if self.data.dataset != DatasetKind::TieredImagenet => bail!(
+                "field `data.images_per_class`: set, but only `tiered-imagenet` takes it \
+                 (dataset {:?})",
+                self.data.dataset
+            ),
+            Some(0) => bail!("field `data.images_per_class`: must be at least 1"),
+            _ => {}
+        }
         let lake =
             self.data.dataset == DatasetKind::Omniglot && self.data.split == OmniglotSplit::Lake;
         if self.data.validation_alphabets > 0 && !lake {
@@ -407,6 +423,16 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("test_episodes.ways"), "{err}");
+        let err = ExperimentConfig::from_json(r#"{"data": {"images_per_class": 600}}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("data.images_per_class") && err.contains("tiered-imagenet"),
+            "{err}"
+        );
+        let tiered = r#"{"data": {"dataset": "tiered-imagenet", "images_per_class": 0}}"#;
+        let err = ExperimentConfig::from_json(tiered).unwrap_err().to_string();
+        assert!(err.contains("at least 1"), "{err}");
         let err = ExperimentConfig::from_json(r#"{"data": {"validation_alphabets": 3}}"#)
             .unwrap_err()
             .to_string();

@@ -6,7 +6,7 @@ use anyhow::{Context, Result};
 use fewshot_data::{
     cifar100, cub, dataset_root, folder_channels, mini_imagenet, synthetic, CacheOptions,
     CacheStatus, Cifar100Split, CubOptions, EpisodeSampler, FewShotDataset, ImageFolderDataset,
-    Omniglot, OmniglotOptions, Preprocess,
+    Omniglot, OmniglotOptions, Preprocess, TieredImageNetOptions,
 };
 
 use crate::config::{DataConfig, DatasetKind, ExperimentConfig, OmniglotSplit};
@@ -52,6 +52,16 @@ pub fn load(config: &DataConfig, seed: u64) -> Result<Loaded> {
             let root = dataset_root("mini-imagenet", config.root.as_deref())?;
             let options = mini_imagenet::MiniImageNetOptions { image_size, cache };
             let (dataset, status) = mini_imagenet::load_with_status(&root, &options)?;
+            (dataset, None, Some(status))
+        }
+        DatasetKind::TieredImagenet => {
+            let root = dataset_root("tiered-imagenet", config.root.as_deref())?;
+            let options = TieredImageNetOptions {
+                image_size,
+                images_per_class: config.images_per_class,
+                cache,
+            };
+            let (dataset, status) = fewshot_data::tiered_imagenet::load(&root, &options)?;
             (dataset, None, Some(status))
         }
         DatasetKind::CifarFs | DatasetKind::Fc100 => {
@@ -142,6 +152,7 @@ pub fn preprocess(config: &DataConfig) -> Result<Preprocess> {
         (_, Some(channels)) => channels,
         (
             DatasetKind::MiniImagenet
+            | DatasetKind::TieredImagenet
             | DatasetKind::CifarFs
             | DatasetKind::Fc100
             | DatasetKind::Cub,

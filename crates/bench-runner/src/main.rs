@@ -273,7 +273,8 @@ struct DataArgs {
     /// The dataset folder (default: $FEWSHOT_DATA_DIR/<dataset>).
     #[arg(long)]
     root: Option<PathBuf>,
-    /// Side of the square images (default 28; 84 for miniImageNet).
+    /// Side of the square images (default 28; 84 for miniImageNet,
+    /// tieredImageNet and CUB; 32 for CIFAR-FS and FC100).
     #[arg(long)]
     image_size: Option<usize>,
     /// Decode every image again instead of using the cache.
@@ -285,6 +286,7 @@ struct DataArgs {
 enum DatasetArg {
     Omniglot,
     MiniImagenet,
+    TieredImagenet,
     CifarFs,
     Fc100,
     Cub,
@@ -298,6 +300,7 @@ impl DataArgs {
             dataset: match self.dataset {
                 DatasetArg::Omniglot => DatasetKind::Omniglot,
                 DatasetArg::MiniImagenet => DatasetKind::MiniImagenet,
+                DatasetArg::TieredImagenet => DatasetKind::TieredImagenet,
                 DatasetArg::CifarFs => DatasetKind::CifarFs,
                 DatasetArg::Fc100 => DatasetKind::Fc100,
                 DatasetArg::Cub => DatasetKind::Cub,

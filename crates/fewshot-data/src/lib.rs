@@ -1,7 +1,8 @@
 //! Few-shot learning data: datasets, class splits and seeded N-way K-shot
 //! episode sampling.
 //!
-//! A loader ([`Omniglot`], [`mini_imagenet`], [`cifar100`], [`cub`], [`folder`], [`synthetic`])
+//! A loader ([`Omniglot`], [`mini_imagenet`], [`tiered_imagenet`], [`cifar100`], [`cub`],
+//! [`folder`], [`synthetic`])
 //! decodes every image once into an [`ImageStore`] and describes the classes
 //! of each split as lists of image indices ([`ClassSplit`]). An
 //! [`EpisodeSampler`] then draws [`Episode`]s from a split; episode `i` of a
@@ -37,6 +38,7 @@ pub mod split;
 pub mod store;
 pub mod support_copies;
 pub mod synthetic;
+pub mod tiered_imagenet;
 
 pub use augment::{Affine, Augmentation};
 pub use cache::{CacheOptions, CacheStatus};
@@ -54,3 +56,4 @@ pub use split::{rotate_into, ClassSplit, FewShotClass, FewShotDataset, Rotation,
 pub use store::ImageStore;
 pub use support_copies::SupportCopies;
 pub use synthetic::SyntheticOptions;
+pub use tiered_imagenet::TieredImageNetOptions;

@@ -8,15 +8,18 @@ use crate::error::{DataError, Result};
 /// Environment variable naming the folder that holds `omniglot/`, `mini-imagenet/`, ...
 pub const DATA_DIR_ENV: &str = "FEWSHOT_DATA_DIR";
 
-/// The folder of `dataset` ("omniglot" or "mini-imagenet"): `explicit` if
-/// given, else `$FEWSHOT_DATA_DIR/<dataset>`. A folder that does not exist
+/// The folder of `dataset` ("omniglot", "mini-imagenet", "tiered-imagenet",
+/// "cifar100" or "cub"): `explicit` if given, else `$FEWSHOT_DATA_DIR/<dataset>`. A folder that does not exist
 /// gives [`DataError::MissingDataset`] with instructions.
 pub fn dataset_root(dataset: &str, explicit: Option<&Path>) -> Result<PathBuf> {
-    if !matches!(dataset, "omniglot" | "mini-imagenet" | "cifar100" | "cub") {
+    if !matches!(
+        dataset,
+        "omniglot" | "mini-imagenet" | "tiered-imagenet" | "cifar100" | "cub"
+    ) {
         return Err(DataError::InvalidSpec {
             field: "dataset",
             value: dataset.to_string(),
-            reason: "expected omniglot, mini-imagenet, cifar100 or cub".into(),
+            reason: "expected omniglot, mini-imagenet, tiered-imagenet, cifar100 or cub".into(),
         });
     }
     let root = match (explicit, std::env::var_os(DATA_DIR_ENV)) {
@@ -45,6 +48,7 @@ pub(crate) fn missing_dataset(dataset: &str, path: &Path) -> DataError {
         "omniglot" => omniglot_help(),
         "cifar100" => cifar100_help(),
         "cub" => cub_help(),
+        "tiered-imagenet" => tiered_imagenet_help(),
         _ => mini_imagenet_help(),
     };
     DataError::MissingDataset {
@@ -81,6 +85,20 @@ fn mini_imagenet_help() -> String {
          obtain under its terms of access.\n\
          Then set {DATA_DIR_ENV} to the folder that holds mini-imagenet/, or pass the \
          mini-imagenet folder explicitly."
+    )
+}
+
+fn tiered_imagenet_help() -> String {
+    format!(
+        "tieredImageNet is read from ImageNet's own layout, one folder per class named by its \
+         WordNet id:\n\
+         tiered-imagenet/<wnid>/*.JPEG (or tiered-imagenet/<train|val|test>/<wnid>/*).\n\
+         1. Obtain ILSVRC-2012 under ImageNet's terms of access (https://image-net.org).\n\
+         2. Make tiered-imagenet/ the training images' folder (ILSVRC2012_img_train, one folder \
+         per class, a link will do): the 608 classes of the split lists that come with this \
+         project are read, any other is ignored.\n\
+         3. Set {DATA_DIR_ENV} to the folder that holds tiered-imagenet/, or pass the \
+         tiered-imagenet folder explicitly."
     )
 }
 

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use fewshot_backbone::DeviceChoice;
-use fewshot_data::{Augmentation, EpisodeSpec, SplitName, SupportCopies};
+use fewshot_data::{Augmentation, EpisodeSpec, Normalization, SplitName, SupportCopies};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -132,6 +132,11 @@ pub struct DataConfig {
     /// validation or test images); `{}` takes Koch et al.'s distribution,
     /// see docs/CONFIG.md. Default none.
     pub augment: Option<Augmentation>,
+    /// How pixel bytes become network inputs: `"imagenet"` (torchvision's
+    /// ImageNet mean and std) or `{"mean": [...], "std": [...]}`, one value
+    /// per channel, in the units of `v / 255`. Default none: `v / 255`, in
+    /// [0, 1], as MAML's and Prototypical Networks' reference code reads images.
+    pub normalize: Option<NormalizeSetting>,
     /// Keep decoded images in a cache for fast reloads. Default true.
     pub cache: bool,
     /// Default: `$FEWSHOT_CACHE_DIR`, else the user's cache folder.
@@ -152,6 +157,7 @@ impl Default for DataConfig {
             validation_alphabets: 0,
             rotation_classes: false,
             augment: None,
+            normalize: None,
             cache: true,
             cache_dir: None,
         }
@@ -162,6 +168,40 @@ impl DataConfig {
     pub fn image_size(&self) -> usize {
         self.image_size
             .unwrap_or_else(|| self.dataset.default_image_size())
+    }
+}
+
+/// `data.normalize`: a named set of statistics or the values themselves.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum NormalizeSetting {
+    /// `"imagenet"`.
+    Named(String),
+    Values(Normalization),
+}
+
+/// A name, else the values, whose own error (a missing `std`) is kept.
+impl<'de> Deserialize<'de> for NormalizeSetting {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        match serde_json::Value::deserialize(deserializer)? {
+            serde_json::Value::String(name) => Ok(Self::Named(name)),
+            values => serde_json::from_value(values)
+                .map(Self::Values)
+                .map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+impl NormalizeSetting {
+    pub fn resolve(&self) -> Result<Normalization> {
+        match self {
+            Self::Named(name) if name == "imagenet" => Ok(Normalization::imagenet()),
+            Self::Named(name) => bail!(
+                "field `data.normalize`: {name:?} is not a known set of statistics; use \
+                 \"imagenet\" or {{\"mean\": [...], \"std\": [...]}}"
+            ),
+            Self::Values(values) => Ok(values.clone()),
+        }
     }
 }
 
@@ -337,6 +377,9 @@ impl ExperimentConfig {
                 self.data.split
             );
         }
+        if let Some(normalize) = &self.data.normalize {
+            normalize.resolve()?;
+        }
         if let Some(augment) = &self.data.augment {
             augment.validate().context("field `data.augment`")?;
         }
@@ -423,6 +466,25 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("test_episodes.ways"), "{err}");
+        let err = ExperimentConfig::from_json(r#"{"data": {"normalize": "cifar"}}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("data.normalize") && err.contains("cifar"),
+            "{err}"
+        );
+        let err = ExperimentConfig::from_json(r#"{"data": {"normalize": {"mean": [0.5]}}}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("data.normalize") && err.contains("std"),
+            "{err}"
+        );
+        let imagenet = ExperimentConfig::from_json(r#"{"data": {"normalize": "imagenet"}}"#);
+        assert_eq!(
+            imagenet.unwrap().data.normalize.unwrap().resolve().unwrap(),
+            Normalization::imagenet()
+        );
         let err = ExperimentConfig::from_json(r#"{"data": {"images_per_class": 600}}"#)
             .unwrap_err()
             .to_string();

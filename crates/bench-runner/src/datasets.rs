@@ -1,12 +1,13 @@
 //! Turns a config's data section into a loaded dataset.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use fewshot_data::{
     cifar100, cub, dataset_root, folder_channels, mini_imagenet, synthetic, CacheOptions,
     CacheStatus, Cifar100Split, CubOptions, EpisodeSampler, FewShotDataset, ImageFolderDataset,
-    Omniglot, OmniglotOptions, Preprocess, TieredImageNetOptions,
+    Normalization, Omniglot, OmniglotOptions, Preprocess, TieredImageNetOptions,
 };
 
 use crate::config::{DataConfig, DatasetKind, ExperimentConfig, OmniglotSplit};
@@ -34,7 +35,7 @@ pub fn load(config: &DataConfig, seed: u64) -> Result<Loaded> {
     let start = Instant::now();
     let image_size = config.image_size();
     let cache = cache_options(config);
-    let (dataset, omniglot, cache) = match config.dataset {
+    let (mut dataset, omniglot, cache) = match config.dataset {
         DatasetKind::Omniglot => {
             let root = dataset_root("omniglot", config.root.as_deref())?;
             let omniglot = Omniglot::load(&root, &OmniglotOptions { image_size, cache })?;
@@ -96,6 +97,10 @@ pub fn load(config: &DataConfig, seed: u64) -> Result<Loaded> {
             (synthetic::generate(&options)?, None, None)
         }
     };
+    if let Some(normalization) = normalization(config)? {
+        let store = Arc::unwrap_or_clone(dataset.store).with_normalization(Some(normalization));
+        dataset.store = Arc::new(store.context("field `data.normalize`")?);
+    }
     let mut dataset = if config.train_with_val {
         dataset.with_val_in_train()?
     } else {
@@ -110,6 +115,11 @@ pub fn load(config: &DataConfig, seed: u64) -> Result<Loaded> {
         cache,
         load_time: start.elapsed(),
     })
+}
+
+/// The config's `data.normalize`, resolved.
+pub fn normalization(config: &DataConfig) -> Result<Option<Normalization>> {
+    config.normalize.as_ref().map(|n| n.resolve()).transpose()
 }
 
 /// The sampler of training episodes: the train split, the training spec and
@@ -223,5 +233,55 @@ mod tests {
         let store = load(&config, 0).unwrap().dataset.store;
         assert_eq!(store.shape(), (1, 4, 4));
         assert_eq!(store.image(0)[0], 0, "white inverted is 0");
+    }
+
+    #[test]
+    fn normalisation_reaches_every_episode_and_must_fit_the_channels() {
+        use crate::config::NormalizeSetting;
+
+        let values = Normalization {
+            mean: vec![0.5],
+            std: vec![0.25],
+        };
+        let config = DataConfig {
+            normalize: Some(NormalizeSetting::Values(values.clone())),
+            ..DataConfig::default()
+        };
+        let data = load(&config, 0).unwrap().dataset;
+        assert_eq!(data.store.normalization(), Some(&values));
+        let sampler = fewshot_data::EpisodeSampler::new(
+            data.store.clone(),
+            data.test.clone(),
+            fewshot_data::EpisodeSpec {
+                ways: 2,
+                shots: 1,
+                queries: 1,
+                same_group: false,
+            },
+            0,
+        )
+        .unwrap();
+        let episode = sampler.episode(0);
+        let tensors = fewshot_backbone::EpisodeTensors::from_episode(
+            &episode,
+            &candle_core::Device::Cpu,
+            candle_core::DType::F32,
+        )
+        .unwrap();
+        let first: Vec<f32> = tensors.support.flatten_all().unwrap().to_vec1().unwrap();
+        for (byte, value) in episode.support.iter().zip(&first) {
+            assert!((value - (*byte as f32 / 255.0 - 0.5) / 0.25).abs() < 1e-6);
+        }
+
+        // ImageNet's three channels do not fit grey glyphs.
+        let config = DataConfig {
+            normalize: Some(NormalizeSetting::Named("imagenet".into())),
+            ..DataConfig::default()
+        };
+        let err = format!("{:#}", load(&config, 0).err().unwrap());
+        assert!(
+            err.contains("data.normalize") && err.contains("1 channel"),
+            "{err}"
+        );
     }
 }

@@ -3,9 +3,9 @@
 
 use std::path::Path;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
-use fewshot_backbone::{ops, Checkpoint, EpisodeTensors};
+use fewshot_backbone::{images_to_tensor, ops, Checkpoint, EpisodeTensors};
 use fewshot_data::{load_class_folder, load_image_files, Rng};
 use serde_json::json;
 
@@ -54,16 +54,23 @@ pub fn run(
             copies.expand(&support_pixels, &support_labels, channels, side, &mut rng);
         (support_pixels, support_labels) = (pixels, labels);
     }
+    // Read as the model's training images were (`data.normalize`).
+    let normalization = datasets::normalization(&experiment.data)?;
+    let images = |pixels: &[u8], count: usize, shape| {
+        images_to_tensor(
+            pixels,
+            count,
+            shape,
+            normalization.as_ref(),
+            device,
+            DType::F32,
+        )
+    };
     let episode = EpisodeTensors {
         ways: classes.classes.len(),
-        support: images(support_pixels, support_labels.len(), shape, device)?,
+        support: images(&support_pixels, support_labels.len(), shape)?,
         support_labels: Tensor::from_vec(support_labels.clone(), support_labels.len(), device)?,
-        query: images(
-            query_store.pixels().to_vec(),
-            query_store.len(),
-            query_store.shape(),
-            device,
-        )?,
+        query: images(query_store.pixels(), query_store.len(), query_store.shape())?,
         query_labels: None,
     };
     let probabilities = ops::softmax(&learner.predict(&episode)?)?.to_vec2::<f32>()?;
@@ -97,15 +104,4 @@ pub fn run(
         }
     }
     Ok(())
-}
-
-/// `count` images of `shape` as a float tensor in [0, 1].
-fn images(
-    pixels: Vec<u8>,
-    count: usize,
-    (c, h, w): (usize, usize, usize),
-    device: &Device,
-) -> Result<Tensor> {
-    let t = Tensor::from_vec(pixels, (count, c, h, w), device).context("images")?;
-    Ok((t.to_dtype(DType::F32)? / 255.0)?)
 }

@@ -9,6 +9,9 @@ pub enum BackboneError {
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 
+    #[error(transparent)]
+    Data(#[from] fewshot_data::DataError),
+
     #[error("device `{requested}` is not available: {reason}")]
     DeviceUnavailable { requested: String, reason: String },
 

@@ -3,7 +3,7 @@
 //! so they never need to know which algorithm they drive.
 
 use candle_core::{DType, Device, Tensor};
-use fewshot_data::Episode;
+use fewshot_data::{Episode, Normalization};
 use rayon::prelude::*;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -13,7 +13,8 @@ use crate::error::{BackboneError, Result};
 use crate::ops;
 use crate::params::{ParamSet, VarSet};
 
-/// An episode on a device: images scaled to [0, 1], labels 0..ways-1.
+/// An episode on a device: images as the network reads them (see
+/// [`images_to_tensor`]), labels 0..ways-1.
 #[derive(Debug, Clone)]
 pub struct EpisodeTensors {
     pub ways: usize,
@@ -29,10 +30,9 @@ pub struct EpisodeTensors {
 
 impl EpisodeTensors {
     pub fn from_episode(episode: &Episode, device: &Device, dtype: DType) -> Result<Self> {
-        let (c, h, w) = episode.image_shape;
+        let norm = episode.normalization.as_ref();
         let images = |pixels: &[u8], count: usize| -> Result<Tensor> {
-            let t = Tensor::from_slice(pixels, (count, c, h, w), device)?;
-            Ok((t.to_dtype(dtype)? / 255.0)?)
+            images_to_tensor(pixels, count, episode.image_shape, norm, device, dtype)
         };
         let labels = |labels: &[u32]| Tensor::from_slice(labels, labels.len(), device);
         Ok(Self {
@@ -54,6 +54,30 @@ impl EpisodeTensors {
                 reason: format!("{purpose} needs labelled queries"),
             })
     }
+}
+
+/// `count` images of `(c, h, w)` bytes as a (count, c, h, w) tensor: byte
+/// `v` becomes `v / 255`, then `(v / 255 - mean[c]) / std[c]` where a
+/// normalisation is given.
+pub fn images_to_tensor(
+    pixels: &[u8],
+    count: usize,
+    (c, h, w): (usize, usize, usize),
+    normalization: Option<&Normalization>,
+    device: &Device,
+    dtype: DType,
+) -> Result<Tensor> {
+    let scaled = (Tensor::from_slice(pixels, (count, c, h, w), device)?.to_dtype(dtype)? / 255.0)?;
+    let Some(norm) = normalization else {
+        return Ok(scaled);
+    };
+    norm.validate(c)?;
+    let per_channel = |values: &[f32]| -> Result<Tensor> {
+        Ok(Tensor::from_slice(values, (1, c, 1, 1), device)?.to_dtype(dtype)?)
+    };
+    Ok(scaled
+        .broadcast_sub(&per_channel(&norm.mean)?)?
+        .broadcast_div(&per_channel(&norm.std)?)?)
 }
 
 /// Loss and accuracy of one meta-training step, averaged over its episodes.

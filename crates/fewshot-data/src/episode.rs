@@ -51,7 +51,7 @@ pub struct EpisodeClass {
 /// A class never shows the same image twice. Classes that share drawings
 /// (the four rotations of a character in Vinyals' split) may both appear,
 /// each with its own rotation, as in the reference code.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Episode {
     pub spec: EpisodeSpec,
     /// (channels, height, width)
@@ -66,6 +66,9 @@ pub struct Episode {
     pub query: Vec<u8>,
     pub query_labels: Vec<u32>,
     pub query_images: Vec<u32>,
+    /// The store's [`Normalization`](crate::Normalization): how the bytes
+    /// become network inputs.
+    pub normalization: Option<crate::Normalization>,
 }
 
 /// Draws episodes of one spec from one split.
@@ -282,6 +285,7 @@ impl EpisodeSampler {
             query,
             query_labels,
             query_images,
+            normalization: self.store.normalization().cloned(),
         };
         if let Some(support_copies) = &self.support_copies {
             let mut copies_rng =

@@ -4,6 +4,7 @@
 //! written to disk as is) and episode gathering simple and fast.
 
 use crate::error::{DataError, Result};
+use crate::normalization::Normalization;
 
 /// `len()` images of `channels x height x width` bytes each, channel-major
 /// (CHW), stored back to back: image `i` starts at `i * image_len()`.
@@ -13,12 +14,14 @@ use crate::error::{DataError, Result};
 ///
 /// Classes and episodes name images by `u32` index; `new` refuses more
 /// images than that can address, so loaders may count images in `u32`.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq)]
 pub struct ImageStore {
     channels: usize,
     height: usize,
     width: usize,
     pixels: Vec<u8>,
+    /// How the bytes become network inputs; `None`: `v / 255`.
+    normalization: Option<Normalization>,
 }
 
 impl ImageStore {
@@ -56,7 +59,23 @@ impl ImageStore {
             height,
             width,
             pixels,
+            normalization: None,
         })
+    }
+
+    /// The same images, to be read through `normalization` (checked
+    /// against the channel count) by every episode drawn from them.
+    pub fn with_normalization(mut self, normalization: Option<Normalization>) -> Result<Self> {
+        if let Some(n) = &normalization {
+            n.validate(self.channels)?;
+        }
+        self.normalization = normalization;
+        Ok(self)
+    }
+
+    /// See [`ImageStore::with_normalization`].
+    pub fn normalization(&self) -> Option<&Normalization> {
+        self.normalization.as_ref()
     }
 
     /// Number of images.
@@ -116,6 +135,22 @@ mod tests {
             format!("{store:?}"),
             "ImageStore { shape: (1, 2, 2), len: 3 }"
         );
+    }
+
+    #[test]
+    fn a_normalisation_is_checked_against_the_channels() {
+        let grey = ImageStore::new(1, 1, 1, vec![7]).unwrap();
+        assert_eq!(grey.normalization(), None);
+        let err = grey
+            .clone()
+            .with_normalization(Some(Normalization::imagenet()))
+            .unwrap_err();
+        assert!(err.to_string().contains("1 channel"), "{err}");
+        let rgb = ImageStore::new(3, 1, 1, vec![1, 2, 3]).unwrap();
+        let rgb = rgb
+            .with_normalization(Some(Normalization::imagenet()))
+            .unwrap();
+        assert_eq!(rgb.normalization(), Some(&Normalization::imagenet()));
     }
 
     #[test]

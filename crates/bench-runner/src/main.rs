@@ -12,6 +12,7 @@ mod continuation;
 mod datasets;
 mod device_check;
 mod evaluation;
+mod fetch;
 mod inspect;
 mod interrupt;
 mod kernel_bench;
@@ -99,7 +100,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Look at a dataset.
+    /// Look at a dataset, or fetch one.
     Data {
         #[command(subcommand)]
         command: DataCommand,
@@ -263,6 +264,24 @@ enum DataCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Download a dataset from the Hugging Face hub into the folder its
+    /// loader reads, checking every file's SHA-256; a broken download
+    /// resumes where it stopped. Needs a build with `--features download`.
+    Fetch {
+        /// The dataset's folder name.
+        #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(fetch::DATASET_FOLDERS))]
+        dataset: String,
+        /// The folder that holds one sub-folder per dataset (default: $FEWSHOT_DATA_DIR).
+        #[arg(long)]
+        root: Option<PathBuf>,
+        /// A manifest of your own (hub repository, revision, files and
+        /// checksums) instead of the one that comes with fewshot.
+        #[arg(long)]
+        manifest: Option<PathBuf>,
+        /// The hub's address (default: $HF_ENDPOINT, else https://huggingface.co).
+        #[arg(long)]
+        endpoint: Option<String>,
+    },
 }
 
 /// Which dataset, where, at what size.
@@ -370,6 +389,15 @@ fn run(cli: Cli) -> Result<()> {
         Command::Data {
             command: DataCommand::Inspect { data, json },
         } => inspect::run(&data.to_config(), json),
+        Command::Data {
+            command:
+                DataCommand::Fetch {
+                    dataset,
+                    root,
+                    manifest,
+                    endpoint,
+                },
+        } => fetch::run(&dataset, root.as_deref(), manifest.as_deref(), endpoint),
         Command::Train {
             config,
             out,

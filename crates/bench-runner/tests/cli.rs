@@ -213,3 +213,19 @@ fn a_gpu_check_without_the_cuda_feature_says_how_to_build_one() {
         assert!(stderr.contains("--features cuda"), "{stderr}");
     }
 }
+
+#[test]
+#[cfg(not(feature = "download"))]
+fn a_fetch_without_the_download_feature_says_how_to_build_one_or_get_the_data() {
+    let root = tempfile::tempdir().unwrap();
+    let root_arg = root.path().to_str().unwrap();
+    let out = fewshot(&["data", "fetch", "--dataset", "omniglot", "--root", root_arg]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--features download") && stderr.contains("images_background.zip"),
+        "{stderr}"
+    );
+    // Nothing was written where the dataset would go.
+    assert_eq!(std::fs::read_dir(root.path()).unwrap().count(), 0);
+}

@@ -64,6 +64,22 @@ pub enum DataError {
         reason: String,
     },
 
+    /// A download from the hub failed (`file` is `owner/repo/path`).
+    #[error("downloading {file}: {message}")]
+    Download { file: String, message: String },
+
+    /// A downloaded file is not the one its manifest lists: it was deleted,
+    /// so the next fetch downloads it anew.
+    #[error(
+        "{file}: SHA-256 {actual} differs from the manifest's {expected}; the corrupt download \
+         was deleted, fetch again to download it anew"
+    )]
+    Checksum {
+        file: String,
+        expected: String,
+        actual: String,
+    },
+
     /// A cache file is unusable. Loaders log this as a warning and rebuild,
     /// so it only reaches users who call the cache directly.
     #[error("cache file {path}: {message}")]

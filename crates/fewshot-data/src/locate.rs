@@ -44,17 +44,22 @@ pub fn dataset_root(dataset: &str, explicit: Option<&Path>) -> Result<PathBuf> {
 /// A [`DataError::MissingDataset`] for `path` (the dataset folder or a part
 /// of it that should exist) with step-by-step instructions.
 pub(crate) fn missing_dataset(dataset: &str, path: &Path) -> DataError {
-    let help = match dataset {
+    DataError::MissingDataset {
+        dataset: dataset.to_string(),
+        path: path.to_path_buf(),
+        help: how_to_get(dataset),
+    }
+}
+
+/// Step-by-step instructions to get `dataset` by hand (one of the folder
+/// names [`dataset_root`] takes).
+pub fn how_to_get(dataset: &str) -> String {
+    match dataset {
         "omniglot" => omniglot_help(),
         "cifar100" => cifar100_help(),
         "cub" => cub_help(),
         "tiered-imagenet" => tiered_imagenet_help(),
         _ => mini_imagenet_help(),
-    };
-    DataError::MissingDataset {
-        dataset: dataset.to_string(),
-        path: path.to_path_buf(),
-        help,
     }
 }
 

@@ -1,0 +1,109 @@
+//! `fewshot data fetch`: a dataset downloaded from the Hugging Face hub into
+//! the folder the loaders read (the download itself needs the cargo feature
+//! `download`).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use fewshot_data::fetch::{fetch, FetchEvent, FetchOptions, Manifest};
+
+/// The folders `fetch` can fill, as `FEWSHOT_DATA_DIR` holds them.
+pub const DATASET_FOLDERS: [&str; 5] = [
+    "omniglot",
+    "mini-imagenet",
+    "tiered-imagenet",
+    "cifar100",
+    "cub",
+];
+
+/// Where the dataset folder goes: `--root`, else `$FEWSHOT_DATA_DIR`.
+fn data_dir(root: Option<&Path>) -> Result<PathBuf> {
+    match (root, std::env::var_os(fewshot_data::locate::DATA_DIR_ENV)) {
+        (Some(root), _) => Ok(root.to_path_buf()),
+        (None, Some(dir)) if !dir.is_empty() => Ok(PathBuf::from(dir)),
+        _ => bail!(
+            "where to put the dataset? Pass --root DIR or set {} (the folder that holds one \
+             sub-folder per dataset)",
+            fewshot_data::locate::DATA_DIR_ENV
+        ),
+    }
+}
+
+/// Fetches `dataset` (a folder name of [`DATASET_FOLDERS`]) with its
+/// built-in manifest or `manifest`; a build without the `download` feature
+/// says how to rebuild.
+pub fn run(
+    dataset: &str,
+    root: Option<&Path>,
+    manifest: Option<&Path>,
+    endpoint: Option<String>,
+) -> Result<()> {
+    if !fewshot_data::fetch::CAN_DOWNLOAD {
+        bail!(
+            "{}; or get {dataset} by hand:\n{}",
+            fewshot_data::fetch::REBUILD,
+            fewshot_data::how_to_get(dataset)
+        );
+    }
+    let manifest = match manifest {
+        Some(path) => Manifest::from_file(path)?,
+        None => match Manifest::builtin(dataset) {
+            Some(manifest) => manifest?,
+            None => bail!(
+                "no hub manifest comes with fewshot for {dataset} yet: pass --manifest FILE \
+                 (its format is in datasets/README.md), or get the data by hand:\n{}",
+                fewshot_data::how_to_get(dataset)
+            ),
+        },
+    };
+    if manifest.dataset != dataset {
+        bail!(
+            "the manifest is for {:?}, not {dataset:?}",
+            manifest.dataset
+        );
+    }
+    let root = data_dir(root)?;
+    std::fs::create_dir_all(&root).with_context(|| format!("{}", root.display()))?;
+    let total: u64 = manifest.files.iter().map(|f| f.size).sum();
+    tracing::info!(
+        "fetching {dataset} ({} files, {:.1} MB) from {} at {}",
+        manifest.files.len(),
+        total as f64 / 1e6,
+        manifest.repo,
+        manifest.revision
+    );
+    let options = FetchOptions {
+        endpoint,
+        ..FetchOptions::default()
+    };
+    let bar = crate::progress::bar(total, "fetch");
+    // Bytes of the files before the current one, for one bar over all files.
+    let mut finished_bytes = 0;
+    let sizes: std::collections::HashMap<&str, u64> = manifest
+        .files
+        .iter()
+        .map(|f| (f.path.as_str(), f.size))
+        .collect();
+    let folder = fetch(&manifest, &root, &options, &mut |event| match event {
+        FetchEvent::Downloading { file, done, .. } => {
+            bar.set_message(file.to_string());
+            bar.set_position(finished_bytes + done);
+        }
+        FetchEvent::Verified { file } => {
+            finished_bytes += sizes.get(file).copied().unwrap_or(0);
+            bar.set_position(finished_bytes);
+            tracing::info!("{file}: checksum verified");
+        }
+        FetchEvent::Unpacking { file } => bar.set_message(format!("unpacking {file}")),
+    })?;
+    bar.finish_and_clear();
+    println!(
+        "{dataset} is in {}; check it with: fewshot data inspect --dataset {}",
+        folder.display(),
+        match dataset {
+            "cifar100" => "cifar-fs",
+            other => other,
+        }
+    );
+    Ok(())
+}

@@ -3,7 +3,7 @@
 # a Hugging Face hub dataset repository, and writes the manifest that
 # `fewshot data fetch` checks them against.
 #
-#   scripts/pack_dataset.sh omniglot SRC OUT [REPO] [REVISION]
+#   scripts/pack_dataset.sh omniglot|cifar100|cub SRC OUT [REPO] [REVISION]
 #
 # SRC is the dataset folder (e.g. $FEWSHOT_DATA_DIR/omniglot), OUT an empty
 # folder for the repository's files; the manifest goes to OUT/manifest.json.
@@ -16,9 +16,10 @@
 # made and copy OUT/manifest.json to crates/fewshot-data/sources/<dataset>.json.
 set -euo pipefail
 
-dataset=${1:?usage: pack_dataset.sh omniglot SRC OUT [REPO] [REVISION]}
-src=${2:?usage: pack_dataset.sh omniglot SRC OUT [REPO] [REVISION]}
-out=${3:?usage: pack_dataset.sh omniglot SRC OUT [REPO] [REVISION]}
+usage="usage: pack_dataset.sh omniglot|cifar100|cub SRC OUT [REPO] [REVISION]"
+dataset=${1:?$usage}
+src=${2:?$usage}
+out=${3:?$usage}
 repo=${4:-fewshot-rs/$dataset}
 revision=${5:-main}
 
@@ -28,8 +29,16 @@ case $dataset in
     files=(LICENSE splits/vinyals/train.txt splits/vinyals/val.txt splits/vinyals/test.txt
       splits/vinyals/trainval.txt splits/vinyals/LICENSE)
     ;;
+  cifar100)
+    archives=()
+    files=(train.bin test.bin fine_label_names.txt coarse_label_names.txt)
+    ;;
+  cub)
+    archives=(images)
+    files=(images.txt bounding_boxes.txt)
+    ;;
   *)
-    echo "pack_dataset.sh: no packing rule for $dataset (known: omniglot)" >&2
+    echo "pack_dataset.sh: no packing rule for $dataset (known: omniglot, cifar100, cub)" >&2
     exit 2
     ;;
 esac
@@ -49,7 +58,7 @@ add_entry() { # path unpack
   entries+=("    {\"path\": \"$1\", \"size\": $size, \"sha256\": \"$sha\", \"unpack\": \"$2\"}")
 }
 
-for folder in "${archives[@]}"; do
+for folder in ${archives[@]+"${archives[@]}"}; do
   test -d "$src/$folder" || { echo "pack_dataset.sh: $src/$folder is missing" >&2; exit 1; }
   (cd "$src" && LC_ALL=C tar --sort=name --format=gnu --mtime=@0 --owner=0 --group=0 \
     --numeric-owner --mode='u+rwX,go+rX,go-w' -cf "$out/$folder.tar" "$folder")

@@ -56,9 +56,9 @@ impl Checkpoint {
             path: path.to_path_buf(),
             message,
         };
-        let bytes = std::fs::read(path).map_err(|source| BackboneError::Io {
+        let bytes = std::fs::read(path).map_err(|error| BackboneError::Io {
             path: path.to_path_buf(),
-            source,
+            error,
         })?;
         let (_, header) = SafeTensors::read_metadata(&bytes)
             .map_err(|e| bad(format!("not a safetensors file ({e})")))?;
@@ -113,7 +113,7 @@ impl Checkpoint {
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let io = |path: &Path| {
         let path = path.to_path_buf();
-        move |source| BackboneError::Io { path, source }
+        move |error| BackboneError::Io { path, error }
     };
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(io(dir))?;

@@ -28,10 +28,12 @@ pub enum BackboneError {
     #[error("checkpoint {path}: {message}")]
     Checkpoint { path: PathBuf, message: String },
 
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        // Not named `source`: the message already holds it, and an error
+        // source would print the reason twice in `{:#}` chains.
+        error: std::io::Error,
     },
 
     #[error(

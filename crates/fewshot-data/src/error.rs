@@ -18,10 +18,12 @@ pub enum DataError {
     },
 
     /// A file or folder could not be read or written.
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        // Not named `source`: the message already holds it, and an error
+        // source would print the reason twice in `{:#}` chains.
+        error: std::io::Error,
     },
 
     /// An image file exists but cannot be decoded.
@@ -91,10 +93,23 @@ pub type Result<T> = std::result::Result<T, DataError>;
 
 impl DataError {
     /// Wraps an I/O error together with the path it happened on.
-    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+    pub fn io(path: impl Into<PathBuf>, error: std::io::Error) -> Self {
         DataError::Io {
             path: path.into(),
-            source,
+            error,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_io_error_says_its_path_and_reason_once() {
+        let err = DataError::io("/data/x.png", std::io::ErrorKind::NotFound.into());
+        assert_eq!(err.to_string(), "/data/x.png: entity not found");
+        // No error source: a chain printer (anyhow's `{:#}`) adds nothing.
+        assert!(std::error::Error::source(&err).is_none());
     }
 }

@@ -15,10 +15,12 @@ pub enum EvalError {
     #[error(transparent)]
     Data(#[from] fewshot_data::DataError),
 
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        // Not named `source`: the message already holds it, and an error
+        // source would print the reason twice in `{:#}` chains.
+        error: std::io::Error,
     },
 
     /// Two things that must agree do not, e.g. two runs evaluated on

@@ -47,9 +47,9 @@ pub struct ReportInput<'a> {
 pub fn write_report(dir: &Path, input: &ReportInput) -> Result<PathBuf> {
     // Created up front so that an unwritable place is reported as the
     // directory, not as whichever file happened to come first.
-    std::fs::create_dir_all(dir).map_err(|source| EvalError::Io {
+    std::fs::create_dir_all(dir).map_err(|error| EvalError::Io {
         path: dir.to_path_buf(),
-        source,
+        error,
     })?;
     let mut lines = vec![format!("# {}", input.title), String::new()];
 

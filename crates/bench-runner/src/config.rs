@@ -61,7 +61,7 @@ pub enum DatasetKind {
     /// CIFAR-100's superclasses split 12 / 4 / 4 (Oreshkin et al.).
     Fc100,
     /// CUB-200-2011's bird species split 100 / 50 / 50, each image cut to
-    /// its bounding box.
+    /// its bounding box (unless `crop` is false).
     Cub,
     /// `root` holds `train/`, `val/`, `test/`, each with one folder per class.
     Folder,
@@ -106,6 +106,9 @@ pub struct DataConfig {
     /// `tiered-imagenet` only: keep the first this many images of each
     /// class (the whole dataset is 16.5 GB at 84x84). Default: all.
     pub images_per_class: Option<usize>,
+    /// `cub` only: cut each photograph to its bird's bounding box before
+    /// resizing, as the few-shot papers do. Default true.
+    pub crop: Option<bool>,
     /// `folder` only: 1 (grey) or 3 (RGB). Default: as the files are, 3 when
     /// any image is in colour, else 1 (`train` writes the count it found
     /// into the run's config, so `eval` and `predict` read images as the
@@ -151,6 +154,7 @@ impl Default for DataConfig {
             split: OmniglotSplit::Vinyals,
             image_size: None,
             images_per_class: None,
+            crop: None,
             channels: None,
             invert: false,
             train_with_val: false,
@@ -358,6 +362,12 @@ impl ExperimentConfig {
                 self.data.dataset
             );
         }
+        if self.data.crop.is_some() && self.data.dataset != DatasetKind::Cub {
+            bail!(
+                "field `data.crop`: set, but only `cub` takes it (dataset {:?})",
+                self.data.dataset
+            );
+        }
         match self.data.images_per_class {
             Some(_) if self.data.dataset != DatasetKind::TieredImagenet => bail!(
                 "field `data.images_per_class`: set, but only `tiered-imagenet` takes it \
@@ -492,6 +502,12 @@ mod tests {
             err.contains("data.images_per_class") && err.contains("tiered-imagenet"),
             "{err}"
         );
+        let err = ExperimentConfig::from_json(r#"{"data": {"crop": false}}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("data.crop") && err.contains("cub"), "{err}");
+        let cub = ExperimentConfig::from_json(r#"{"data": {"dataset": "cub", "crop": false}}"#);
+        assert_eq!(cub.unwrap().data.crop, Some(false));
         let tiered = r#"{"data": {"dataset": "tiered-imagenet", "images_per_class": 0}}"#;
         let err = ExperimentConfig::from_json(tiered).unwrap_err().to_string();
         assert!(err.contains("at least 1"), "{err}");

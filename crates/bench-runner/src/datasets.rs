@@ -77,7 +77,7 @@ pub fn load(config: &DataConfig, seed: u64) -> Result<Loaded> {
             let root = dataset_root("cub", config.root.as_deref())?;
             let options = CubOptions {
                 image_size,
-                crop: true,
+                crop: config.crop.unwrap_or(true),
                 cache,
             };
             let (dataset, status) = cub::load(&root, &options)?;

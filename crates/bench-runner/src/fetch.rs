@@ -95,8 +95,17 @@ pub fn run(
             tracing::info!("{file}: checksum verified");
         }
         FetchEvent::Unpacking { file } => bar.set_message(format!("unpacking {file}")),
-    })?;
+    });
     bar.finish_and_clear();
+    // A hub that cannot be reached (or a repository not there) leaves the
+    // manual way, which always works.
+    let folder = match folder {
+        Err(error @ fewshot_data::DataError::Download { .. }) => bail!(
+            "{error}\nOr get {dataset} by hand:\n{}",
+            fewshot_data::how_to_get(dataset)
+        ),
+        other => other?,
+    };
     println!(
         "{dataset} is in {}; check it with: fewshot data inspect --dataset {}",
         folder.display(),

@@ -25,11 +25,15 @@ pub struct Results {
     pub training_steps: u64,
     pub training_seconds: f64,
     pub best_val_accuracy: Option<f64>,
+    /// Fields of the learner's section changed for this evaluation
+    /// (`fewshot eval --set`), e.g. MAML's `inner_steps_test`.
+    #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
+    pub algorithm_overrides: serde_json::Map<String, serde_json::Value>,
     pub evaluation: Evaluation,
 }
 
 /// Changes to the experiment's own evaluation protocol.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone)]
 pub struct Overrides {
     pub episodes: Option<usize>,
     pub seed: Option<u64>,
@@ -49,6 +53,49 @@ pub struct Overrides {
     /// the experiment's distortions of them or else Koch et al.'s; 0 for
     /// none.
     pub support_copies: Option<usize>,
+    /// Fields of the learner's section to change for the test (not the
+    /// weights), e.g. MAML's `inner_steps_test`, as its reference code tests
+    /// Omniglot with more inner steps than it trains with.
+    pub algorithm: serde_json::Map<String, serde_json::Value>,
+}
+
+/// The learner of `checkpoint` with `changes` made to its section; the
+/// learner's crate checks the changed section, and the weights must still fit.
+fn learner_with(
+    checkpoint: &Checkpoint,
+    changes: &serde_json::Map<String, serde_json::Value>,
+    device: &Device,
+) -> Result<Box<dyn fewshot_backbone::Learner>> {
+    if changes.is_empty() {
+        return learners::from_checkpoint(checkpoint, device);
+    }
+    let mut section = checkpoint.config.clone();
+    let fields = section
+        .as_object_mut()
+        .context("the checkpoint's algorithm section is not an object")?;
+    for (key, value) in changes {
+        if key == "name" {
+            anyhow::bail!("--set name: the algorithm of a checkpoint cannot change");
+        }
+        fields.insert(key.clone(), value.clone());
+    }
+    let mut learner = learners::build(&section, device).context("--set")?;
+    learner
+        .load_state(&checkpoint.tensors)
+        .context("--set: the checkpoint's weights do not fit the changed section")?;
+    Ok(learner)
+}
+
+/// `KEY=VALUE` of `fewshot eval --set`: VALUE as JSON (`10`, `0.4`,
+/// `true`), else as a string (`first`).
+pub fn parse_setting(setting: &str) -> Result<(String, serde_json::Value)> {
+    let (key, value) = setting
+        .split_once('=')
+        .filter(|(key, _)| !key.is_empty())
+        .with_context(|| format!("--set {setting:?}: expected KEY=VALUE"))?;
+    let value = serde_json::from_str(value)
+        .unwrap_or_else(|_| serde_json::Value::String(value.to_string()));
+    Ok((key.to_string(), value))
 }
 
 /// The experiment's support copies, with their count changed to `requested`
@@ -76,7 +123,7 @@ pub fn evaluate_checkpoint(
     let checkpoint = Checkpoint::load(path, device)?;
     let experiment = experiment_of(&checkpoint, path)?;
     let progress = Progress::from_checkpoint(&checkpoint, path)?;
-    let learner = learners::from_checkpoint(&checkpoint, device)?;
+    let learner = learner_with(&checkpoint, &overrides.algorithm, device)?;
     let loaded = datasets::load(&experiment.data, experiment.seed)?;
     let mut spec = experiment.test_episodes.spec();
     spec.ways = overrides.ways.unwrap_or(spec.ways);
@@ -121,6 +168,7 @@ pub fn evaluate_checkpoint(
         training_steps: progress.step,
         training_seconds: progress.training_seconds,
         best_val_accuracy: progress.best_val_accuracy,
+        algorithm_overrides: overrides.algorithm,
         evaluation,
     };
     Ok((results, experiment))
@@ -158,9 +206,17 @@ pub fn evaluate_run(run: &RunDir, device: &Device) -> Result<()> {
 }
 
 pub fn summary_line(results: &Results) -> String {
+    let changes: Vec<String> = results
+        .algorithm_overrides
+        .iter()
+        .map(|(key, value)| format!("{key}={value}"))
+        .collect();
+    let algorithm = match changes.is_empty() {
+        true => results.algorithm.clone(),
+        false => format!("{} ({})", results.algorithm, changes.join(", ")),
+    };
     format!(
-        "{}: {}",
-        results.algorithm,
+        "{algorithm}: {}",
         fewshot_eval::accuracy_line(&results.evaluation)
     )
 }

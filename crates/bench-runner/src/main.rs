@@ -158,6 +158,11 @@ enum Command {
         /// the experiment's).
         #[arg(long)]
         support_copies: Option<usize>,
+        /// Change a field of the learner's section for this test, not its
+        /// weights, e.g. `--set inner_steps_test=10` (MAML); repeatable.
+        /// VALUE is read as JSON, else as a string.
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        settings: Vec<String>,
         #[arg(long, default_value = "auto")]
         device: String,
         #[arg(long)]
@@ -421,10 +426,15 @@ fn run(cli: Cli) -> Result<()> {
             split,
             unrotated,
             support_copies,
+            settings,
             device,
             json,
         } => {
             let device = open_device(&device)?;
+            let algorithm = settings
+                .iter()
+                .map(|s| evaluation::parse_setting(s))
+                .collect::<Result<_>>()?;
             let overrides = evaluation::Overrides {
                 episodes,
                 seed,
@@ -434,6 +444,7 @@ fn run(cli: Cli) -> Result<()> {
                 split,
                 unrotated,
                 support_copies,
+                algorithm,
             };
             evaluation::run_eval(&target, &device, overrides, json)
         }

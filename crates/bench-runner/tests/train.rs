@@ -868,3 +868,64 @@ fn a_colour_folder_trains_a_colour_network_and_the_run_keeps_its_channels() {
         serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
     assert_eq!(saved["data"]["channels"], 3);
 }
+
+/// `eval --set` tests a checkpoint with a field of its learner's section
+/// changed (MAML's reference code tests Omniglot with more inner steps than
+/// it trains with), records the change, and pairs with the plain test.
+#[test]
+fn eval_set_changes_the_learners_section_for_the_test_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("maml.json");
+    let json = serde_json::json!({
+        "name": "maml",
+        "data": { "dataset": "synthetic" },
+        "train_episodes": { "ways": 5, "shots": 1, "queries": 2 },
+        "test_episodes": { "ways": 5, "shots": 1, "queries": 2 },
+        "training": { "steps": 2, "meta_batch": 2, "validate_every": 2, "validation_episodes": 5 },
+        "evaluation": { "episodes": 10, "seed": 7 },
+        "algorithm": {
+            "name": "maml",
+            "network": { "filters": 8, "downsample": "max-pool" },
+            "inner_lr": 0.1,
+            "inner_steps_train": 1,
+            "inner_steps_test": 1
+        }
+    });
+    std::fs::write(&config, serde_json::to_string_pretty(&json).unwrap()).unwrap();
+    let run = dir.path().join("run");
+    fewshot(&["train", str(&config), "--out", str(&run)]);
+
+    let more_steps = dir.path().join("more-steps.json");
+    let out = fewshot(&["eval", str(&run), "--set", "inner_steps_test=4", "--json"]);
+    std::fs::write(&more_steps, &out.stdout).unwrap();
+    let results: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(results["algorithm_overrides"]["inner_steps_test"], 4);
+    let plain: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run.join("results.json")).unwrap()).unwrap();
+    assert!(plain.get("algorithm_overrides").is_none());
+    let losses = |r: &serde_json::Value| -> Vec<f64> {
+        r["evaluation"]["episodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["loss"].as_f64().unwrap())
+            .collect()
+    };
+    assert_ne!(
+        losses(&results),
+        losses(&plain),
+        "four inner steps adapt further"
+    );
+    let compared = fewshot(&["compare", str(&more_steps), str(&run)]);
+    let text = String::from_utf8_lossy(&compared.stdout);
+    assert!(text.contains("inner_steps_test=4"), "{text}");
+
+    for (setting, needle) in [
+        ("inner_step=4", "inner_step"),
+        ("name=protonet", "cannot change"),
+        ("inner_steps_test", "KEY=VALUE"),
+    ] {
+        let err = fewshot_fails(&["eval", str(&run), "--set", setting]);
+        assert!(err.contains(needle), "{setting}: {err}");
+    }
+}

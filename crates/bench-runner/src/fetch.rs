@@ -31,21 +31,14 @@ fn data_dir(root: Option<&Path>) -> Result<PathBuf> {
 
 /// Fetches `dataset` (a folder name of [`DATASET_FOLDERS`]) with its
 /// built-in manifest or `manifest`; a build without the `download` feature
-/// says how to rebuild.
+/// fails as an unreachable hub does, saying how to rebuild.
 pub fn run(
     dataset: &str,
     root: Option<&Path>,
-    manifest: Option<&Path>,
+    manifest_file: Option<&Path>,
     endpoint: Option<String>,
 ) -> Result<()> {
-    if !fewshot_data::fetch::CAN_DOWNLOAD {
-        bail!(
-            "{}; or get {dataset} by hand:\n{}",
-            fewshot_data::fetch::REBUILD,
-            fewshot_data::how_to_get(dataset)
-        );
-    }
-    let manifest = match manifest {
+    let manifest = match manifest_file {
         Some(path) => Manifest::from_file(path)?,
         None => match Manifest::builtin(dataset) {
             Some(manifest) => manifest?,
@@ -57,8 +50,10 @@ pub fn run(
         },
     };
     if manifest.dataset != dataset {
+        let origin =
+            manifest_file.map_or("the built-in manifest".into(), |p| p.display().to_string());
         bail!(
-            "the manifest is for {:?}, not {dataset:?}",
+            "{origin}: field `dataset` is {:?}, but --dataset asks for {dataset:?}",
             manifest.dataset
         );
     }
@@ -79,26 +74,21 @@ pub fn run(
     let bar = crate::progress::bar(total, "fetch");
     // Bytes of the files before the current one, for one bar over all files.
     let mut finished_bytes = 0;
-    let sizes: std::collections::HashMap<&str, u64> = manifest
-        .files
-        .iter()
-        .map(|f| (f.path.as_str(), f.size))
-        .collect();
     let folder = fetch(&manifest, &root, &options, &mut |event| match event {
         FetchEvent::Downloading { file, done, .. } => {
             bar.set_message(file.to_string());
             bar.set_position(finished_bytes + done);
         }
-        FetchEvent::Verified { file } => {
-            finished_bytes += sizes.get(file).copied().unwrap_or(0);
+        FetchEvent::Verified { file, size } => {
+            finished_bytes += size;
             bar.set_position(finished_bytes);
             tracing::info!("{file}: checksum verified");
         }
         FetchEvent::Unpacking { file } => bar.set_message(format!("unpacking {file}")),
     });
     bar.finish_and_clear();
-    // A hub that cannot be reached (or a repository not there) leaves the
-    // manual way, which always works.
+    // A hub that cannot be reached (a repository not there, a build without
+    // the `download` feature) leaves the manual way, which always works.
     let folder = match folder {
         Err(error @ fewshot_data::DataError::Download { .. }) => bail!(
             "{error}\nOr get {dataset} by hand:\n{}",

@@ -163,18 +163,11 @@ impl Default for FetchOptions {
 pub enum FetchEvent<'a> {
     /// `done` of `size` bytes of `file` are on disk (also when resuming).
     Downloading { file: &'a str, done: u64, size: u64 },
-    /// `file` matched its checksum.
-    Verified { file: &'a str },
+    /// `file`, of `size` bytes, matched its checksum.
+    Verified { file: &'a str, size: u64 },
     /// `file` is being unpacked into the dataset folder.
     Unpacking { file: &'a str },
 }
-
-/// Whether this build can reach the hub (the cargo feature `download`).
-pub const CAN_DOWNLOAD: bool = cfg!(feature = "download");
-
-/// What a build without the `download` feature answers.
-pub const REBUILD: &str = "this build cannot download: rebuild with the cargo feature `download` \
-     (`cargo build --release -p bench-runner --features download`)";
 
 /// Where [`fetch_from`] gets the bytes of a manifest's files.
 pub trait RangeSource {
@@ -257,8 +250,6 @@ pub fn fetch_from(
 /// The hub as a [`RangeSource`]: through `hf-hub` with the `download`
 /// feature, else an error that says how to rebuild.
 mod hub {
-    #[cfg(not(feature = "download"))]
-    use super::REBUILD;
     use super::{Manifest, RangeSource};
     use crate::error::{DataError, Result};
 
@@ -326,7 +317,9 @@ mod hub {
         pub fn connect(manifest: &Manifest, _endpoint: Option<&str>) -> Result<Hub> {
             Err(DataError::Download {
                 file: manifest.repo.clone(),
-                message: REBUILD.into(),
+                message: "this build cannot download: rebuild with the cargo feature \
+                          `download` (`cargo build --release -p bench-runner --features download`)"
+                    .into(),
             })
         }
     }
@@ -354,7 +347,10 @@ fn download_verified(
 ) -> Result<()> {
     let done_path = downloads.join(&file.path);
     if done_path.is_file() && sha256_of(&done_path)? == file.sha256 {
-        on_event(FetchEvent::Verified { file: &file.path });
+        on_event(FetchEvent::Verified {
+            file: &file.path,
+            size: file.size,
+        });
         return Ok(());
     }
     let part_path = downloads.join(format!("{}.part", file.path));
@@ -415,7 +411,10 @@ fn download_verified(
         });
     }
     fs::rename(&part_path, &done_path).map_err(|e| DataError::io(&done_path, e))?;
-    on_event(FetchEvent::Verified { file: &file.path });
+    on_event(FetchEvent::Verified {
+        file: &file.path,
+        size: file.size,
+    });
     Ok(())
 }
 

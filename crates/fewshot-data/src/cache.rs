@@ -20,7 +20,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{DataError, Result};
-use crate::preprocess::Preprocess;
+use crate::preprocess::{decode_files, decode_regions, CropBox, Preprocess};
 use crate::store::ImageStore;
 
 /// Bump whenever decoding changes the pixels it produces (filter, colour
@@ -185,6 +185,25 @@ fn checksum(pixels: &[u8]) -> u64 {
         h = (h ^ u64::from(b)).wrapping_mul(Fnv1a::PRIME);
     }
     h
+}
+
+/// [`load_or_build`] whose build decodes the sources' own files with `pre`,
+/// image `i` first cut to `crops[i]` where crops are given: what every
+/// loader of image files does.
+pub(crate) fn load_or_decode(
+    kind: &str,
+    options: &CacheOptions,
+    pre: &Preprocess,
+    sources: &[SourceFile],
+    crops: Option<&[Option<CropBox>]>,
+) -> Result<(ImageStore, CacheStatus)> {
+    load_or_build(kind, options, pre, sources, || {
+        let paths: Vec<PathBuf> = sources.iter().map(|s| s.path.clone()).collect();
+        match crops {
+            Some(crops) => decode_regions(&paths, crops, pre),
+            None => decode_files(&paths, pre),
+        }
+    })
 }
 
 /// The cached images of `sources` decoded with `pre` if a valid cache file

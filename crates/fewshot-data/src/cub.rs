@@ -17,7 +17,7 @@ use rayon::prelude::*;
 use crate::cache::{self, CacheOptions, CacheStatus, Fnv1a, SourceFile};
 use crate::error::{DataError, Result};
 use crate::locate::missing_dataset;
-use crate::preprocess::{decode_regions, CropBox, Preprocess};
+use crate::preprocess::{CropBox, Preprocess};
 use crate::split::{ClassSplit, FewShotClass, FewShotDataset, Rotation, SplitName};
 
 /// Options of [`load`].
@@ -166,10 +166,8 @@ pub fn load(root: &Path, options: &CubOptions) -> Result<(FewShotDataset, CacheS
         true => format!("cub-crop-{:016x}", identity.0),
         false => "cub".to_string(),
     };
-    let (store, status) = cache::load_or_build(&kind, &options.cache, &pre, &sources, || {
-        let paths: Vec<PathBuf> = sources.iter().map(|s| s.path.clone()).collect();
-        decode_regions(&paths, &crop_boxes, &pre)
-    })?;
+    let (store, status) =
+        cache::load_or_decode(&kind, &options.cache, &pre, &sources, Some(&crop_boxes))?;
     let dataset = FewShotDataset {
         name: "cub".into(),
         store: Arc::new(store),

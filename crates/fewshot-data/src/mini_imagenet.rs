@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use crate::cache::{self, CacheOptions, CacheStatus, SourceFile};
 use crate::error::{DataError, Result};
 use crate::locate::missing_dataset;
-use crate::preprocess::{decode_files, Preprocess};
+use crate::preprocess::Preprocess;
 use crate::split::{ClassSplit, FewShotClass, FewShotDataset, Rotation, SplitName};
 
 /// Options of [`load`].
@@ -74,10 +74,7 @@ pub fn load_with_status(
         .map(|name| SourceFile::stat(root, images_dir.join(name)))
         .collect::<Result<_>>()?;
     let (store, status) =
-        cache::load_or_build("mini-imagenet", &options.cache, &pre, &sources, || {
-            let paths: Vec<PathBuf> = sources.iter().map(|s| s.path.clone()).collect();
-            decode_files(&paths, &pre)
-        })?;
+        cache::load_or_decode("mini-imagenet", &options.cache, &pre, &sources, None)?;
 
     let dataset = FewShotDataset {
         name: "mini-imagenet".into(),

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::cache::{self, CacheOptions, CacheStatus, SourceFile};
 use crate::error::{DataError, Result};
 use crate::locate::{missing_dataset, sorted_files, sorted_subdirs};
-use crate::preprocess::{decode_files, Preprocess};
+use crate::preprocess::Preprocess;
 use crate::rng::Rng;
 use crate::split::{ClassSplit, FewShotClass, FewShotDataset, Rotation};
 use crate::store::ImageStore;
@@ -141,10 +141,7 @@ impl Omniglot {
         }
         let sources: Vec<SourceFile> = files.into_iter().flatten().collect();
         let (store, cache) =
-            cache::load_or_build("omniglot", &options.cache, &pre, &sources, || {
-                let paths: Vec<PathBuf> = sources.iter().map(|s| s.path.clone()).collect();
-                decode_files(&paths, &pre)
-            })?;
+            cache::load_or_decode("omniglot", &options.cache, &pre, &sources, None)?;
         tracing::info!(
             characters = characters.len(),
             images = store.len(),

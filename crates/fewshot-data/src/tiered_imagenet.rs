@@ -23,7 +23,7 @@ use rayon::prelude::*;
 use crate::cache::{self, CacheOptions, CacheStatus, SourceFile};
 use crate::error::{DataError, Result};
 use crate::locate::{missing_dataset, sorted_files};
-use crate::preprocess::{decode_files, Preprocess};
+use crate::preprocess::Preprocess;
 use crate::split::{ClassSplit, FewShotClass, FewShotDataset, Rotation, SplitName};
 
 /// Options of [`load`].
@@ -137,10 +137,7 @@ pub fn load(root: &Path, options: &TieredImageNetOptions) -> Result<(FewShotData
         .map(|path| SourceFile::stat(root, path))
         .collect::<Result<_>>()?;
     let (store, status) =
-        cache::load_or_build("tiered-imagenet", &options.cache, &pre, &sources, || {
-            let paths: Vec<PathBuf> = sources.iter().map(|s| s.path.clone()).collect();
-            decode_files(&paths, &pre)
-        })?;
+        cache::load_or_decode("tiered-imagenet", &options.cache, &pre, &sources, None)?;
     let dataset = FewShotDataset {
         name: "tiered-imagenet".into(),
         store: Arc::new(store),
@@ -222,14 +219,7 @@ mod tests {
             assert_eq!(status, CacheStatus::Disabled);
             assert_eq!(data.store.len(), 608 * 2);
             assert_eq!(data.store.shape(), (3, 6, 6));
-            assert_eq!(
-                [
-                    data.train.classes.len(),
-                    data.val.classes.len(),
-                    data.test.classes.len()
-                ],
-                [351, 97, 160]
-            );
+            assert_eq!(data.class_counts(), [351, 97, 160]);
             let first = &data.train.classes[0];
             assert_eq!(
                 (first.name.as_str(), first.group.as_str()),

@@ -274,6 +274,11 @@ pub struct FewShotDataset {
 }
 
 impl FewShotDataset {
+    /// Classes of the train, val and test splits.
+    pub fn class_counts(&self) -> [usize; 3] {
+        [&self.train, &self.val, &self.test].map(|s| s.classes.len())
+    }
+
     pub fn split(&self, name: SplitName) -> &ClassSplit {
         match name {
             SplitName::Train => &self.train,

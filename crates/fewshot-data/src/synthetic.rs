@@ -301,14 +301,7 @@ mod tests {
         let a = generate(&small(1)).unwrap();
         assert_eq!(a.store.len(), 65 * 20);
         assert_eq!(a.store.shape(), (1, 28, 28));
-        assert_eq!(
-            (
-                a.train.classes.len(),
-                a.val.classes.len(),
-                a.test.classes.len()
-            ),
-            (3, 2, 60)
-        );
+        assert_eq!(a.class_counts(), [3, 2, 60]);
         assert_eq!(a.val.classes[1].images, (80..100).collect::<Vec<u32>>());
         // Ink is drawn and the background stays black.
         let image = a.store.image(0);

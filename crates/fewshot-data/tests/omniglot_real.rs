@@ -78,11 +78,9 @@ fn strokes_are_ink_on_black() {
 fn vinyals_and_maml_splits_have_the_published_sizes() {
     let Some(omniglot) = omniglot() else { return };
     let vinyals = omniglot.vinyals().unwrap();
-    let sizes = [&vinyals.train, &vinyals.val, &vinyals.test].map(|s| s.classes.len());
-    assert_eq!(sizes, [4112, 688, 1692]);
+    assert_eq!(vinyals.class_counts(), [4112, 688, 1692]);
     let maml = omniglot.maml(0);
-    let sizes = [&maml.train, &maml.val, &maml.test].map(|s| s.classes.len());
-    assert_eq!(sizes, [1100, 100, 423]);
+    assert_eq!(maml.class_counts(), [1100, 100, 423]);
     let all: HashSet<&str> = [&maml.train, &maml.val, &maml.test]
         .iter()
         .flat_map(|s| s.classes.iter().map(|c| c.name.as_str()))

@@ -8,11 +8,7 @@ fn cifar_fs_splits_classes_64_16_20_with_every_image_of_each() {
     let dir = tempfile::tempdir().unwrap();
     write_cifar100(dir.path(), 2);
     let data = cifar100::load(dir.path(), Cifar100Split::CifarFs, 32).unwrap();
-    let counts: Vec<usize> = [&data.train, &data.val, &data.test]
-        .iter()
-        .map(|s| s.classes.len())
-        .collect();
-    assert_eq!(counts, [64, 16, 20]);
+    assert_eq!(data.class_counts(), [64, 16, 20]);
     assert_eq!(data.store.shape(), (3, 32, 32));
     assert_eq!(data.store.len(), 400);
     // Each class holds its train.bin images, then its test.bin ones; the
@@ -29,11 +25,7 @@ fn fc100_splits_superclasses_12_4_4_and_groups_by_them() {
     let dir = tempfile::tempdir().unwrap();
     write_cifar100(dir.path(), 1);
     let data = cifar100::load(dir.path(), Cifar100Split::Fc100, 84).unwrap();
-    let counts: Vec<usize> = [&data.train, &data.val, &data.test]
-        .iter()
-        .map(|s| s.classes.len())
-        .collect();
-    assert_eq!(counts, [60, 20, 20]);
+    assert_eq!(data.class_counts(), [60, 20, 20]);
     assert_eq!(data.store.shape(), (3, 84, 84));
     // No superclass in two splits.
     let groups = |s: &fewshot_data::ClassSplit| -> Vec<String> {

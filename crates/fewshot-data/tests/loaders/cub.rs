@@ -16,11 +16,7 @@ fn species_split_100_50_50_and_images_are_cut_to_their_boxes() {
     let dir = tempfile::tempdir().unwrap();
     write_cub(dir.path(), 2);
     let (data, _) = cub::load(dir.path(), &options(true, CacheOptions::disabled())).unwrap();
-    let counts: Vec<usize> = [&data.train, &data.val, &data.test]
-        .iter()
-        .map(|s| s.classes.len())
-        .collect();
-    assert_eq!(counts, [100, 50, 50]);
+    assert_eq!(data.class_counts(), [100, 50, 50]);
     assert_eq!(data.store.len(), 400);
     assert_eq!(data.store.shape(), (3, 8, 8));
     assert_eq!(data.train.classes[0].name, "001.Black_footed_Albatross");

@@ -15,8 +15,7 @@ fn loads_the_ravi_larochelle_layout() {
         let data = load(dir.path(), &options(6, CacheOptions::disabled())).unwrap();
         assert_eq!(data.store.shape(), (3, 6, 6));
         assert_eq!(data.store.len(), 35);
-        let counts = [&data.train, &data.val, &data.test].map(|s| s.classes.len());
-        assert_eq!(counts, [3, 2, 2]);
+        assert_eq!(data.class_counts(), [3, 2, 2]);
         assert_eq!(data.val.classes[0].name, "n00001003");
         assert_eq!(data.val.classes[0].images, [15, 16, 17, 18, 19]);
         // Colour [90, 100, 200] (class 3) as three planes, JPEG within a few levels.

@@ -58,8 +58,7 @@ fn splits_follow_the_three_conventions() {
     let omniglot = load(dir.path());
 
     let vinyals = omniglot.vinyals().unwrap();
-    let counts = [&vinyals.train, &vinyals.val, &vinyals.test].map(|s| s.classes.len());
-    assert_eq!(counts, [12, 4, 12]);
+    assert_eq!(vinyals.class_counts(), [12, 4, 12]);
     let class = &vinyals.train.classes[1];
     assert_eq!(class.name, "Alpha/character01/rot090");
     assert_eq!(class.rotation, Rotation::R90);
@@ -69,9 +68,8 @@ fn splits_follow_the_three_conventions() {
     assert_eq!(vinyals.test.groups(), 2);
 
     let maml = omniglot.maml(1);
-    let sizes = [&maml.train, &maml.val, &maml.test].map(|s| s.classes.len());
     // 7 characters in MAML's proportions 1100 : 100 : 423.
-    assert_eq!(sizes, [5, 0, 2]);
+    assert_eq!(maml.class_counts(), [5, 0, 2]);
     assert!(maml.train.random_rotation && maml.test.random_rotation);
     let mut names: Vec<&str> = [&maml.train, &maml.test]
         .iter()

@@ -72,6 +72,29 @@ fn str(path: &Path) -> &str {
     path.to_str().unwrap()
 }
 
+/// A MAML experiment on the synthetic glyphs small enough to train in
+/// seconds: `steps` steps, and `algorithm`'s fields added to its section.
+fn maml_config(dir: &Path, name: &str, steps: u64, algorithm: serde_json::Value) -> PathBuf {
+    let mut json = serde_json::json!({
+        "name": name,
+        "data": { "dataset": "synthetic" },
+        "train_episodes": { "ways": 5, "shots": 1, "queries": 2 },
+        "test_episodes": { "ways": 5, "shots": 1, "queries": 2 },
+        "training": { "steps": steps, "meta_batch": 2, "validate_every": 2, "validation_episodes": 5 },
+        "evaluation": { "episodes": 10, "seed": 7 },
+        "algorithm": {
+            "name": "maml",
+            "network": { "filters": 8, "downsample": "max-pool" },
+            "inner_lr": 0.1
+        }
+    });
+    let section = json["algorithm"].as_object_mut().unwrap();
+    section.extend(algorithm.as_object().unwrap().clone());
+    let path = dir.join(format!("{name}.json"));
+    std::fs::write(&path, serde_json::to_string_pretty(&json).unwrap()).unwrap();
+    path
+}
+
 /// Trains `config` into `run` and stops after `steps` steps.
 fn train_until(config: &Path, run: &Path, steps: u64) {
     let steps = steps.to_string();
@@ -190,18 +213,11 @@ fn a_resumed_run_ends_exactly_where_an_uninterrupted_one_does() {
 #[test]
 fn a_maml_plus_plus_run_resumes_exactly() {
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("maml-plus-plus.json");
-    let json = serde_json::json!({
-        "name": "maml-plus-plus",
-        "data": { "dataset": "synthetic" },
-        "train_episodes": { "ways": 5, "shots": 1, "queries": 2 },
-        "test_episodes": { "ways": 5, "shots": 1, "queries": 2 },
-        "training": { "steps": 4, "meta_batch": 2, "validate_every": 2, "validation_episodes": 5 },
-        "evaluation": { "episodes": 10, "seed": 7 },
-        "algorithm": {
-            "name": "maml",
-            "network": { "filters": 8, "downsample": "max-pool" },
-            "inner_lr": 0.1,
+    let config = maml_config(
+        dir.path(),
+        "maml-plus-plus",
+        4,
+        serde_json::json!({
             "inner_steps_train": 2,
             "inner_steps_test": 2,
             "multi_step_loss": { "epochs": 2 },
@@ -210,9 +226,8 @@ fn a_maml_plus_plus_run_resumes_exactly() {
             "cosine_annealing": { "epochs": 2, "min_lr": 1e-4 },
             "first_order_epochs": 1,
             "iterations_per_epoch": 1
-        }
-    });
-    std::fs::write(&config, serde_json::to_string_pretty(&json).unwrap()).unwrap();
+        }),
+    );
     let [straight, resumed] = ["straight", "resumed"].map(|name| dir.path().join(name));
     fewshot(&["train", str(&config), "--out", str(&straight)]);
     train_until(&config, &resumed, 2);
@@ -875,23 +890,12 @@ fn a_colour_folder_trains_a_colour_network_and_the_run_keeps_its_channels() {
 #[test]
 fn eval_set_changes_the_learners_section_for_the_test_only() {
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("maml.json");
-    let json = serde_json::json!({
-        "name": "maml",
-        "data": { "dataset": "synthetic" },
-        "train_episodes": { "ways": 5, "shots": 1, "queries": 2 },
-        "test_episodes": { "ways": 5, "shots": 1, "queries": 2 },
-        "training": { "steps": 2, "meta_batch": 2, "validate_every": 2, "validation_episodes": 5 },
-        "evaluation": { "episodes": 10, "seed": 7 },
-        "algorithm": {
-            "name": "maml",
-            "network": { "filters": 8, "downsample": "max-pool" },
-            "inner_lr": 0.1,
-            "inner_steps_train": 1,
-            "inner_steps_test": 1
-        }
-    });
-    std::fs::write(&config, serde_json::to_string_pretty(&json).unwrap()).unwrap();
+    let config = maml_config(
+        dir.path(),
+        "maml",
+        2,
+        serde_json::json!({ "inner_steps_train": 1, "inner_steps_test": 1 }),
+    );
     let run = dir.path().join("run");
     fewshot(&["train", str(&config), "--out", str(&run)]);
 

@@ -297,28 +297,36 @@ impl Conv4 {
                 Downsample::Stride2 => ops::conv2d(&x, weight, 2, 1)?,
                 Downsample::MaxPool => ops::conv2d(&x, weight, 1, 1)?,
             };
+            let pool = c.downsample == Downsample::MaxPool;
             x = match c.batch_norm {
                 true => {
                     let gamma = params.get(&bn_gamma_name(block))?;
                     let beta = params.get(&bn_beta_name(block))?;
                     let eps = c.batch_norm_eps;
                     match reference_rows {
+                        // The block's ending in one op: see ops::batch_norm_relu_pool.
+                        None if pool => ops::batch_norm_relu_pool(&x, gamma, beta, eps)?,
                         None => ops::batch_norm_relu(&x, gamma, beta, eps)?,
                         Some(rows) => {
-                            ops::batch_norm_relu_by_reference(&x, rows, gamma, beta, eps)?
+                            let y = ops::batch_norm_relu_by_reference(&x, rows, gamma, beta, eps)?;
+                            max_pool_if(pool, y)?
                         }
                     }
                 }
-                false => ops::relu(&x)?,
+                false => max_pool_if(pool, ops::relu(&x)?)?,
             };
-            if c.downsample == Downsample::MaxPool {
-                x = ops::max_pool2x2(&x)?;
-            }
         }
         match c.feature_head {
             FeatureHead::SpatialMean => ops::spatial_mean(&x),
             FeatureHead::Flatten => ops::flatten(&x),
         }
+    }
+}
+
+fn max_pool_if(pool: bool, x: Tensor) -> Result<Tensor> {
+    match pool {
+        true => ops::max_pool2x2(&x),
+        false => Ok(x),
     }
 }
 

@@ -51,6 +51,16 @@ pub fn batch_norm_relu(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> R
     }
 }
 
+/// `max_pool2x2(relu(batch_norm(x)))`, a max-pooling block's ending, fused
+/// into one op on the CPU (the full-size activation is never written).
+pub fn batch_norm_relu_pool(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Tensor> {
+    check_poolable(x)?;
+    match on_kernels("batch_norm_relu_pool", x)? {
+        true => Ok(kernels::batch_norm_relu_pool(x, gamma, beta, eps)?),
+        false => max_pool2x2(&batch_norm_relu(x, gamma, beta, eps)?),
+    }
+}
+
 /// `relu(batch_norm(x))` normalised with the statistics of the first
 /// `reference_rows` images of `x` only, applied to all of them. With the
 /// support set as the reference, each query is normalised by its task's
@@ -98,6 +108,15 @@ pub fn relu(x: &Tensor) -> Result<Tensor> {
 /// 2x2 max-pooling with stride 2, floor mode (an odd last row or column is
 /// dropped, as PyTorch's default).
 pub fn max_pool2x2(x: &Tensor) -> Result<Tensor> {
+    check_poolable(x)?;
+    match on_kernels("max_pool2x2", x)? {
+        true => Ok(kernels::max_pool2x2(x)?),
+        false => candle_path::max_pool2x2(x),
+    }
+}
+
+/// A 2x2 pooling needs at least 2x2 pixels.
+fn check_poolable(x: &Tensor) -> Result<()> {
     let (_, _, h, w) = x.dims4()?;
     if h < 2 || w < 2 {
         return Err(BackboneError::InvalidConfig {
@@ -106,10 +125,7 @@ pub fn max_pool2x2(x: &Tensor) -> Result<Tensor> {
             reason: "needs at least 2x2 pixels".to_string(),
         });
     }
-    match on_kernels("max_pool2x2", x)? {
-        true => Ok(kernels::max_pool2x2(x)?),
-        false => candle_path::max_pool2x2(x),
-    }
+    Ok(())
 }
 
 /// 2x2 max-pooling with stride 2 in ceil mode (Chainer's default and Meta

@@ -157,6 +157,18 @@ fn batch_norm_with_relu() {
 }
 
 #[test]
+fn batch_norm_relu_and_max_pool_fused_on_odd_sizes() {
+    let mut rng = Rng::seed_from(10, 0);
+    // 5x7 planes: the last row and column belong to no window.
+    let x = random(&[3, 2, 5, 7], &mut rng);
+    let gamma = random(&[2], &mut rng);
+    let beta = random(&[2], &mut rng);
+    let f: Scalar =
+        Box::new(|t| curved(&ops::batch_norm_relu_pool(&t[0], &t[1], &t[2], 1e-5).unwrap()));
+    check("batch_norm_relu_pool", f, vec![x, gamma, beta], &mut rng);
+}
+
+#[test]
 fn relu_away_from_the_kink() {
     let mut rng = Rng::seed_from(3, 0);
     let x = random(&[4, 5], &mut rng);

@@ -131,6 +131,25 @@ fn batch_norm_with_relu_matches_candle() {
 }
 
 #[test]
+fn batch_norm_relu_pool_matches_the_three_ops_apart() {
+    let kernel: Op = Rc::new(|t| Ok(kernels::batch_norm_relu_pool(&t[0], &t[1], &t[2], 1e-5)?));
+    let reference: Op = Rc::new(|t| {
+        let normalised = candle_path::batch_norm(&t[0], &t[1], &t[2], 1e-5)?;
+        candle_path::max_pool2x2(&candle_path::relu(&normalised)?)
+    });
+    // Odd sizes leave a row and a column outside every window.
+    for (shape, seed) in [([4, 3, 6, 8], 23), ([3, 2, 7, 5], 24)] {
+        agree(
+            "batch_norm_relu_pool",
+            kernel.clone(),
+            reference.clone(),
+            &[&shape, &[shape[1]], &[shape[1]]],
+            seed,
+        );
+    }
+}
+
+#[test]
 fn channel_moments_match_candle() {
     let kernel: Op = Rc::new(|t| Ok(kernels::channel_moments(&t[0])?));
     let reference: Op = Rc::new(|t| {

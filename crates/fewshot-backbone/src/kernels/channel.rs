@@ -48,7 +48,10 @@ impl Channels {
 
     /// `f(channel, offset of one of its planes)` summed over every image, per
     /// channel: `N` sums at once (`f` returns one value for each).
-    fn reduce<const N: usize>(&self, f: impl Fn(usize, usize) -> [f64; N] + Sync) -> Vec<[f64; N]> {
+    pub(super) fn reduce<const N: usize>(
+        &self,
+        f: impl Fn(usize, usize) -> [f64; N] + Sync,
+    ) -> Vec<[f64; N]> {
         let per_channel = (self.batch * self.plane).max(1);
         (0..self.channels)
             .into_par_iter()

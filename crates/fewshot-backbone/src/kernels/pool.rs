@@ -14,12 +14,12 @@ use super::op::{Kernel1, Kernel2};
 
 /// Sizes of a pooling: `planes` = N * C images of `h` x `w`.
 #[derive(Debug, Clone, Copy)]
-struct PoolGeometry {
-    dims: (usize, usize, usize, usize),
+pub(super) struct PoolGeometry {
+    pub(super) dims: (usize, usize, usize, usize),
 }
 
 impl PoolGeometry {
-    fn of(x: &Tensor) -> Result<Self> {
+    pub(super) fn of(x: &Tensor) -> Result<Self> {
         let dims = x.dims4()?;
         if dims.2 < 2 || dims.3 < 2 {
             bail!(
@@ -31,35 +31,35 @@ impl PoolGeometry {
         Ok(Self { dims })
     }
 
-    fn in_plane(&self) -> usize {
+    pub(super) fn in_plane(&self) -> usize {
         self.dims.2 * self.dims.3
     }
 
-    fn out_hw(&self) -> (usize, usize) {
+    pub(super) fn out_hw(&self) -> (usize, usize) {
         (self.dims.2 / 2, self.dims.3 / 2)
     }
 
-    fn out_plane(&self) -> usize {
+    pub(super) fn out_plane(&self) -> usize {
         let (h, w) = self.out_hw();
         h * w
     }
 
-    fn planes_per_task(&self) -> usize {
+    pub(super) fn planes_per_task(&self) -> usize {
         super::MIN_PARALLEL_ELEMENTS.div_ceil(self.in_plane().max(1))
     }
 
-    fn input_shape(&self) -> Shape {
+    pub(super) fn input_shape(&self) -> Shape {
         self.dims.into()
     }
 
-    fn output_shape(&self) -> Shape {
+    pub(super) fn output_shape(&self) -> Shape {
         let (n, c, _, _) = self.dims;
         let (h, w) = self.out_hw();
         (n, c, h, w).into()
     }
 
     /// Rows `2 * oy` and `2 * oy + 1` of one plane.
-    fn row_pair<'a, T>(&self, plane: &'a [T], oy: usize) -> (&'a [T], &'a [T]) {
+    pub(super) fn row_pair<'a, T>(&self, plane: &'a [T], oy: usize) -> (&'a [T], &'a [T]) {
         let width = self.dims.3;
         plane[2 * oy * width..(2 * oy + 2) * width].split_at(width)
     }
@@ -73,7 +73,7 @@ impl PoolGeometry {
 /// --suite kernels` took 62 ms with them, 56 without), while flags become
 /// masks over many windows at once.
 #[inline(always)]
-fn winner<T: WithDType>(top: &[T], bottom: &[T]) -> [bool; 4] {
+pub(super) fn winner<T: WithDType>(top: &[T], bottom: &[T]) -> [bool; 4] {
     let (a, b, c, d) = (top[0], top[1], bottom[0], bottom[1]);
     let b_wins = b > a;
     let best = if b_wins { b } else { a };

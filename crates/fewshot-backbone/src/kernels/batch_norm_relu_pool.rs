@@ -1,0 +1,442 @@
+//! Batch norm, ReLU and 2x2 max-pooling (stride 2, floor mode) as one op:
+//! the block ending of conv-4 with max-pooling.
+//!
+//! Apart, the three write the full-size normalised activation and read it
+//! back to pool it, and their backward scatters the pooled gradient into a
+//! zero-filled full-size tensor that batch norm's backward then reads three
+//! times. Fused, the forward writes only the pooled output, and the backward
+//! reads the pooled gradient where the unfused one reads the full one.
+//!
+//! With `z = x * s + shift` (batch norm's per-channel affine map, see
+//! `batch_norm.rs`), the output of a window is `relu(max z)`. Its gradient
+//! goes to the window's *winner* (the pixel of largest `z`, the first on
+//! ties) when that winner passed the ReLU (`z > 0`), as in the unfused ops,
+//! so batch norm's gradients keep their form with the pooled gradient `g`
+//! standing at the winners:
+//!
+//! ```text
+//! dbeta  = sum_windows m g,  dgamma = (sum_windows m g x_winner - mean * dbeta) / sqrt(var + eps)
+//! dx     = [winner, m] g s + x A + B   (A, B as in batch_norm.rs)
+//! ```
+//!
+//! The backward uses two kernels of its own, `pooled_sums` and
+//! `pooled_input_grad`; their gradients are built from `winner_gather` and
+//! `winner_scatter` (each the other's adjoint) and channel ops, so second
+//! and higher derivatives are exact. The winners and masks are piecewise
+//! constant in `x` and the coefficients: no gradient flows through them.
+
+use candle_core::{Result, Shape, Tensor, WithDType};
+use rayon::prelude::*;
+
+use super::channel::{
+    channel_affine, channel_dot, channel_moments, channel_sum, Channels, Moments,
+};
+use super::filled_by;
+use super::op::{gradient_if, Kernel1, Kernel3};
+use super::pool::{winner, PoolGeometry};
+
+/// `max_pool2x2(relu(batch_norm(x)))` with the statistics of this batch.
+pub fn batch_norm_relu_pool(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Tensor> {
+    let shape = BlockShape::of(x)?;
+    shape
+        .channels
+        .check_vector("batch_norm_relu_pool gamma", gamma)?;
+    shape
+        .channels
+        .check_vector("batch_norm_relu_pool beta", beta)?;
+    super::op::apply3(x, gamma, beta, BatchNormReluPool { shape, eps })
+}
+
+/// Per channel, `sum m g x_winner` and `sum m g` over the windows, (2, C).
+/// The coefficients only pick winners and masks: they get no gradient, and
+/// are detached so that candle does not wait for one.
+fn pooled_sums(g: &Tensor, x: &Tensor, coefficients: &Tensor) -> Result<Tensor> {
+    let coefficients = coefficients.detach();
+    super::op::apply3(g, x, &coefficients, PooledSums(BlockShape::of(x)?))
+}
+
+/// `[winner, m] g s + x A + B`, full size; coefficients (4, C) = (s, shift, A, B).
+fn pooled_input_grad(g: &Tensor, x: &Tensor, coefficients: &Tensor) -> Result<Tensor> {
+    super::op::apply3(g, x, coefficients, PooledInputGrad(BlockShape::of(x)?))
+}
+
+/// `m * values[winner]` for each window: pooled size. `x` and the
+/// coefficients only pick winners and masks (detached, as in `pooled_sums`).
+fn winner_gather(values: &Tensor, x: &Tensor, coefficients: &Tensor) -> Result<Tensor> {
+    let (x, coefficients) = (x.detach(), coefficients.detach());
+    super::op::apply3(values, &x, &coefficients, WinnerGather(BlockShape::of(&x)?))
+}
+
+/// `m * pooled` put on each window's winner, zero elsewhere: full size.
+fn winner_scatter(pooled: &Tensor, x: &Tensor, coefficients: &Tensor) -> Result<Tensor> {
+    let (x, coefficients) = (x.detach(), coefficients.detach());
+    super::op::apply3(
+        pooled,
+        &x,
+        &coefficients,
+        WinnerScatter(BlockShape::of(&x)?),
+    )
+}
+
+/// The sizes of a block's activation `x`: its channels and its pooling.
+#[derive(Debug, Clone, Copy)]
+struct BlockShape {
+    channels: Channels,
+    pool: PoolGeometry,
+}
+
+impl BlockShape {
+    fn of(x: &Tensor) -> Result<Self> {
+        Ok(Self {
+            channels: Channels::of(x)?,
+            pool: PoolGeometry::of(x)?,
+        })
+    }
+
+    fn planes_per_task(&self) -> usize {
+        self.pool.planes_per_task()
+    }
+
+    /// `f(channel, input plane, output plane)` for every plane, in parallel;
+    /// `out` holds planes of `out_plane` elements.
+    fn for_each_plane<T: WithDType>(
+        &self,
+        x: &[T],
+        out: &mut [T],
+        out_plane: usize,
+        f: impl Fn(usize, &[T], &mut [T]) + Sync,
+    ) {
+        let channels = self.channels.channels;
+        out.par_chunks_mut(out_plane)
+            .zip(x.par_chunks(self.pool.in_plane()))
+            .enumerate()
+            .with_min_len(self.planes_per_task())
+            .for_each(|(index, (out, plane))| f(index % channels, plane, out));
+    }
+
+    /// `f(window, offset of its winner in the plane, whether the winner passed
+    /// the ReLU)` for each window of one plane, by `z = x * scale + shift`.
+    #[inline(always)]
+    fn for_each_winner<T: WithDType>(
+        &self,
+        plane: &[T],
+        (scale, shift): (T, T),
+        mut f: impl FnMut(usize, usize, bool),
+    ) {
+        let width = self.pool.dims.3;
+        let (out_h, out_w) = self.pool.out_hw();
+        for oy in 0..out_h {
+            let (top, bottom) = self.pool.row_pair(plane, oy);
+            for ox in 0..out_w {
+                let z = |row: &[T], i: usize| row[2 * ox + i] * scale + shift;
+                let (z_top, z_bottom) = ([z(top, 0), z(top, 1)], [z(bottom, 0), z(bottom, 1)]);
+                let [_, b, c, d] = winner(&z_top, &z_bottom);
+                // Arithmetic on the flags, not branches (see `winner`).
+                let offset = 2 * oy * width
+                    + 2 * ox
+                    + b as usize
+                    + c as usize * width
+                    + d as usize * (width + 1);
+                let best = if b { z_top[1] } else { z_top[0] };
+                let best = if c { z_bottom[0] } else { best };
+                let best = if d { z_bottom[1] } else { best };
+                f(oy * out_w + ox, offset, best > T::zero());
+            }
+        }
+    }
+}
+
+/// Row `row` of a (rows, C) coefficient matrix, at channel `c`.
+fn coefficient<T: WithDType>(coefficients: &[T], channels: usize, row: usize, c: usize) -> T {
+    coefficients[row * channels + c]
+}
+
+struct BatchNormReluPool {
+    shape: BlockShape,
+    eps: f64,
+}
+
+struct PooledSums(BlockShape);
+struct PooledInputGrad(BlockShape);
+struct WinnerGather(BlockShape);
+struct WinnerScatter(BlockShape);
+
+impl Kernel3 for BatchNormReluPool {
+    const NAME: &'static str = "fewshot-batch-norm-relu-pool";
+
+    fn run<T: WithDType>(&self, x: &[T], gamma: &[T], beta: &[T]) -> Vec<T> {
+        let shape = &self.shape;
+        let c = shape.channels.channels;
+        let moments = Moments(shape.channels).run(x);
+        let (scale, shift): (Vec<T>, Vec<T>) = (0..c)
+            .map(|i| {
+                let (mean, var) = (moments[i].to_f64(), moments[c + i].to_f64());
+                let s = gamma[i].to_f64() / (var + self.eps).sqrt();
+                (T::from_f64(s), T::from_f64(beta[i].to_f64() - mean * s))
+            })
+            .unzip();
+        let out_plane = shape.pool.out_plane();
+        let out_w = shape.pool.out_hw().1;
+        let mut out = vec![T::zero(); x.len() / shape.pool.in_plane() * out_plane];
+        shape.for_each_plane(x, &mut out, out_plane, |ch, plane, out| {
+            let (a, b) = (scale[ch], shift[ch]);
+            let max = |p: T, q: T| if q > p { q } else { p };
+            for (oy, out) in out.chunks_exact_mut(out_w).enumerate() {
+                let (top, bottom) = shape.pool.row_pair(plane, oy);
+                let windows = top.chunks_exact(2).zip(bottom.chunks_exact(2));
+                for ((top, bottom), out) in windows.zip(out) {
+                    // ReLU is monotone: the max of the ReLUs is the ReLU of the max.
+                    let z = max(
+                        max(top[0] * a + b, top[1] * a + b),
+                        max(bottom[0] * a + b, bottom[1] * a + b),
+                    );
+                    *out = max(z, T::zero());
+                }
+            }
+        });
+        out
+    }
+
+    fn shape(&self, _: &Shape) -> Shape {
+        self.shape.pool.output_shape()
+    }
+
+    fn backward(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        _out: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let channels = self.shape.channels;
+        let count = (channels.batch * channels.plane) as f64;
+        let moments = channel_moments(x)?;
+        let (mean, var) = (moments.get(0)?, moments.get(1)?);
+        let inv_std = (var + self.eps)?.sqrt()?.recip()?;
+        let scale = gamma.mul(&inv_std)?;
+        let shift = beta.sub(&mean.mul(&scale)?)?;
+        let sums = pooled_sums(grad, x, &Tensor::stack(&[&scale, &shift], 0)?)?;
+        let d_beta = sums.get(1)?;
+        let d_gamma = inv_std.mul(&(sums.get(0)? - mean.mul(&d_beta)?)?)?;
+        let dx = match x.track_op() {
+            true => {
+                let a = (scale.mul(&inv_std)?.mul(&d_gamma)? / -count)?;
+                let b = ((scale.mul(&d_beta)? / -count)? - a.mul(&mean)?)?;
+                let coefficients = Tensor::stack(&[scale, shift, a, b], 0)?;
+                Some(pooled_input_grad(grad, x, &coefficients)?)
+            }
+            false => None,
+        };
+        let d_gamma = gamma.track_op().then_some(d_gamma);
+        let d_beta = beta.track_op().then_some(d_beta);
+        Ok((dx, d_gamma, d_beta))
+    }
+}
+
+impl Kernel3 for PooledSums {
+    const NAME: &'static str = "fewshot-pooled-sums";
+
+    fn run<T: WithDType>(&self, g: &[T], x: &[T], coefficients: &[T]) -> Vec<T> {
+        let shape = &self.0;
+        let c = shape.channels.channels;
+        let (in_plane, out_plane) = (shape.pool.in_plane(), shape.pool.out_plane());
+        let sums = shape.channels.reduce(|ch, at| {
+            let plane = &x[at..at + in_plane];
+            let first = at / in_plane * out_plane;
+            let g = &g[first..first + out_plane];
+            let ab = (
+                coefficient(coefficients, c, 0, ch),
+                coefficient(coefficients, c, 1, ch),
+            );
+            let (mut dot, mut sum) = (0.0, 0.0);
+            shape.for_each_winner(plane, ab, |window, offset, passed| {
+                if passed {
+                    let g = g[window].to_f64();
+                    dot += g * plane[offset].to_f64();
+                    sum += g;
+                }
+            });
+            [dot, sum]
+        });
+        let dots = sums.iter().map(|[dot, _]| T::from_f64(*dot));
+        dots.chain(sums.iter().map(|[_, sum]| T::from_f64(*sum)))
+            .collect()
+    }
+
+    fn shape(&self, _: &Shape) -> Shape {
+        (2, self.0.channels.channels).into()
+    }
+
+    /// With u = (u_dot, u_sum): d/dg = m (x_winner u_dot + u_sum), d/dx = u_dot m g on the winners.
+    fn backward(
+        &self,
+        g: &Tensor,
+        x: &Tensor,
+        coefficients: &Tensor,
+        _out: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (u_dot, u_sum) = (grad.get(0)?, grad.get(1)?);
+        let dg = gradient_if(g, || {
+            winner_gather(&channel_affine(x, &u_dot, &u_sum)?, x, coefficients)
+        })?;
+        let dx = gradient_if(x, || {
+            let scaled = channel_affine(g, &u_dot, &u_dot.zeros_like()?)?;
+            winner_scatter(&scaled, x, coefficients)
+        })?;
+        Ok((dg, dx, None))
+    }
+}
+
+impl Kernel3 for PooledInputGrad {
+    const NAME: &'static str = "fewshot-pooled-input-grad";
+
+    fn run<T: WithDType>(&self, g: &[T], x: &[T], coefficients: &[T]) -> Vec<T> {
+        let shape = &self.0;
+        let c = shape.channels.channels;
+        let (in_plane, out_plane) = (shape.pool.in_plane(), shape.pool.out_plane());
+        let task = shape.planes_per_task();
+        // SAFETY: every plane is written whole by its affine pass (winners rewritten).
+        unsafe {
+            filled_by(x.len(), |dx| {
+                dx.par_chunks_mut(in_plane)
+                    .zip(x.par_chunks(in_plane))
+                    .zip(g.par_chunks(out_plane))
+                    .enumerate()
+                    .with_min_len(task)
+                    .for_each(|(index, ((dx, plane), g))| {
+                        let ch = index % c;
+                        let [s, shift, a, b] =
+                            [0, 1, 2, 3].map(|row| coefficient(coefficients, c, row, ch));
+                        for (d, &v) in dx.iter_mut().zip(plane) {
+                            d.write(v * a + b);
+                        }
+                        shape.for_each_winner(plane, (s, shift), |window, offset, passed| {
+                            if passed {
+                                dx[offset].write(plane[offset] * a + b + g[window] * s);
+                            }
+                        });
+                    })
+            })
+        }
+    }
+
+    fn shape(&self, _: &Shape) -> Shape {
+        self.0.pool.input_shape()
+    }
+
+    /// Linear in `g`, and in `x` but for the winners and mask:
+    /// d/dg = m s u_winner, d/dx = u A, d/ds = sum [winner, m] g u,
+    /// d/dshift = 0, d/dA = sum u x, d/dB = sum u.
+    fn backward(
+        &self,
+        g: &Tensor,
+        x: &Tensor,
+        coefficients: &Tensor,
+        _out: &Tensor,
+        upstream: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (scale, a) = (coefficients.get(0)?, coefficients.get(2)?);
+        let zero = scale.zeros_like()?;
+        let dg = gradient_if(g, || {
+            winner_gather(&channel_affine(upstream, &scale, &zero)?, x, coefficients)
+        })?;
+        let dx = gradient_if(x, || channel_affine(upstream, &a, &zero))?;
+        let d_coefficients = gradient_if(coefficients, || {
+            let d_scale = channel_dot(&winner_scatter(g, x, coefficients)?, upstream)?;
+            let d_a = channel_dot(upstream, x)?;
+            let d_b = channel_sum(upstream)?;
+            Tensor::stack(&[d_scale, zero.clone(), d_a, d_b], 0)
+        })?;
+        Ok((dg, dx, d_coefficients))
+    }
+}
+
+impl Kernel3 for WinnerGather {
+    const NAME: &'static str = "fewshot-winner-gather";
+
+    fn run<T: WithDType>(&self, values: &[T], x: &[T], coefficients: &[T]) -> Vec<T> {
+        let shape = &self.0;
+        let c = shape.channels.channels;
+        let (in_plane, out_plane) = (shape.pool.in_plane(), shape.pool.out_plane());
+        let mut out = vec![T::zero(); x.len() / in_plane * out_plane];
+        out.par_chunks_mut(out_plane)
+            .zip(x.par_chunks(in_plane))
+            .zip(values.par_chunks(in_plane))
+            .enumerate()
+            .with_min_len(shape.planes_per_task())
+            .for_each(|(index, ((out, plane), values))| {
+                let ch = index % c;
+                let ab = (
+                    coefficient(coefficients, c, 0, ch),
+                    coefficient(coefficients, c, 1, ch),
+                );
+                shape.for_each_winner(plane, ab, |window, offset, passed| {
+                    out[window] = if passed { values[offset] } else { T::zero() };
+                });
+            });
+        out
+    }
+
+    fn shape(&self, _: &Shape) -> Shape {
+        self.0.pool.output_shape()
+    }
+
+    fn backward(
+        &self,
+        values: &Tensor,
+        x: &Tensor,
+        coefficients: &Tensor,
+        _out: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let d_values = gradient_if(values, || winner_scatter(grad, x, coefficients))?;
+        Ok((d_values, None, None))
+    }
+}
+
+impl Kernel3 for WinnerScatter {
+    const NAME: &'static str = "fewshot-winner-scatter";
+
+    fn run<T: WithDType>(&self, pooled: &[T], x: &[T], coefficients: &[T]) -> Vec<T> {
+        let shape = &self.0;
+        let c = shape.channels.channels;
+        let (in_plane, out_plane) = (shape.pool.in_plane(), shape.pool.out_plane());
+        let mut out = vec![T::zero(); x.len()];
+        out.par_chunks_mut(in_plane)
+            .zip(x.par_chunks(in_plane))
+            .zip(pooled.par_chunks(out_plane))
+            .enumerate()
+            .with_min_len(shape.planes_per_task())
+            .for_each(|(index, ((out, plane), pooled))| {
+                let ch = index % c;
+                let ab = (
+                    coefficient(coefficients, c, 0, ch),
+                    coefficient(coefficients, c, 1, ch),
+                );
+                shape.for_each_winner(plane, ab, |window, offset, passed| {
+                    if passed {
+                        out[offset] = pooled[window];
+                    }
+                });
+            });
+        out
+    }
+
+    fn shape(&self, _: &Shape) -> Shape {
+        self.0.pool.input_shape()
+    }
+
+    fn backward(
+        &self,
+        pooled: &Tensor,
+        x: &Tensor,
+        coefficients: &Tensor,
+        _out: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let d_pooled = gradient_if(pooled, || winner_gather(grad, x, coefficients))?;
+        Ok((d_pooled, None, None))
+    }
+}

@@ -30,6 +30,7 @@ fn report(loaded: &datasets::Loaded) -> Value {
         "image_shape": [c, h, w],
         "load_seconds": loaded.load_time.as_secs_f64(),
         "cache": loaded.cache.map(cache_name),
+        "normalize": data.store.normalization(),
     });
     match &loaded.omniglot {
         Some(omniglot) => {
@@ -101,6 +102,13 @@ fn print_text(report: &Value) {
         "images      {} of shape {}",
         report["images"], report["image_shape"]
     );
+    match report["normalize"].as_object() {
+        Some(n) => println!(
+            "normalize   (v / 255 - mean) / std, mean {} std {}",
+            n["mean"], n["std"]
+        ),
+        None => println!("normalize   none (v / 255)"),
+    }
     if let Some(alphabets) = report.get("alphabets") {
         println!("alphabets   {alphabets}");
         println!("characters  {}", report["characters"]);

@@ -304,6 +304,10 @@ struct DataArgs {
     /// Decode every image again instead of using the cache.
     #[arg(long)]
     no_cache: bool,
+    /// Named per-channel statistics the inputs are normalised with, as a
+    /// config's `data.normalize` (`imagenet`); default: none (v / 255).
+    #[arg(long)]
+    normalize: Option<String>,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -334,6 +338,7 @@ impl DataArgs {
             root: self.root.clone(),
             image_size: self.image_size,
             cache: !self.no_cache,
+            normalize: self.normalize.clone().map(config::NormalizeSetting::Named),
             ..DataConfig::default()
         }
     }

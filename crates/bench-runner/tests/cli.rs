@@ -70,6 +70,26 @@ fn inspect_runs_on_the_built_in_dataset() {
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["dataset"], "synthetic");
     assert_eq!(report["splits"]["default"]["train"], 400);
+    assert!(report["normalize"].is_null(), "{report}");
+}
+
+#[test]
+fn inspect_checks_the_normalisation_against_the_images() {
+    // The built-in glyphs are grey: ImageNet's three channel statistics do not fit.
+    let out = fewshot(&["data", "inspect", "--normalize", "imagenet"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("data.normalize") && stderr.contains("1 channel"),
+        "{stderr}"
+    );
+    let out = fewshot(&["data", "inspect", "--normalize", "imagenett"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("\"imagenett\"") && stderr.contains("\"imagenet\""),
+        "{stderr}"
+    );
 }
 
 #[test]

@@ -40,6 +40,42 @@ fn input_grad(g: &Tensor, x: &Tensor, coefficients: &Tensor) -> Result<Tensor> {
     super::op::apply3(g, x, coefficients, InputGrad(Channels::of(x)?))
 }
 
+/// The gradients of batch norm with batch statistics followed by ReLU (and
+/// maybe more), given `sums`, the per-channel `[sum m g x, sum m g]` of the
+/// gradient `g` reaching the pixels that passed (from the mask coefficients
+/// `(s, shift)`, (2, C)), and `input_grad`, dx from the coefficients
+/// `(s, shift, A, B)`, (4, C). Built from differentiable ops, so second order
+/// is exact whenever `sums` and `input_grad` are.
+#[allow(clippy::type_complexity)]
+pub(super) fn backward_with_statistics(
+    x: &Tensor,
+    (gamma, beta, eps): (&Tensor, &Tensor, f64),
+    sums: impl FnOnce(&Tensor) -> Result<Tensor>,
+    input_grad: impl FnOnce(&Tensor) -> Result<Tensor>,
+) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    let channels = Channels::of(x)?;
+    let count = (channels.batch * channels.plane) as f64;
+    let moments = channel_moments(x)?;
+    let (mean, var) = (moments.get(0)?, moments.get(1)?);
+    let inv_std = (var + eps)?.sqrt()?.recip()?;
+    let scale = gamma.mul(&inv_std)?;
+    let shift = beta.sub(&mean.mul(&scale)?)?;
+    let sums = sums(&Tensor::stack(&[&scale, &shift], 0)?)?;
+    let d_beta = sums.get(1)?;
+    let d_gamma = inv_std.mul(&(sums.get(0)? - mean.mul(&d_beta)?)?)?;
+    let dx = match x.track_op() {
+        true => {
+            let a = (scale.mul(&inv_std)?.mul(&d_gamma)? / -count)?;
+            let b = ((scale.mul(&d_beta)? / -count)? - a.mul(&mean)?)?;
+            Some(input_grad(&Tensor::stack(&[scale, shift, a, b], 0)?)?)
+        }
+        false => None,
+    };
+    let d_gamma = gamma.track_op().then_some(d_gamma);
+    let d_beta = beta.track_op().then_some(d_beta);
+    Ok((dx, d_gamma, d_beta))
+}
+
 struct BatchNormRelu {
     channels: Channels,
     eps: f64,
@@ -80,27 +116,12 @@ impl Kernel3 for BatchNormRelu {
         out: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let count = (self.channels.batch * self.channels.plane) as f64;
-        let moments = channel_moments(x)?;
-        let (mean, var) = (moments.get(0)?, moments.get(1)?);
-        let inv_std = (var + self.eps)?.sqrt()?.recip()?;
-        let scale = gamma.mul(&inv_std)?;
-        let sums = masked_sums(grad, x, out)?;
-        let d_beta = sums.get(1)?;
-        let d_gamma = inv_std.mul(&(sums.get(0)? - mean.mul(&d_beta)?)?)?;
-        let dx = match x.track_op() {
-            true => {
-                let shift = beta.sub(&mean.mul(&scale)?)?;
-                let a = (scale.mul(&inv_std)?.mul(&d_gamma)? / -count)?;
-                let b = ((scale.mul(&d_beta)? / -count)? - a.mul(&mean)?)?;
-                let coefficients = Tensor::stack(&[scale, shift, a, b], 0)?;
-                Some(input_grad(grad, x, &coefficients)?)
-            }
-            false => None,
-        };
-        let d_gamma = gamma.track_op().then_some(d_gamma);
-        let d_beta = beta.track_op().then_some(d_beta);
-        Ok((dx, d_gamma, d_beta))
+        backward_with_statistics(
+            x,
+            (gamma, beta, self.eps),
+            |_| masked_sums(grad, x, out),
+            |coefficients| input_grad(grad, x, coefficients),
+        )
     }
 }
 

@@ -28,9 +28,8 @@
 use candle_core::{Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
-use super::channel::{
-    channel_affine, channel_dot, channel_moments, channel_sum, Channels, Moments,
-};
+use super::batch_norm::backward_with_statistics;
+use super::channel::{channel_affine, channel_dot, channel_sum, Channels, Moments};
 use super::filled_by;
 use super::op::{gradient_if, Kernel1, Kernel3};
 use super::pool::{winner, PoolGeometry};
@@ -114,6 +113,24 @@ impl BlockShape {
             .for_each(|(index, (out, plane))| f(index % channels, plane, out));
     }
 
+    /// `f(channel, plane of x, plane of other, plane of out)` for every plane,
+    /// in parallel: `other` and `out` hold planes of the given sizes.
+    fn for_each_plane_with<T: WithDType, O: Send>(
+        &self,
+        x: &[T],
+        (other, other_plane): (&[T], usize),
+        (out, out_plane): (&mut [O], usize),
+        f: impl Fn(usize, &[T], &[T], &mut [O]) + Sync,
+    ) {
+        let channels = self.channels.channels;
+        out.par_chunks_mut(out_plane)
+            .zip(x.par_chunks(self.pool.in_plane()))
+            .zip(other.par_chunks(other_plane))
+            .enumerate()
+            .with_min_len(self.planes_per_task())
+            .for_each(|(index, ((out, plane), other))| f(index % channels, plane, other, out));
+    }
+
     /// `f(window, offset of its winner in the plane, whether the winner passed
     /// the ReLU)` for each window of one plane, by `z = x * scale + shift`.
     #[inline(always)]
@@ -149,6 +166,14 @@ impl BlockShape {
 /// Row `row` of a (rows, C) coefficient matrix, at channel `c`.
 fn coefficient<T: WithDType>(coefficients: &[T], channels: usize, row: usize, c: usize) -> T {
     coefficients[row * channels + c]
+}
+
+/// The `(s, shift)` of channel `c` that pick its winners and masks.
+fn mask_coefficients<T: WithDType>(coefficients: &[T], channels: usize, c: usize) -> (T, T) {
+    (
+        coefficient(coefficients, channels, 0, c),
+        coefficient(coefficients, channels, 1, c),
+    )
 }
 
 struct BatchNormReluPool {
@@ -209,28 +234,12 @@ impl Kernel3 for BatchNormReluPool {
         _out: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let channels = self.shape.channels;
-        let count = (channels.batch * channels.plane) as f64;
-        let moments = channel_moments(x)?;
-        let (mean, var) = (moments.get(0)?, moments.get(1)?);
-        let inv_std = (var + self.eps)?.sqrt()?.recip()?;
-        let scale = gamma.mul(&inv_std)?;
-        let shift = beta.sub(&mean.mul(&scale)?)?;
-        let sums = pooled_sums(grad, x, &Tensor::stack(&[&scale, &shift], 0)?)?;
-        let d_beta = sums.get(1)?;
-        let d_gamma = inv_std.mul(&(sums.get(0)? - mean.mul(&d_beta)?)?)?;
-        let dx = match x.track_op() {
-            true => {
-                let a = (scale.mul(&inv_std)?.mul(&d_gamma)? / -count)?;
-                let b = ((scale.mul(&d_beta)? / -count)? - a.mul(&mean)?)?;
-                let coefficients = Tensor::stack(&[scale, shift, a, b], 0)?;
-                Some(pooled_input_grad(grad, x, &coefficients)?)
-            }
-            false => None,
-        };
-        let d_gamma = gamma.track_op().then_some(d_gamma);
-        let d_beta = beta.track_op().then_some(d_beta);
-        Ok((dx, d_gamma, d_beta))
+        backward_with_statistics(
+            x,
+            (gamma, beta, self.eps),
+            |mask| pooled_sums(grad, x, mask),
+            |coefficients| pooled_input_grad(grad, x, coefficients),
+        )
     }
 }
 
@@ -245,18 +254,18 @@ impl Kernel3 for PooledSums {
             let plane = &x[at..at + in_plane];
             let first = at / in_plane * out_plane;
             let g = &g[first..first + out_plane];
-            let ab = (
-                coefficient(coefficients, c, 0, ch),
-                coefficient(coefficients, c, 1, ch),
-            );
             let (mut dot, mut sum) = (0.0, 0.0);
-            shape.for_each_winner(plane, ab, |window, offset, passed| {
-                if passed {
-                    let g = g[window].to_f64();
-                    dot += g * plane[offset].to_f64();
-                    sum += g;
-                }
-            });
+            shape.for_each_winner(
+                plane,
+                mask_coefficients(coefficients, c, ch),
+                |window, offset, passed| {
+                    if passed {
+                        let g = g[window].to_f64();
+                        dot += g * plane[offset].to_f64();
+                        sum += g;
+                    }
+                },
+            );
             [dot, sum]
         });
         let dots = sums.iter().map(|[dot, _]| T::from_f64(*dot));
@@ -296,28 +305,21 @@ impl Kernel3 for PooledInputGrad {
         let shape = &self.0;
         let c = shape.channels.channels;
         let (in_plane, out_plane) = (shape.pool.in_plane(), shape.pool.out_plane());
-        let task = shape.planes_per_task();
         // SAFETY: every plane is written whole by its affine pass (winners rewritten).
         unsafe {
             filled_by(x.len(), |dx| {
-                dx.par_chunks_mut(in_plane)
-                    .zip(x.par_chunks(in_plane))
-                    .zip(g.par_chunks(out_plane))
-                    .enumerate()
-                    .with_min_len(task)
-                    .for_each(|(index, ((dx, plane), g))| {
-                        let ch = index % c;
-                        let [s, shift, a, b] =
-                            [0, 1, 2, 3].map(|row| coefficient(coefficients, c, row, ch));
-                        for (d, &v) in dx.iter_mut().zip(plane) {
-                            d.write(v * a + b);
+                shape.for_each_plane_with(x, (g, out_plane), (dx, in_plane), |ch, plane, g, dx| {
+                    let [s, shift, a, b] =
+                        [0, 1, 2, 3].map(|row| coefficient(coefficients, c, row, ch));
+                    for (d, &v) in dx.iter_mut().zip(plane) {
+                        d.write(v * a + b);
+                    }
+                    shape.for_each_winner(plane, (s, shift), |window, offset, passed| {
+                        if passed {
+                            dx[offset].write(plane[offset] * a + b + g[window] * s);
                         }
-                        shape.for_each_winner(plane, (s, shift), |window, offset, passed| {
-                            if passed {
-                                dx[offset].write(plane[offset] * a + b + g[window] * s);
-                            }
-                        });
-                    })
+                    });
+                })
             })
         }
     }
@@ -361,21 +363,20 @@ impl Kernel3 for WinnerGather {
         let c = shape.channels.channels;
         let (in_plane, out_plane) = (shape.pool.in_plane(), shape.pool.out_plane());
         let mut out = vec![T::zero(); x.len() / in_plane * out_plane];
-        out.par_chunks_mut(out_plane)
-            .zip(x.par_chunks(in_plane))
-            .zip(values.par_chunks(in_plane))
-            .enumerate()
-            .with_min_len(shape.planes_per_task())
-            .for_each(|(index, ((out, plane), values))| {
-                let ch = index % c;
-                let ab = (
-                    coefficient(coefficients, c, 0, ch),
-                    coefficient(coefficients, c, 1, ch),
+        shape.for_each_plane_with(
+            x,
+            (values, in_plane),
+            (&mut out, out_plane),
+            |ch, plane, values, out| {
+                shape.for_each_winner(
+                    plane,
+                    mask_coefficients(coefficients, c, ch),
+                    |window, offset, passed| {
+                        out[window] = if passed { values[offset] } else { T::zero() };
+                    },
                 );
-                shape.for_each_winner(plane, ab, |window, offset, passed| {
-                    out[window] = if passed { values[offset] } else { T::zero() };
-                });
-            });
+            },
+        );
         out
     }
 
@@ -404,23 +405,22 @@ impl Kernel3 for WinnerScatter {
         let c = shape.channels.channels;
         let (in_plane, out_plane) = (shape.pool.in_plane(), shape.pool.out_plane());
         let mut out = vec![T::zero(); x.len()];
-        out.par_chunks_mut(in_plane)
-            .zip(x.par_chunks(in_plane))
-            .zip(pooled.par_chunks(out_plane))
-            .enumerate()
-            .with_min_len(shape.planes_per_task())
-            .for_each(|(index, ((out, plane), pooled))| {
-                let ch = index % c;
-                let ab = (
-                    coefficient(coefficients, c, 0, ch),
-                    coefficient(coefficients, c, 1, ch),
+        shape.for_each_plane_with(
+            x,
+            (pooled, out_plane),
+            (&mut out, in_plane),
+            |ch, plane, pooled, out| {
+                shape.for_each_winner(
+                    plane,
+                    mask_coefficients(coefficients, c, ch),
+                    |window, offset, passed| {
+                        if passed {
+                            out[offset] = pooled[window];
+                        }
+                    },
                 );
-                shape.for_each_winner(plane, ab, |window, offset, passed| {
-                    if passed {
-                        out[offset] = pooled[window];
-                    }
-                });
-            });
+            },
+        );
         out
     }
 

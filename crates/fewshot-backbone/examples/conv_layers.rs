@@ -28,7 +28,8 @@ fn median_ms(mut f: impl FnMut() -> candle_core::Result<Tensor>) -> candle_core:
 fn main() -> candle_core::Result<()> {
     let device = Device::Cpu;
     // (batch, in channels, side, out channels, stride) of conv-4 layers on
-    // 28x28 Omniglot (max-pooling and stride-2 nets) and 84x84 miniImageNet.
+    // 28x28 Omniglot (max-pooling and stride-2 nets, a MAML support set of
+    // 5), 105x105 Omniglot and 84x84 miniImageNet.
     let layers = [
         (80, 1, 28, 64, 1),
         (80, 64, 14, 64, 1),
@@ -36,6 +37,11 @@ fn main() -> candle_core::Result<()> {
         (75, 1, 28, 64, 2),
         (75, 64, 14, 64, 2),
         (75, 64, 7, 64, 2),
+        (5, 64, 14, 64, 2),
+        (5, 64, 7, 64, 2),
+        (80, 64, 52, 64, 1),
+        (80, 64, 26, 64, 1),
+        (80, 64, 13, 64, 1),
         (80, 3, 84, 32, 1),
         (80, 32, 42, 32, 1),
     ];

@@ -70,6 +70,38 @@ fn convolution_matches_candle_on_odd_sizes_strides_and_paddings() {
 }
 
 #[test]
+fn channels_last_convolution_matches_candle() {
+    // 8 input channels and at least 256 output pixels a weight: the kernels
+    // unfold the input channels-last. Odd sizes, strides and paddings, one
+    // and several images a chunk, and a per-sample weight.
+    for (batch, stride, padding, h, w, k) in [
+        (5, 1, 0, 9, 11, 3),
+        (12, 2, 1, 9, 11, 3),
+        (24, 3, 2, 8, 7, 3),
+        (3, 1, 2, 12, 10, 5),
+    ] {
+        let kernel: Op = Rc::new(move |t| Ok(kernels::conv2d(&t[0], &t[1], stride, padding)?));
+        let reference: Op = Rc::new(move |t| candle_path::conv2d(&t[0], &t[1], stride, padding));
+        agree(
+            &format!("channels-last conv2d batch {batch} stride {stride} padding {padding} {h}x{w} kernel {k}"),
+            kernel,
+            reference,
+            &[&[batch, 8, h, w], &[4, 8, k, k]],
+            (batch * 100 + stride * 10 + padding) as u64,
+        );
+    }
+    let kernel: Op = Rc::new(|t| Ok(kernels::conv2d_per_sample(&t[0], &t[1], 1, 1)?));
+    let reference: Op = Rc::new(|t| candle_path::conv2d_per_sample(&t[0], &t[1], 1));
+    agree(
+        "channels-last conv2d_per_sample",
+        kernel,
+        reference,
+        &[&[2, 8, 16, 17], &[2, 4, 8, 3, 3]],
+        17,
+    );
+}
+
+#[test]
 fn per_sample_convolution_matches_candle() {
     // One image (its products use every thread), and several (images in
     // parallel); odd sizes and paddings.

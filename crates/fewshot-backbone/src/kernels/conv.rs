@@ -10,7 +10,8 @@
 //! on these kernels.
 //!
 //! Images are processed in chunks: a chunk's im2col matrix (patch length x
-//! the chunk's output pixels) stays in cache while one product consumes it.
+//! the chunk's output pixels, in one of the two layouts of `unfold.rs`)
+//! stays in cache while one product consumes it.
 //! Chunks run in parallel when there are enough of them; otherwise the single
 //! product uses every thread.
 
@@ -21,8 +22,9 @@ use candle_core::{bail, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
 use super::filled_by;
-use super::gemm::{matmul, matmul_uninit, MatRef};
+use super::gemm::{matmul, MatRef};
 use super::op::{apply2, gradient_if, Kernel2};
+use super::unfold::Unfolding;
 
 /// Columns (output pixels) per chunk the kernels aim for: on this kind of
 /// machine the 64-channel layers of conv-4 ran 10-30% slower with chunks of
@@ -50,7 +52,7 @@ pub struct ConvGeometry {
 impl ConvGeometry {
     /// The geometry of an (N, Cin, H, W) input and (Cout, KH, KW) kernels,
     /// checked: the kernel fits the padded input and the stride is positive.
-    fn new(
+    pub(super) fn new(
         (batch, in_channels, in_h, in_w): (usize, usize, usize, usize),
         (out_channels, kernel_h, kernel_w): (usize, usize, usize),
         stride: usize,
@@ -92,17 +94,22 @@ impl ConvGeometry {
         (self.in_w + 2 * self.padding - self.kernel_w) / self.stride + 1
     }
 
-    fn out_pixels(&self) -> usize {
+    pub(super) fn out_pixels(&self) -> usize {
         self.out_h() * self.out_w()
     }
 
-    fn in_pixels(&self) -> usize {
+    pub(super) fn in_pixels(&self) -> usize {
         self.in_h * self.in_w
     }
 
-    /// Length of one im2col column: one input patch.
-    fn patch_len(&self) -> usize {
-        self.in_channels * self.kernel_h * self.kernel_w
+    /// Length of one input patch: a column of the unfolded input.
+    pub(super) fn patch_len(&self) -> usize {
+        self.in_channels * self.taps()
+    }
+
+    /// Taps of the kernel: `kernel_h * kernel_w`.
+    pub(super) fn taps(&self) -> usize {
+        self.kernel_h * self.kernel_w
     }
 
     /// Multiply-adds of the forward pass, times two. Each gradient costs the same.
@@ -345,32 +352,18 @@ impl Kernel2 for WeightGrad {
 
 fn forward<T: WithDType>(g: &ConvGeometry, x: &[T], weight: &[T]) -> Vec<T> {
     super::count_flops(g.flops());
-    let taps = TapTable::new(g);
+    let unfolding = Unfolding::new::<T>(g);
+    let weight = unfolding.weight(g, weight);
     let (pixels, patch) = (g.out_pixels(), g.patch_len());
     let per_chunk = g.images_per_chunk();
     let parallel = g.parallel_chunks();
     // Each chunk of the output is one chunk of images' product, written whole.
     let run = |(chunk, out): (usize, &mut [MaybeUninit<T>])| {
         let first = chunk * per_chunk;
-        let weight = MatRef::row_major(g.weight_of(weight, first), g.out_channels, patch);
+        let weight = MatRef::row_major(g.weight_of(&weight, first), g.out_channels, patch);
         let images = out.len() / (g.out_channels * pixels);
-        let columns = images * pixels;
-        let cols = im2col(g, &taps, x, first, images);
-        let cols = MatRef::row_major(&cols, patch, columns);
-        if images == 1 {
-            // One image's (Cout, pixel) product is its output plane.
-            matmul_uninit(out, weight, cols, !parallel);
-            return;
-        }
-        let product = new_product(weight, cols, !parallel);
-        // (Cout, image, pixel) -> (image, Cout, pixel).
-        for image in 0..images {
-            for channel in 0..g.out_channels {
-                let from = channel * columns + image * pixels;
-                let to = (image * g.out_channels + channel) * pixels;
-                out[to..to + pixels].write_copy_of_slice(&product[from..from + pixels]);
-            }
-        }
+        let cols = unfolding.unfold(g, x, first, images);
+        unfolding.output(g, weight, &cols, out, !parallel);
     };
     let chunk_len = per_chunk * g.out_channels * pixels;
     // SAFETY: the chunks cover the output and `run` writes each whole.
@@ -382,46 +375,38 @@ fn forward<T: WithDType>(g: &ConvGeometry, x: &[T], weight: &[T]) -> Vec<T> {
     }
 }
 
-/// The product `lhs * rhs` in a new row-major vector.
-fn new_product<T: WithDType>(lhs: MatRef<'_, T>, rhs: MatRef<'_, T>, parallel: bool) -> Vec<T> {
-    // SAFETY: `matmul_uninit` writes every element of its destination.
-    unsafe {
-        filled_by(lhs.rows() * rhs.cols(), |dst| {
-            matmul_uninit(dst, lhs, rhs, parallel)
-        })
-    }
-}
-
 fn input_grad<T: WithDType>(g: &ConvGeometry, grad_out: &[T], weight: &[T]) -> Vec<T> {
     super::count_flops(g.flops());
-    let taps = TapTable::new(g);
+    let unfolding = Unfolding::new::<T>(g);
+    let weight = unfolding.weight(g, weight);
     let (pixels, patch) = (g.out_pixels(), g.patch_len());
     let image_len = g.in_channels * g.in_pixels();
     let per_chunk = g.images_per_chunk();
     let parallel = g.parallel_chunks();
-    let mut dx = vec![T::zero(); g.batch * image_len];
-    let run = |(chunk, dx): (usize, &mut [T])| {
+    let run = |(chunk, dx): (usize, &mut [MaybeUninit<T>])| {
         let first = chunk * per_chunk;
-        let weight_t = MatRef::row_major(g.weight_of(weight, first), g.out_channels, patch).t();
+        let weight = MatRef::row_major(g.weight_of(&weight, first), g.out_channels, patch);
         let images = dx.len() / image_len;
         let columns = images * pixels;
         let grad = gather_columns(g, grad_out, first, images);
         let grad = MatRef::row_major(&grad, g.out_channels, columns);
-        let cols = new_product(weight_t, grad, !parallel);
-        col2im(g, &taps, &cols, images, dx);
+        let cols = unfolding.patch_gradients(weight, grad, !parallel);
+        unfolding.fold(g, &cols, images, dx);
     };
     let chunk_len = per_chunk * image_len;
-    match parallel {
-        true => dx.par_chunks_mut(chunk_len).enumerate().for_each(run),
-        false => dx.chunks_mut(chunk_len).enumerate().for_each(run),
+    // SAFETY: the chunks cover `dx` and `fold` writes every image of its chunk.
+    unsafe {
+        filled_by(g.batch * image_len, |dx| match parallel {
+            true => dx.par_chunks_mut(chunk_len).enumerate().for_each(run),
+            false => dx.chunks_mut(chunk_len).enumerate().for_each(run),
+        })
     }
-    dx
 }
 
 fn weight_grad<T: WithDType>(g: &ConvGeometry, x: &[T], grad_out: &[T]) -> Vec<T> {
     super::count_flops(g.flops());
-    let taps = TapTable::new(g);
-    let (pixels, patch) = (g.out_pixels(), g.patch_len());
+    let unfolding = Unfolding::new::<T>(g);
+    let pixels = g.out_pixels();
     let per_chunk = g.images_per_chunk();
     let parallel = g.parallel_chunks();
     let weight_len = g.weight_len();
@@ -429,12 +414,12 @@ fn weight_grad<T: WithDType>(g: &ConvGeometry, x: &[T], grad_out: &[T]) -> Vec<T
         // Each image's own weight gradient: one product per image, no sum.
         let mut dw = vec![T::zero(); g.batch * weight_len];
         let run = |(image, dw): (usize, &mut [T])| {
-            let cols = im2col(g, &taps, x, image, 1);
+            let cols = unfolding.unfold(g, x, image, 1);
             let grad = gather_columns(g, grad_out, image, 1);
             matmul(
                 dw,
                 MatRef::row_major(&grad, g.out_channels, pixels),
-                MatRef::row_major(&cols, patch, pixels).t(),
+                unfolding.patches(g, &cols, pixels).t(),
                 false,
                 !parallel,
             );
@@ -443,18 +428,18 @@ fn weight_grad<T: WithDType>(g: &ConvGeometry, x: &[T], grad_out: &[T]) -> Vec<T
             true => dw.par_chunks_mut(weight_len).enumerate().for_each(run),
             false => dw.chunks_mut(weight_len).enumerate().for_each(run),
         }
-        return dw;
+        return unfolding.weight_back(g, dw);
     }
     let accumulate = |mut dw: Vec<T>, chunk: usize| {
         let first = chunk * per_chunk;
         let images = per_chunk.min(g.batch - first);
         let columns = images * pixels;
-        let cols = im2col(g, &taps, x, first, images);
+        let cols = unfolding.unfold(g, x, first, images);
         let grad = gather_columns(g, grad_out, first, images);
         matmul(
             &mut dw,
             MatRef::row_major(&grad, g.out_channels, columns),
-            MatRef::row_major(&cols, patch, columns).t(),
+            unfolding.patches(g, &cols, columns).t(),
             true,
             !parallel,
         );
@@ -462,25 +447,27 @@ fn weight_grad<T: WithDType>(g: &ConvGeometry, x: &[T], grad_out: &[T]) -> Vec<T
     };
     let chunks = g.batch.div_ceil(per_chunk);
     let zeros = || vec![T::zero(); weight_len];
-    if !parallel {
-        return (0..chunks).fold(zeros(), accumulate);
-    }
-    // One contiguous run of chunks per thread, and the runs' sums added in
-    // order. Rayon's own fold would group the chunks as its threads happened
-    // to split the work, so the gradient's rounding, and a resumed run,
-    // would change from one run to the next.
-    let runs = super::threads().min(chunks);
-    let partials: Vec<Vec<T>> = (0..runs)
-        .into_par_iter()
-        .map(|run| (run * chunks / runs..(run + 1) * chunks / runs).fold(zeros(), accumulate))
-        .collect();
-    partials
-        .into_iter()
-        .reduce(|mut total, part| {
-            total.iter_mut().zip(part).for_each(|(t, p)| *t += p);
-            total
-        })
-        .unwrap_or_else(zeros)
+    let dw = if !parallel {
+        (0..chunks).fold(zeros(), accumulate)
+    } else {
+        // One contiguous run of chunks per thread, and the runs' sums added
+        // in order. Rayon's own fold would group the chunks as its threads
+        // happened to split the work, so the gradient's rounding, and a
+        // resumed run, would change from one run to the next.
+        let runs = super::threads().min(chunks);
+        let partials: Vec<Vec<T>> = (0..runs)
+            .into_par_iter()
+            .map(|run| (run * chunks / runs..(run + 1) * chunks / runs).fold(zeros(), accumulate))
+            .collect();
+        partials
+            .into_iter()
+            .reduce(|mut total, part| {
+                total.iter_mut().zip(part).for_each(|(t, p)| *t += p);
+                total
+            })
+            .unwrap_or_else(zeros)
+    };
+    unfolding.weight_back(g, dw)
 }
 
 /// The output gradient of images `first..first + images` as a
@@ -510,145 +497,4 @@ fn gather_columns<'a, T: WithDType>(
         })
     };
     Cow::Owned(grad)
-}
-
-/// Where each kernel tap reads, for every output pixel, in an input plane
-/// surrounded by `padding` zeros: im2col becomes a gather (or, at stride 1, a
-/// copy of whole output rows) with no bounds tests in the inner loop, which
-/// matters for the small planes of few-shot nets (7x7, 4x4).
-struct TapTable {
-    padded_w: usize,
-    padded_len: usize,
-    /// `offsets[tap * pixels + pixel]`, taps in (ky, kx) order.
-    offsets: Vec<usize>,
-}
-
-impl TapTable {
-    fn new(g: &ConvGeometry) -> Self {
-        let padded_w = g.in_w + 2 * g.padding;
-        let padded_len = (g.in_h + 2 * g.padding) * padded_w;
-        let mut offsets = Vec::with_capacity(g.kernel_h * g.kernel_w * g.out_pixels());
-        for ky in 0..g.kernel_h {
-            for kx in 0..g.kernel_w {
-                for oy in 0..g.out_h() {
-                    for ox in 0..g.out_w() {
-                        offsets.push((oy * g.stride + ky) * padded_w + ox * g.stride + kx);
-                    }
-                }
-            }
-        }
-        Self {
-            padded_w,
-            padded_len,
-            offsets,
-        }
-    }
-
-    /// Copies `plane` into the interior of `padded` (whose border stays zero).
-    fn pad<T: WithDType>(&self, g: &ConvGeometry, plane: &[T], padded: &mut [T]) {
-        for (y, row) in plane.chunks_exact(g.in_w).enumerate() {
-            let start = (y + g.padding) * self.padded_w + g.padding;
-            padded[start..start + g.in_w].copy_from_slice(row);
-        }
-    }
-
-    /// Adds the interior of `padded` onto `plane`.
-    fn unpad_add<T: WithDType>(&self, g: &ConvGeometry, padded: &[T], plane: &mut [T]) {
-        for (y, row) in plane.chunks_exact_mut(g.in_w).enumerate() {
-            let start = (y + g.padding) * self.padded_w + g.padding;
-            row.iter_mut()
-                .zip(&padded[start..start + g.in_w])
-                .for_each(|(d, &v)| *d += v);
-        }
-    }
-}
-
-/// Images `first..first + images` of `x` unfolded into a new (patch length,
-/// image * pixel) matrix: row (channel, ky, kx), column (image, oy, ox).
-fn im2col<T: WithDType>(
-    g: &ConvGeometry,
-    taps: &TapTable,
-    x: &[T],
-    first: usize,
-    images: usize,
-) -> Vec<T> {
-    let columns = images * g.out_pixels();
-    // SAFETY: `unfold` writes every (row, image) block of the matrix.
-    unsafe {
-        filled_by(g.patch_len() * columns, |cols| {
-            unfold(g, taps, x, first, images, cols)
-        })
-    }
-}
-
-fn unfold<T: WithDType>(
-    g: &ConvGeometry,
-    taps: &TapTable,
-    x: &[T],
-    first: usize,
-    images: usize,
-    cols: &mut [MaybeUninit<T>],
-) {
-    let (pixels, out_w) = (g.out_pixels(), g.out_w());
-    let columns = images * pixels;
-    let tap_count = g.kernel_h * g.kernel_w;
-    let mut padded = vec![T::zero(); taps.padded_len];
-    for image in 0..images {
-        for channel in 0..g.in_channels {
-            let plane = ((first + image) * g.in_channels + channel) * g.in_pixels();
-            taps.pad(g, &x[plane..plane + g.in_pixels()], &mut padded);
-            for tap in 0..tap_count {
-                let row = channel * tap_count + tap;
-                let dst = &mut cols[row * columns + image * pixels..][..pixels];
-                let offsets = &taps.offsets[tap * pixels..(tap + 1) * pixels];
-                if g.stride == 1 {
-                    for (dst, offsets) in
-                        dst.chunks_exact_mut(out_w).zip(offsets.chunks_exact(out_w))
-                    {
-                        dst.write_copy_of_slice(&padded[offsets[0]..offsets[0] + out_w]);
-                    }
-                } else {
-                    dst.iter_mut().zip(offsets).for_each(|(d, &o)| {
-                        d.write(padded[o]);
-                    });
-                }
-            }
-        }
-    }
-}
-
-/// The inverse scatter of [`im2col`]: adds each column entry back onto the
-/// input pixel it was read from, for the `images` images of `dx`.
-fn col2im<T: WithDType>(
-    g: &ConvGeometry,
-    taps: &TapTable,
-    cols: &[T],
-    images: usize,
-    dx: &mut [T],
-) {
-    let pixels = g.out_pixels();
-    let columns = images * pixels;
-    let tap_count = g.kernel_h * g.kernel_w;
-    let mut padded = vec![T::zero(); taps.padded_len];
-    for image in 0..images {
-        for channel in 0..g.in_channels {
-            padded.fill(T::zero());
-            for tap in 0..tap_count {
-                let row = channel * tap_count + tap;
-                let src = &cols[row * columns + image * pixels..][..pixels];
-                let offsets = &taps.offsets[tap * pixels..(tap + 1) * pixels];
-                if g.stride == 1 {
-                    let out_w = g.out_w();
-                    for (src, offsets) in src.chunks_exact(out_w).zip(offsets.chunks_exact(out_w)) {
-                        let dst = &mut padded[offsets[0]..offsets[0] + out_w];
-                        dst.iter_mut().zip(src).for_each(|(d, &v)| *d += v);
-                    }
-                } else {
-                    src.iter().zip(offsets).for_each(|(&v, &o)| padded[o] += v);
-                }
-            }
-            let plane = (image * g.in_channels + channel) * g.in_pixels();
-            taps.unpad_add(g, &padded, &mut dx[plane..plane + g.in_pixels()]);
-        }
-    }
 }

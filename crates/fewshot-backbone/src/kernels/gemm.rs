@@ -98,6 +98,20 @@ pub fn matmul_uninit<T: WithDType>(
     unsafe { product(dst.as_mut_ptr().cast(), lhs, rhs, false, parallel) }
 }
 
+/// The product `lhs * rhs` in a new row-major vector.
+pub(super) fn new_product<T: WithDType>(
+    lhs: MatRef<'_, T>,
+    rhs: MatRef<'_, T>,
+    parallel: bool,
+) -> Vec<T> {
+    // SAFETY: `matmul_uninit` writes every element of its destination.
+    unsafe {
+        super::filled_by(lhs.rows * rhs.cols, |dst| {
+            matmul_uninit(dst, lhs, rhs, parallel)
+        })
+    }
+}
+
 /// # Safety
 /// `dst` must be valid for writes (and reads, with `accumulate`) of
 /// `lhs.rows * rhs.cols` elements and alias neither input.

@@ -26,6 +26,7 @@ mod conv;
 mod gemm;
 mod op;
 mod pool;
+mod unfold;
 
 use std::mem::MaybeUninit;
 use std::sync::atomic::{AtomicU64, Ordering};

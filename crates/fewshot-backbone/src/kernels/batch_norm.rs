@@ -42,15 +42,16 @@ fn input_grad(g: &Tensor, x: &Tensor, coefficients: &Tensor) -> Result<Tensor> {
 
 /// The gradients of batch norm with batch statistics followed by ReLU (and
 /// maybe more), given `sums`, the per-channel `[sum m g x, sum m g]` of the
-/// gradient `g` reaching the pixels that passed (from the mask coefficients
-/// `(s, shift)`, (2, C)), and `input_grad`, dx from the coefficients
+/// gradient `g` reaching the pixels that passed (from the batch norm's
+/// per-channel `scale` and `shift`, should the mask need them), and
+/// `input_grad`, dx from the coefficients
 /// `(s, shift, A, B)`, (4, C). Built from differentiable ops, so second order
 /// is exact whenever `sums` and `input_grad` are.
 #[allow(clippy::type_complexity)]
 pub(super) fn backward_with_statistics(
     x: &Tensor,
     (gamma, beta, eps): (&Tensor, &Tensor, f64),
-    sums: impl FnOnce(&Tensor) -> Result<Tensor>,
+    sums: impl FnOnce(&Tensor, &Tensor) -> Result<Tensor>,
     input_grad: impl FnOnce(&Tensor) -> Result<Tensor>,
 ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
     let channels = Channels::of(x)?;
@@ -60,7 +61,7 @@ pub(super) fn backward_with_statistics(
     let inv_std = (var + eps)?.sqrt()?.recip()?;
     let scale = gamma.mul(&inv_std)?;
     let shift = beta.sub(&mean.mul(&scale)?)?;
-    let sums = sums(&Tensor::stack(&[&scale, &shift], 0)?)?;
+    let sums = sums(&scale, &shift)?;
     let d_beta = sums.get(1)?;
     let d_gamma = inv_std.mul(&(sums.get(0)? - mean.mul(&d_beta)?)?)?;
     let dx = match x.track_op() {
@@ -119,7 +120,7 @@ impl Kernel3 for BatchNormRelu {
         backward_with_statistics(
             x,
             (gamma, beta, self.eps),
-            |_| masked_sums(grad, x, out),
+            |_, _| masked_sums(grad, x, out),
             |coefficients| input_grad(grad, x, coefficients),
         )
     }

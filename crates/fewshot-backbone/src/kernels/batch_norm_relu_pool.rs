@@ -237,7 +237,7 @@ impl Kernel3 for BatchNormReluPool {
         backward_with_statistics(
             x,
             (gamma, beta, self.eps),
-            |mask| pooled_sums(grad, x, mask),
+            |scale, shift| pooled_sums(grad, x, &Tensor::stack(&[scale, shift], 0)?),
             |coefficients| pooled_input_grad(grad, x, coefficients),
         )
     }

@@ -98,6 +98,15 @@ impl ConvGeometry {
         self.out_h() * self.out_w()
     }
 
+    /// Width and pixels of the input surrounded by `padding` zeros.
+    pub(super) fn padded_w(&self) -> usize {
+        self.in_w + 2 * self.padding
+    }
+
+    pub(super) fn padded_pixels(&self) -> usize {
+        (self.in_h + 2 * self.padding) * self.padded_w()
+    }
+
     pub(super) fn in_pixels(&self) -> usize {
         self.in_h * self.in_w
     }

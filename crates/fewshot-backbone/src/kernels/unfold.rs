@@ -215,16 +215,13 @@ fn permute_rows<T: WithDType>(data: &[T], a: usize, b: usize) -> Vec<T> {
 /// at stride 1, a copy of whole output rows) with no bounds tests in the
 /// inner loop, which matters for the small planes of few-shot nets.
 pub(super) struct TapTable {
-    padded_w: usize,
-    padded_len: usize,
     /// `offsets[tap * pixels + pixel]`, taps in (ky, kx) order.
     offsets: Vec<usize>,
 }
 
 impl TapTable {
     fn new(g: &ConvGeometry) -> Self {
-        let padded_w = g.in_w + 2 * g.padding;
-        let padded_len = (g.in_h + 2 * g.padding) * padded_w;
+        let padded_w = g.padded_w();
         let mut offsets = Vec::with_capacity(g.taps() * g.out_pixels());
         for ky in 0..g.kernel_h {
             for kx in 0..g.kernel_w {
@@ -235,25 +232,26 @@ impl TapTable {
                 }
             }
         }
-        Self {
-            padded_w,
-            padded_len,
-            offsets,
-        }
+        Self { offsets }
+    }
+
+    /// Where row `y` of the input starts in its padded plane.
+    fn row_start(g: &ConvGeometry, y: usize) -> usize {
+        (y + g.padding) * g.padded_w() + g.padding
     }
 
     /// Copies `plane` into the interior of `padded` (whose border stays zero).
-    fn pad<T: WithDType>(&self, g: &ConvGeometry, plane: &[T], padded: &mut [T]) {
+    fn pad<T: WithDType>(g: &ConvGeometry, plane: &[T], padded: &mut [T]) {
         for (y, row) in plane.chunks_exact(g.in_w).enumerate() {
-            let start = (y + g.padding) * self.padded_w + g.padding;
+            let start = Self::row_start(g, y);
             padded[start..start + g.in_w].copy_from_slice(row);
         }
     }
 
     /// Writes the interior of `padded` into `plane`.
-    fn unpad<T: WithDType>(&self, g: &ConvGeometry, padded: &[T], plane: &mut [MaybeUninit<T>]) {
+    fn unpad<T: WithDType>(g: &ConvGeometry, padded: &[T], plane: &mut [MaybeUninit<T>]) {
         for (y, row) in plane.chunks_exact_mut(g.in_w).enumerate() {
-            let start = (y + g.padding) * self.padded_w + g.padding;
+            let start = Self::row_start(g, y);
             row.write_copy_of_slice(&padded[start..start + g.in_w]);
         }
     }
@@ -272,11 +270,11 @@ fn unfold_planar<T: WithDType>(
     let (pixels, out_w) = (g.out_pixels(), g.out_w());
     let columns = images * pixels;
     let tap_count = g.taps();
-    let mut padded = vec![T::zero(); taps.padded_len];
+    let mut padded = vec![T::zero(); g.padded_pixels()];
     for image in 0..images {
         for channel in 0..g.in_channels {
             let plane = ((first + image) * g.in_channels + channel) * g.in_pixels();
-            taps.pad(g, &x[plane..plane + g.in_pixels()], &mut padded);
+            TapTable::pad(g, &x[plane..plane + g.in_pixels()], &mut padded);
             for tap in 0..tap_count {
                 let row = channel * tap_count + tap;
                 let dst = &mut cols[row * columns + image * pixels..][..pixels];
@@ -309,7 +307,7 @@ fn fold_planar<T: WithDType>(
     let pixels = g.out_pixels();
     let columns = images * pixels;
     let tap_count = g.taps();
-    let mut padded = vec![T::zero(); taps.padded_len];
+    let mut padded = vec![T::zero(); g.padded_pixels()];
     for image in 0..images {
         for channel in 0..g.in_channels {
             padded.fill(T::zero());
@@ -328,7 +326,7 @@ fn fold_planar<T: WithDType>(
                 }
             }
             let plane = (image * g.in_channels + channel) * g.in_pixels();
-            taps.unpad(g, &padded, &mut dx[plane..plane + g.in_pixels()]);
+            TapTable::unpad(g, &padded, &mut dx[plane..plane + g.in_pixels()]);
         }
     }
 }
@@ -336,33 +334,31 @@ fn fold_planar<T: WithDType>(
 /// An image's padded channels-last copy: (y, x, channel), `padding` zeros
 /// around the input.
 struct ChannelsLastImage<T> {
-    padded_w: usize,
     values: Vec<T>,
 }
 
 impl<T> ChannelsLastImage<T> {
     fn len(g: &ConvGeometry) -> usize {
-        (g.in_h + 2 * g.padding) * (g.in_w + 2 * g.padding) * g.in_channels
+        g.padded_pixels() * g.in_channels
     }
 }
 
 impl<T: WithDType> ChannelsLastImage<T> {
     fn new(g: &ConvGeometry) -> Self {
         Self {
-            padded_w: g.in_w + 2 * g.padding,
             values: vec![T::zero(); Self::len(g)],
         }
     }
 
     /// Where the run of `kernel_w * channels` values that tap row `ky` of
     /// output pixel (oy, ox) reads starts.
-    fn run_start(&self, g: &ConvGeometry, oy: usize, ox: usize, ky: usize) -> usize {
-        ((oy * g.stride + ky) * self.padded_w + ox * g.stride) * g.in_channels
+    fn run_start(g: &ConvGeometry, oy: usize, ox: usize, ky: usize) -> usize {
+        ((oy * g.stride + ky) * g.padded_w() + ox * g.stride) * g.in_channels
     }
 
-    /// Where input pixel (y, x)'s channels start.
-    fn pixel_start(&self, g: &ConvGeometry, y: usize, x: usize) -> usize {
-        ((y + g.padding) * self.padded_w + x + g.padding) * g.in_channels
+    /// Where input pixel (y, 0)'s channels start.
+    fn row_start(g: &ConvGeometry, y: usize) -> usize {
+        TapTable::row_start(g, y) * g.in_channels
     }
 
     /// Copies `image` (channel, y, x) into the interior, transposed.
@@ -371,7 +367,7 @@ impl<T: WithDType> ChannelsLastImage<T> {
         for y in 0..g.in_h {
             for channel in 0..g.in_channels {
                 let row = &image[(channel * g.in_h + y) * g.in_w..][..g.in_w];
-                let start = self.pixel_start(g, y, 0) + channel;
+                let start = Self::row_start(g, y) + channel;
                 for (x, &value) in row.iter().enumerate() {
                     self.values[start + x * g.in_channels] = value;
                 }
@@ -384,7 +380,7 @@ impl<T: WithDType> ChannelsLastImage<T> {
         for y in 0..g.in_h {
             for channel in 0..g.in_channels {
                 let row = &mut image[(channel * g.in_h + y) * g.in_w..][..g.in_w];
-                let start = self.pixel_start(g, y, 0) + channel;
+                let start = Self::row_start(g, y) + channel;
                 for (x, dst) in row.iter_mut().enumerate() {
                     dst.write(self.values[start + x * g.in_channels]);
                 }
@@ -405,17 +401,14 @@ fn unfold_channels_last<T: WithDType>(
     let image_len = g.in_channels * g.in_pixels();
     let run = g.kernel_w * g.in_channels;
     let mut padded = ChannelsLastImage::new(g);
-    let mut patches = cols.chunks_exact_mut(g.patch_len());
-    for image in 0..images {
+    let image_cols = cols.chunks_exact_mut(g.out_pixels() * g.patch_len());
+    for (image, cols) in image_cols.take(images).enumerate() {
         padded.fill(g, &x[(first + image) * image_len..][..image_len]);
-        for oy in 0..g.out_h() {
-            for ox in 0..g.out_w() {
-                // `cols` holds exactly one patch per output pixel.
-                let Some(patch) = patches.next() else { return };
-                for (ky, dst) in patch.chunks_exact_mut(run).enumerate() {
-                    let start = padded.run_start(g, oy, ox, ky);
-                    dst.write_copy_of_slice(&padded.values[start..start + run]);
-                }
+        for (pixel, patch) in cols.chunks_exact_mut(g.patch_len()).enumerate() {
+            let (oy, ox) = (pixel / g.out_w(), pixel % g.out_w());
+            for (ky, dst) in patch.chunks_exact_mut(run).enumerate() {
+                let start = ChannelsLastImage::<T>::run_start(g, oy, ox, ky);
+                dst.write_copy_of_slice(&padded.values[start..start + run]);
             }
         }
     }
@@ -441,7 +434,7 @@ fn fold_channels_last<T: WithDType>(
             let (oy, ox) = (pixel / g.out_w(), pixel % g.out_w());
             let patch = &cols[(image * pixels + pixel) * g.patch_len()..][..g.patch_len()];
             for (ky, src) in patch.chunks_exact(run).enumerate() {
-                let start = padded.run_start(g, oy, ox, ky);
+                let start = ChannelsLastImage::<T>::run_start(g, oy, ox, ky);
                 let dst = &mut padded.values[start..start + run];
                 dst.iter_mut().zip(src).for_each(|(d, &v)| *d += v);
             }

@@ -136,13 +136,16 @@ impl Unfolding {
             Self::ChannelsLast => {
                 let product = new_product(patches.t(), weight.t(), parallel);
                 // (image, pixel, Cout) -> (image, Cout, pixel).
-                for (image, out) in out.chunks_exact_mut(g.out_channels * pixels).enumerate() {
-                    let product = &product[image * pixels * g.out_channels..];
-                    for (channel, plane) in out.chunks_exact_mut(pixels).enumerate() {
-                        for (pixel, dst) in plane.iter_mut().enumerate() {
-                            dst.write(product[pixel * g.out_channels + channel]);
-                        }
-                    }
+                let image_len = g.out_channels * pixels;
+                for (product, out) in product
+                    .chunks_exact(image_len)
+                    .zip(out.chunks_exact_mut(image_len))
+                {
+                    transpose(
+                        (pixels, g.out_channels),
+                        (product, |pixel| pixel * g.out_channels),
+                        (out, |channel| channel * pixels),
+                    );
                 }
             }
         }
@@ -361,28 +364,72 @@ impl<T: WithDType> ChannelsLastImage<T> {
         TapTable::row_start(g, y) * g.in_channels
     }
 
+    /// Where input pixel `pixel` (in (y, x) order) of the interior starts.
+    fn pixel_start(g: &ConvGeometry, pixel: usize) -> usize {
+        Self::row_start(g, pixel / g.in_w) + pixel % g.in_w * g.in_channels
+    }
+
     /// Copies `image` (channel, y, x) into the interior, transposed.
     fn fill(&mut self, g: &ConvGeometry, image: &[T]) {
-        // Row by row, so that the writes stay within one padded row.
-        for y in 0..g.in_h {
-            for channel in 0..g.in_channels {
-                let row = &image[(channel * g.in_h + y) * g.in_w..][..g.in_w];
-                let start = Self::row_start(g, y) + channel;
-                for (x, &value) in row.iter().enumerate() {
-                    self.values[start + x * g.in_channels] = value;
-                }
-            }
-        }
+        // SAFETY: `transpose` writes initialised values only, so `values`
+        // stays initialised.
+        let values = unsafe {
+            std::slice::from_raw_parts_mut(
+                self.values.as_mut_ptr().cast::<MaybeUninit<T>>(),
+                self.values.len(),
+            )
+        };
+        transpose(
+            (g.in_channels, g.in_pixels()),
+            (image, |channel| channel * g.in_pixels()),
+            (values, |pixel| Self::pixel_start(g, pixel)),
+        );
     }
 
     /// Writes the interior into `image` (channel, y, x), transposed.
     fn write_into(&self, g: &ConvGeometry, image: &mut [MaybeUninit<T>]) {
-        for y in 0..g.in_h {
-            for channel in 0..g.in_channels {
-                let row = &mut image[(channel * g.in_h + y) * g.in_w..][..g.in_w];
-                let start = Self::row_start(g, y) + channel;
-                for (x, dst) in row.iter_mut().enumerate() {
-                    dst.write(self.values[start + x * g.in_channels]);
+        transpose(
+            (g.in_pixels(), g.in_channels),
+            (&self.values, |pixel| Self::pixel_start(g, pixel)),
+            (image, |channel| channel * g.in_pixels()),
+        );
+    }
+}
+
+/// Side of the square tiles [`transpose`] moves. Transposed one value at a
+/// time, a matrix with long rows is written (or read) one value per cache
+/// line, each store waiting on the last; a tile is read row by row into
+/// registers and written row by row out of them.
+const TILE: usize = 8;
+
+/// Writes a `rows` x `cols` matrix transposed: value (r, c), read at
+/// `src[src_row(r) + c]`, goes to `dst[dst_row(c) + r]`.
+fn transpose<T: WithDType>(
+    (rows, cols): (usize, usize),
+    (src, src_row): (&[T], impl Fn(usize) -> usize),
+    (dst, dst_row): (&mut [MaybeUninit<T>], impl Fn(usize) -> usize),
+) {
+    for r0 in (0..rows).step_by(TILE) {
+        let tile_rows = TILE.min(rows - r0);
+        for c0 in (0..cols).step_by(TILE) {
+            let tile_cols = TILE.min(cols - c0);
+            if tile_rows < TILE || tile_cols < TILE {
+                for r in r0..r0 + tile_rows {
+                    let src = &src[src_row(r) + c0..][..tile_cols];
+                    for (c, &value) in (c0..).zip(src) {
+                        dst[dst_row(c) + r].write(value);
+                    }
+                }
+                continue;
+            }
+            let mut tile = [[T::zero(); TILE]; TILE];
+            for (r, row) in (r0..).zip(&mut tile) {
+                row.copy_from_slice(&src[src_row(r) + c0..][..TILE]);
+            }
+            for c in 0..TILE {
+                let dst = &mut dst[dst_row(c0 + c) + r0..][..TILE];
+                for (dst, row) in dst.iter_mut().zip(&tile) {
+                    dst.write(row[c]);
                 }
             }
         }
@@ -467,6 +514,30 @@ mod tests {
 
     fn planar(g: &ConvGeometry) -> Unfolding {
         Unfolding::Planar(TapTable::new(g))
+    }
+
+    #[test]
+    fn transpose_moves_every_value_of_whole_and_partial_tiles() {
+        for (rows, cols) in [(1, 1), (8, 8), (3, 17), (16, 9), (21, 13)] {
+            // Rows padded to a stride, and gaps between the written rows.
+            let src = values(rows * (cols + 2));
+            let (dst_stride, gap) = (rows + 3, f32::NAN);
+            let mut dst = vec![MaybeUninit::new(gap); cols * dst_stride];
+            transpose(
+                (rows, cols),
+                (&src, |r| r * (cols + 2)),
+                (&mut dst, |c| c * dst_stride),
+            );
+            for c in 0..cols {
+                for r in 0..dst_stride {
+                    let written = unsafe { dst[c * dst_stride + r].assume_init() };
+                    match r < rows {
+                        true => assert_eq!(written, src[r * (cols + 2) + c], "{rows}x{cols}"),
+                        false => assert!(written.is_nan(), "{rows}x{cols}: wrote a gap"),
+                    }
+                }
+            }
+        }
     }
 
     #[test]

@@ -97,16 +97,17 @@ impl Kernel3 for BatchNormRelu {
                 (T::from_f64(s), T::from_f64(beta[i].to_f64() - mean * s))
             })
             .unzip();
-        let mut out = vec![T::zero(); x.len()];
-        self.channels.for_each_plane(&mut out, |ch, at, out| {
-            let (a, b) = (scale[ch], shift[ch]);
-            let x = &x[at..at + out.len()];
-            for (o, &v) in out.iter_mut().zip(x) {
-                let z = v * a + b;
-                *o = if z > T::zero() { z } else { T::zero() };
-            }
-        });
-        out
+        // SAFETY: each plane of the output is written whole.
+        unsafe {
+            self.channels.planes(|ch, at, out| {
+                let (a, b) = (scale[ch], shift[ch]);
+                let x = &x[at..at + out.len()];
+                for (o, &v) in out.iter_mut().zip(x) {
+                    let z = v * a + b;
+                    o.write(if z > T::zero() { z } else { T::zero() });
+                }
+            })
+        }
     }
 
     fn backward(
@@ -131,20 +132,21 @@ impl Kernel3 for InputGrad {
 
     fn run<T: WithDType>(&self, g: &[T], x: &[T], coefficients: &[T]) -> Vec<T> {
         let c = self.0.channels;
-        let mut out = vec![T::zero(); x.len()];
-        self.0.for_each_plane(&mut out, |ch, at, out| {
-            let [s, shift, a, b] = [0, 1, 2, 3].map(|row| coefficients[row * c + ch]);
-            let (g, x) = (&g[at..at + out.len()], &x[at..at + out.len()]);
-            for ((o, &g), &x) in out.iter_mut().zip(g).zip(x) {
-                let passed = if x * s + shift > T::zero() {
-                    g * s
-                } else {
-                    T::zero()
-                };
-                *o = passed + x * a + b;
-            }
-        });
-        out
+        // SAFETY: each plane of the output is written whole.
+        unsafe {
+            self.0.planes(|ch, at, out| {
+                let [s, shift, a, b] = [0, 1, 2, 3].map(|row| coefficients[row * c + ch]);
+                let (g, x) = (&g[at..at + out.len()], &x[at..at + out.len()]);
+                for ((o, &g), &x) in out.iter_mut().zip(g).zip(x) {
+                    let passed = if x * s + shift > T::zero() {
+                        g * s
+                    } else {
+                        T::zero()
+                    };
+                    o.write(passed + x * a + b);
+                }
+            })
+        }
     }
 
     /// Linear in `g`, and in `x` but for the mask (piecewise constant):

@@ -25,6 +25,8 @@
 //! and higher derivatives are exact. The winners and masks are piecewise
 //! constant in `x` and the coefficients: no gradient flows through them.
 
+use std::mem::MaybeUninit;
+
 use candle_core::{Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
@@ -98,12 +100,12 @@ impl BlockShape {
 
     /// `f(channel, input plane, output plane)` for every plane, in parallel;
     /// `out` holds planes of `out_plane` elements.
-    fn for_each_plane<T: WithDType>(
+    fn for_each_plane<T: WithDType, O: Send>(
         &self,
         x: &[T],
-        out: &mut [T],
+        out: &mut [O],
         out_plane: usize,
-        f: impl Fn(usize, &[T], &mut [T]) + Sync,
+        f: impl Fn(usize, &[T], &mut [O]) + Sync,
     ) {
         let channels = self.channels.channels;
         out.par_chunks_mut(out_plane)
@@ -202,24 +204,26 @@ impl Kernel3 for BatchNormReluPool {
             .unzip();
         let out_plane = shape.pool.out_plane();
         let out_w = shape.pool.out_hw().1;
-        let mut out = vec![T::zero(); x.len() / shape.pool.in_plane() * out_plane];
-        shape.for_each_plane(x, &mut out, out_plane, |ch, plane, out| {
-            let (a, b) = (scale[ch], shift[ch]);
-            let max = |p: T, q: T| if q > p { q } else { p };
-            for (oy, out) in out.chunks_exact_mut(out_w).enumerate() {
-                let (top, bottom) = shape.pool.row_pair(plane, oy);
-                let windows = top.chunks_exact(2).zip(bottom.chunks_exact(2));
-                for ((top, bottom), out) in windows.zip(out) {
-                    // ReLU is monotone: the max of the ReLUs is the ReLU of the max.
-                    let z = max(
-                        max(top[0] * a + b, top[1] * a + b),
-                        max(bottom[0] * a + b, bottom[1] * a + b),
-                    );
-                    *out = max(z, T::zero());
+        let fill = |out: &mut [MaybeUninit<T>]| {
+            shape.for_each_plane(x, out, out_plane, |ch, plane, out| {
+                let (a, b) = (scale[ch], shift[ch]);
+                let max = |p: T, q: T| if q > p { q } else { p };
+                for (oy, out) in out.chunks_exact_mut(out_w).enumerate() {
+                    let (top, bottom) = shape.pool.row_pair(plane, oy);
+                    let windows = top.chunks_exact(2).zip(bottom.chunks_exact(2));
+                    for ((top, bottom), out) in windows.zip(out) {
+                        // ReLU is monotone: the max of the ReLUs is the ReLU of the max.
+                        let z = max(
+                            max(top[0] * a + b, top[1] * a + b),
+                            max(bottom[0] * a + b, bottom[1] * a + b),
+                        );
+                        out.write(max(z, T::zero()));
+                    }
                 }
-            }
-        });
-        out
+            })
+        };
+        // SAFETY: every output row has `out_w` windows, each written.
+        unsafe { filled_by(x.len() / shape.pool.in_plane() * out_plane, fill) }
     }
 
     fn shape(&self, _: &Shape) -> Shape {
@@ -362,22 +366,24 @@ impl Kernel3 for WinnerGather {
         let shape = &self.0;
         let c = shape.channels.channels;
         let (in_plane, out_plane) = (shape.pool.in_plane(), shape.pool.out_plane());
-        let mut out = vec![T::zero(); x.len() / in_plane * out_plane];
-        shape.for_each_plane_with(
-            x,
-            (values, in_plane),
-            (&mut out, out_plane),
-            |ch, plane, values, out| {
-                shape.for_each_winner(
-                    plane,
-                    mask_coefficients(coefficients, c, ch),
-                    |window, offset, passed| {
-                        out[window] = if passed { values[offset] } else { T::zero() };
-                    },
-                );
-            },
-        );
-        out
+        let fill = |out: &mut [MaybeUninit<T>]| {
+            shape.for_each_plane_with(
+                x,
+                (values, in_plane),
+                (out, out_plane),
+                |ch, plane, values, out| {
+                    shape.for_each_winner(
+                        plane,
+                        mask_coefficients(coefficients, c, ch),
+                        |window, offset, passed| {
+                            out[window].write(if passed { values[offset] } else { T::zero() });
+                        },
+                    );
+                },
+            )
+        };
+        // SAFETY: every window of every plane has a winner, written.
+        unsafe { filled_by(x.len() / in_plane * out_plane, fill) }
     }
 
     fn shape(&self, _: &Shape) -> Shape {

@@ -202,15 +202,14 @@ impl Unfolding {
 /// its (b, a) transpose: with (a, b) = (channels, taps), a weight's patches
 /// from (channel, ky, kx) order to (ky, kx, channel).
 fn permute_rows<T: WithDType>(data: &[T], a: usize, b: usize) -> Vec<T> {
-    let mut out = vec![T::zero(); data.len()];
-    for (row, out) in data.chunks_exact(a * b).zip(out.chunks_exact_mut(a * b)) {
-        for (i, from) in row.chunks_exact(b).enumerate() {
-            for (j, &value) in from.iter().enumerate() {
-                out[j * a + i] = value;
-            }
+    let fill = |out: &mut [MaybeUninit<T>]| {
+        for (row, out) in data.chunks_exact(a * b).zip(out.chunks_exact_mut(a * b)) {
+            transpose((a, b), (row, |i| i * b), (out, |j| j * a));
         }
-    }
-    out
+    };
+    // SAFETY: `data` is whole rows of `a * b` values (a weight's patches),
+    // and each row's transpose writes all of its output row.
+    unsafe { filled_by(data.len(), fill) }
 }
 
 /// Where each kernel tap reads, for every output pixel, in an input plane

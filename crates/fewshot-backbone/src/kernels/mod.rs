@@ -26,6 +26,7 @@ mod conv;
 mod gemm;
 mod op;
 mod pool;
+mod transpose;
 mod unfold;
 
 use std::mem::MaybeUninit;

@@ -28,6 +28,7 @@ use candle_core::WithDType;
 use super::conv::ConvGeometry;
 use super::filled_by;
 use super::gemm::{matmul_uninit, new_product, MatRef};
+use super::transpose::transpose;
 
 /// When patches are unfolded channels-last (`examples/conv_layers.rs`, each
 /// kernel's best of three medians against the planar layout; `fewshot bench
@@ -395,46 +396,6 @@ impl<T: WithDType> ChannelsLastImage<T> {
     }
 }
 
-/// Side of the square tiles [`transpose`] moves. Transposed one value at a
-/// time, a matrix with long rows is written (or read) one value per cache
-/// line, each store waiting on the last; a tile is read row by row into
-/// registers and written row by row out of them.
-const TILE: usize = 8;
-
-/// Writes a `rows` x `cols` matrix transposed: value (r, c), read at
-/// `src[src_row(r) + c]`, goes to `dst[dst_row(c) + r]`.
-fn transpose<T: WithDType>(
-    (rows, cols): (usize, usize),
-    (src, src_row): (&[T], impl Fn(usize) -> usize),
-    (dst, dst_row): (&mut [MaybeUninit<T>], impl Fn(usize) -> usize),
-) {
-    for r0 in (0..rows).step_by(TILE) {
-        let tile_rows = TILE.min(rows - r0);
-        for c0 in (0..cols).step_by(TILE) {
-            let tile_cols = TILE.min(cols - c0);
-            if tile_rows < TILE || tile_cols < TILE {
-                for r in r0..r0 + tile_rows {
-                    let src = &src[src_row(r) + c0..][..tile_cols];
-                    for (c, &value) in (c0..).zip(src) {
-                        dst[dst_row(c) + r].write(value);
-                    }
-                }
-                continue;
-            }
-            let mut tile = [[T::zero(); TILE]; TILE];
-            for (r, row) in (r0..).zip(&mut tile) {
-                row.copy_from_slice(&src[src_row(r) + c0..][..TILE]);
-            }
-            for c in 0..TILE {
-                let dst = &mut dst[dst_row(c0 + c) + r0..][..TILE];
-                for (dst, row) in dst.iter_mut().zip(&tile) {
-                    dst.write(row[c]);
-                }
-            }
-        }
-    }
-}
-
 /// The channels-last unfolding into `cols`: one row per output pixel (image,
 /// oy, ox), holding its patch in (ky, kx, channel) order.
 fn unfold_channels_last<T: WithDType>(
@@ -513,30 +474,6 @@ mod tests {
 
     fn planar(g: &ConvGeometry) -> Unfolding {
         Unfolding::Planar(TapTable::new(g))
-    }
-
-    #[test]
-    fn transpose_moves_every_value_of_whole_and_partial_tiles() {
-        for (rows, cols) in [(1, 1), (8, 8), (3, 17), (16, 9), (21, 13)] {
-            // Rows padded to a stride, and gaps between the written rows.
-            let src = values(rows * (cols + 2));
-            let (dst_stride, gap) = (rows + 3, f32::NAN);
-            let mut dst = vec![MaybeUninit::new(gap); cols * dst_stride];
-            transpose(
-                (rows, cols),
-                (&src, |r| r * (cols + 2)),
-                (&mut dst, |c| c * dst_stride),
-            );
-            for c in 0..cols {
-                for r in 0..dst_stride {
-                    let written = unsafe { dst[c * dst_stride + r].assume_init() };
-                    match r < rows {
-                        true => assert_eq!(written, src[r * (cols + 2) + c], "{rows}x{cols}"),
-                        false => assert!(written.is_nan(), "{rows}x{cols}: wrote a gap"),
-                    }
-                }
-            }
-        }
     }
 
     #[test]

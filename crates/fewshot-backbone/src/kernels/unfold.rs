@@ -359,14 +359,10 @@ impl<T: WithDType> ChannelsLastImage<T> {
         ((oy * g.stride + ky) * g.padded_w() + ox * g.stride) * g.in_channels
     }
 
-    /// Where input pixel (y, 0)'s channels start.
-    fn row_start(g: &ConvGeometry, y: usize) -> usize {
-        TapTable::row_start(g, y) * g.in_channels
-    }
-
-    /// Where input pixel `pixel` (in (y, x) order) of the interior starts.
+    /// Where the channels of input pixel `pixel` ((y, x) order) start: the
+    /// planar padded offset of that pixel, times the channels.
     fn pixel_start(g: &ConvGeometry, pixel: usize) -> usize {
-        Self::row_start(g, pixel / g.in_w) + pixel % g.in_w * g.in_channels
+        (TapTable::row_start(g, pixel / g.in_w) + pixel % g.in_w) * g.in_channels
     }
 
     /// Copies `image` (channel, y, x) into the interior, transposed.

@@ -133,35 +133,51 @@ impl BlockShape {
             .for_each(|(index, ((out, plane), other))| f(index % channels, plane, other, out));
     }
 
-    /// `f(window, offset of its winner in the plane, whether the winner passed
-    /// the ReLU)` for each window of one plane, by `z = x * scale + shift`.
+    /// The windows of rows `2 * oy` and `2 * oy + 1` of one plane, left to
+    /// right, by `z = x * scale + shift`: each window's four pixels (top pair
+    /// first), which of them is its winner, and whether that winner passed
+    /// the ReLU. Selects over the four pixels rather than offsets of the
+    /// winner, so that the loops over windows vectorise.
     #[inline(always)]
-    fn for_each_winner<T: WithDType>(
+    fn windows<'a, T: WithDType>(
         &self,
-        plane: &[T],
+        plane: &'a [T],
+        oy: usize,
         (scale, shift): (T, T),
-        mut f: impl FnMut(usize, usize, bool),
-    ) {
-        let width = self.pool.dims.3;
-        let (out_h, out_w) = self.pool.out_hw();
-        for oy in 0..out_h {
-            let (top, bottom) = self.pool.row_pair(plane, oy);
-            for ox in 0..out_w {
-                let z = |row: &[T], i: usize| row[2 * ox + i] * scale + shift;
-                let (z_top, z_bottom) = ([z(top, 0), z(top, 1)], [z(bottom, 0), z(bottom, 1)]);
-                let [_, b, c, d] = winner(&z_top, &z_bottom);
-                // Arithmetic on the flags, not branches (see `winner`).
-                let offset = 2 * oy * width
-                    + 2 * ox
-                    + b as usize
-                    + c as usize * width
-                    + d as usize * (width + 1);
-                let best = if b { z_top[1] } else { z_top[0] };
-                let best = if c { z_bottom[0] } else { best };
-                let best = if d { z_bottom[1] } else { best };
-                f(oy * out_w + ox, offset, best > T::zero());
-            }
-        }
+    ) -> impl Iterator<Item = ([T; 4], [bool; 4], bool)> + 'a {
+        let (top, bottom) = self.pool.row_pair(plane, oy);
+        let pairs = top.as_chunks::<2>().0.iter().zip(bottom.as_chunks::<2>().0);
+        pairs.map(move |(top, bottom)| {
+            let x = [top[0], top[1], bottom[0], bottom[1]];
+            let z = x.map(|v| v * scale + shift);
+            let flags = winner(&z[..2], &z[2..]);
+            (x, flags, select(z, flags) > T::zero())
+        })
+    }
+
+    /// Rows `2 * oy` and `2 * oy + 1` of a full-size plane, cut to the
+    /// windows' pixel pairs (an odd last column is left out).
+    #[inline(always)]
+    fn window_rows<'a, O>(
+        &self,
+        plane: &'a mut [O],
+        oy: usize,
+    ) -> impl Iterator<Item = (&'a mut [O; 2], &'a mut [O; 2])> {
+        let (top, bottom) = self.pool.row_pair_mut(plane, oy);
+        let top = top.as_chunks_mut::<2>().0.iter_mut();
+        top.zip(bottom.as_chunks_mut::<2>().0)
+    }
+}
+
+/// The value of the one flagged pixel.
+#[inline(always)]
+fn select<T: Copy>(values: [T; 4], flags: [bool; 4]) -> T {
+    let best = if flags[1] { values[1] } else { values[0] };
+    let best = if flags[2] { values[2] } else { best };
+    if flags[3] {
+        values[3]
+    } else {
+        best
     }
 }
 
@@ -254,22 +270,22 @@ impl Kernel3 for PooledSums {
         let shape = &self.0;
         let c = shape.channels.channels;
         let (in_plane, out_plane) = (shape.pool.in_plane(), shape.pool.out_plane());
+        let out_w = shape.pool.out_hw().1;
         let sums = shape.channels.reduce(|ch, at| {
             let plane = &x[at..at + in_plane];
             let first = at / in_plane * out_plane;
             let g = &g[first..first + out_plane];
             let (mut dot, mut sum) = (0.0, 0.0);
-            shape.for_each_winner(
-                plane,
-                mask_coefficients(coefficients, c, ch),
-                |window, offset, passed| {
+            let coefficients = mask_coefficients(coefficients, c, ch);
+            for (oy, g) in g.chunks_exact(out_w).enumerate() {
+                for ((x, winner, passed), &g) in shape.windows(plane, oy, coefficients).zip(g) {
                     if passed {
-                        let g = g[window].to_f64();
-                        dot += g * plane[offset].to_f64();
+                        let g = g.to_f64();
+                        dot += g * select(x, winner).to_f64();
                         sum += g;
                     }
-                },
-            );
+                }
+            }
             [dot, sum]
         });
         let dots = sums.iter().map(|[dot, _]| T::from_f64(*dot));
@@ -309,20 +325,34 @@ impl Kernel3 for PooledInputGrad {
         let shape = &self.0;
         let c = shape.channels.channels;
         let (in_plane, out_plane) = (shape.pool.in_plane(), shape.pool.out_plane());
-        // SAFETY: every plane is written whole by its affine pass (winners rewritten).
+        let out_w = shape.pool.out_hw().1;
+        // SAFETY: every plane is written whole by its affine pass (window pixels rewritten).
         unsafe {
             filled_by(x.len(), |dx| {
                 shape.for_each_plane_with(x, (g, out_plane), (dx, in_plane), |ch, plane, g, dx| {
                     let [s, shift, a, b] =
                         [0, 1, 2, 3].map(|row| coefficient(coefficients, c, row, ch));
+                    // Pixels outside every window (an odd last row or column) first.
                     for (d, &v) in dx.iter_mut().zip(plane) {
                         d.write(v * a + b);
                     }
-                    shape.for_each_winner(plane, (s, shift), |window, offset, passed| {
-                        if passed {
-                            dx[offset].write(plane[offset] * a + b + g[window] * s);
+                    for (oy, g) in g.chunks_exact(out_w).enumerate() {
+                        let windows = shape.windows(plane, oy, (s, shift));
+                        let rows = shape.window_rows(dx, oy);
+                        for (((x, winner, passed), ([t0, t1], [b0, b1])), &g) in
+                            windows.zip(rows).zip(g)
+                        {
+                            let d = [t0, t1, b0, b1];
+                            for ((d, x), wins) in d.into_iter().zip(x).zip(winner) {
+                                let affine = x * a + b;
+                                d.write(if wins && passed {
+                                    affine + g * s
+                                } else {
+                                    affine
+                                });
+                            }
                         }
-                    });
+                    }
                 })
             })
         }
@@ -366,19 +396,25 @@ impl Kernel3 for WinnerGather {
         let shape = &self.0;
         let c = shape.channels.channels;
         let (in_plane, out_plane) = (shape.pool.in_plane(), shape.pool.out_plane());
+        let out_w = shape.pool.out_hw().1;
         let fill = |out: &mut [MaybeUninit<T>]| {
             shape.for_each_plane_with(
                 x,
                 (values, in_plane),
                 (out, out_plane),
                 |ch, plane, values, out| {
-                    shape.for_each_winner(
-                        plane,
-                        mask_coefficients(coefficients, c, ch),
-                        |window, offset, passed| {
-                            out[window].write(if passed { values[offset] } else { T::zero() });
-                        },
-                    );
+                    let coefficients = mask_coefficients(coefficients, c, ch);
+                    for (oy, out) in out.chunks_exact_mut(out_w).enumerate() {
+                        let windows = shape.windows(plane, oy, coefficients);
+                        let (top, bottom) = shape.pool.row_pair(values, oy);
+                        let values = top.as_chunks::<2>().0.iter().zip(bottom.as_chunks::<2>().0);
+                        for ((out, (_, winner, passed)), (top, bottom)) in
+                            out.iter_mut().zip(windows).zip(values)
+                        {
+                            let value = select([top[0], top[1], bottom[0], bottom[1]], winner);
+                            out.write(if passed { value } else { T::zero() });
+                        }
+                    }
                 },
             )
         };
@@ -410,21 +446,26 @@ impl Kernel3 for WinnerScatter {
         let shape = &self.0;
         let c = shape.channels.channels;
         let (in_plane, out_plane) = (shape.pool.in_plane(), shape.pool.out_plane());
+        let out_w = shape.pool.out_hw().1;
         let mut out = vec![T::zero(); x.len()];
         shape.for_each_plane_with(
             x,
             (pooled, out_plane),
             (&mut out, in_plane),
             |ch, plane, pooled, out| {
-                shape.for_each_winner(
-                    plane,
-                    mask_coefficients(coefficients, c, ch),
-                    |window, offset, passed| {
-                        if passed {
-                            out[offset] = pooled[window];
+                let coefficients = mask_coefficients(coefficients, c, ch);
+                for (oy, pooled) in pooled.chunks_exact(out_w).enumerate() {
+                    let windows = shape.windows(plane, oy, coefficients);
+                    let rows = shape.window_rows(out, oy);
+                    for (((_, winner, passed), ([t0, t1], [b0, b1])), &value) in
+                        windows.zip(rows).zip(pooled)
+                    {
+                        let out = [t0, t1, b0, b1];
+                        for (out, wins) in out.into_iter().zip(winner) {
+                            *out = if wins && passed { value } else { T::zero() };
                         }
-                    },
-                );
+                    }
+                }
             },
         );
         out

@@ -55,17 +55,27 @@ impl Channels {
         &self,
         f: impl Fn(usize, usize) -> [f64; N] + Sync,
     ) -> Vec<[f64; N]> {
+        self.per_channel(|c| self.sum_over_images(c, |at| f(c, at)))
+    }
+
+    /// `f(offset)` of each plane of channel `c`, image by image, summed.
+    fn sum_over_images<const N: usize>(&self, c: usize, f: impl Fn(usize) -> [f64; N]) -> [f64; N] {
+        (0..self.batch).fold([0.0; N], |mut total, n| {
+            let sums = f((n * self.channels + c) * self.plane);
+            total.iter_mut().zip(sums).for_each(|(t, s)| *t += s);
+            total
+        })
+    }
+
+    /// `f(channel)` for every channel, in parallel: one task reads all the
+    /// planes of its channels, so passes of `f` after the first over one
+    /// channel find them in the core's cache.
+    fn per_channel<R: Send>(&self, f: impl Fn(usize) -> R + Sync) -> Vec<R> {
         let per_channel = (self.batch * self.plane).max(1);
         (0..self.channels)
             .into_par_iter()
             .with_min_len(MIN_PARALLEL_ELEMENTS.div_ceil(per_channel))
-            .map(|c| {
-                (0..self.batch).fold([0.0; N], |mut total, n| {
-                    let sums = f(c, (n * self.channels + c) * self.plane);
-                    total.iter_mut().zip(sums).for_each(|(t, s)| *t += s);
-                    total
-                })
-            })
+            .map(&f)
             .collect()
     }
 
@@ -290,18 +300,23 @@ impl Kernel1 for Moments {
     fn run<T: WithDType>(&self, x: &[T]) -> Vec<T> {
         let Channels { batch, plane, .. } = self.0;
         let count = (batch * plane).max(1) as f64;
-        let sums = self.0.reduce(|_, at| {
-            let x = &x[at..at + plane];
-            [lane_sum([x], |[v]| v)]
+        // Both passes over a channel in one task: the second reads the
+        // channel's planes from the core's cache, not from memory.
+        let sums = self.0.per_channel(|c| {
+            let [sum] = self
+                .0
+                .sum_over_images(c, |at| [lane_sum([&x[at..at + plane]], |[v]| v)]);
+            // Centred second moment: no cancellation when the mean is large.
+            let mean = T::from_f64(sum / count);
+            let [squares] = self.0.sum_over_images(c, |at| {
+                [lane_sum([&x[at..at + plane]], |[v]| {
+                    (v - mean) * (v - mean)
+                })]
+            });
+            [sum, squares]
         });
-        // Centred second moment: no cancellation when the mean is large.
-        let squares = self.0.reduce(|c, at| {
-            let mean = T::from_f64(sums[c][0] / count);
-            let x = &x[at..at + plane];
-            [lane_sum([x], |[v]| (v - mean) * (v - mean))]
-        });
-        let means = sums.iter().map(|[s]| T::from_f64(s / count));
-        let vars = squares.iter().map(|[s]| T::from_f64(s / count));
+        let means = sums.iter().map(|[s, _]| T::from_f64(s / count));
+        let vars = sums.iter().map(|[_, s]| T::from_f64(s / count));
         means.chain(vars).collect()
     }
 

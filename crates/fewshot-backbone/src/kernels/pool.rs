@@ -63,6 +63,16 @@ impl PoolGeometry {
         let width = self.dims.3;
         plane[2 * oy * width..(2 * oy + 2) * width].split_at(width)
     }
+
+    /// Rows `2 * oy` and `2 * oy + 1` of one plane, to write.
+    pub(super) fn row_pair_mut<'a, T>(
+        &self,
+        plane: &'a mut [T],
+        oy: usize,
+    ) -> (&'a mut [T], &'a mut [T]) {
+        let width = self.dims.3;
+        plane[2 * oy * width..(2 * oy + 2) * width].split_at_mut(width)
+    }
 }
 
 /// Which of a window's four pixels is its maximum, reading the top pair then

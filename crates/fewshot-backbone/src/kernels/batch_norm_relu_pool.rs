@@ -133,11 +133,24 @@ impl BlockShape {
             .for_each(|(index, ((out, plane), other))| f(index % channels, plane, other, out));
     }
 
+    /// The four pixels (top pair first) of each window of rows `2 * oy` and
+    /// `2 * oy + 1` of one plane, left to right.
+    #[inline(always)]
+    fn window_pixels<'a, T: Copy>(
+        &self,
+        plane: &'a [T],
+        oy: usize,
+    ) -> impl Iterator<Item = [T; 4]> + 'a {
+        let (top, bottom) = self.pool.row_pair(plane, oy);
+        let pairs = top.as_chunks::<2>().0.iter().zip(bottom.as_chunks::<2>().0);
+        pairs.map(|([t0, t1], [b0, b1])| [*t0, *t1, *b0, *b1])
+    }
+
     /// The windows of rows `2 * oy` and `2 * oy + 1` of one plane, left to
-    /// right, by `z = x * scale + shift`: each window's four pixels (top pair
-    /// first), which of them is its winner, and whether that winner passed
-    /// the ReLU. Selects over the four pixels rather than offsets of the
-    /// winner, so that the loops over windows vectorise.
+    /// right, by `z = x * scale + shift`: each window's four pixels, which of
+    /// them is its winner, and whether that winner passed the ReLU. Selects
+    /// over the four pixels rather than the winner's offset (1-3% faster;
+    /// the compiler still does not vectorise these loops).
     #[inline(always)]
     fn windows<'a, T: WithDType>(
         &self,
@@ -145,10 +158,7 @@ impl BlockShape {
         oy: usize,
         (scale, shift): (T, T),
     ) -> impl Iterator<Item = ([T; 4], [bool; 4], bool)> + 'a {
-        let (top, bottom) = self.pool.row_pair(plane, oy);
-        let pairs = top.as_chunks::<2>().0.iter().zip(bottom.as_chunks::<2>().0);
-        pairs.map(move |(top, bottom)| {
-            let x = [top[0], top[1], bottom[0], bottom[1]];
+        self.window_pixels(plane, oy).map(move |x| {
             let z = x.map(|v| v * scale + shift);
             let flags = winner(&z[..2], &z[2..]);
             (x, flags, select(z, flags) > T::zero())
@@ -406,12 +416,11 @@ impl Kernel3 for WinnerGather {
                     let coefficients = mask_coefficients(coefficients, c, ch);
                     for (oy, out) in out.chunks_exact_mut(out_w).enumerate() {
                         let windows = shape.windows(plane, oy, coefficients);
-                        let (top, bottom) = shape.pool.row_pair(values, oy);
-                        let values = top.as_chunks::<2>().0.iter().zip(bottom.as_chunks::<2>().0);
-                        for ((out, (_, winner, passed)), (top, bottom)) in
+                        let values = shape.window_pixels(values, oy);
+                        for ((out, (_, winner, passed)), values) in
                             out.iter_mut().zip(windows).zip(values)
                         {
-                            let value = select([top[0], top[1], bottom[0], bottom[1]], winner);
+                            let value = select(values, winner);
                             out.write(if passed { value } else { T::zero() });
                         }
                     }

@@ -69,7 +69,20 @@ fn learner_with(
     if changes.is_empty() {
         return learners::from_checkpoint(checkpoint, device);
     }
-    let mut section = checkpoint.config.clone();
+    let section = changed_section(&checkpoint.config, changes)?;
+    let mut learner = learners::build(&section, device).context("--set")?;
+    learner
+        .load_state(&checkpoint.tensors)
+        .context("--set: the checkpoint's weights do not fit the changed section")?;
+    Ok(learner)
+}
+
+/// A learner's config section with the fields of `--set` changed.
+fn changed_section(
+    section: &serde_json::Value,
+    changes: &serde_json::Map<String, serde_json::Value>,
+) -> Result<serde_json::Value> {
+    let mut section = section.clone();
     let fields = section
         .as_object_mut()
         .context("the checkpoint's algorithm section is not an object")?;
@@ -79,11 +92,7 @@ fn learner_with(
         }
         fields.insert(key.clone(), value.clone());
     }
-    let mut learner = learners::build(&section, device).context("--set")?;
-    learner
-        .load_state(&checkpoint.tensors)
-        .context("--set: the checkpoint's weights do not fit the changed section")?;
-    Ok(learner)
+    Ok(section)
 }
 
 /// `KEY=VALUE` of `fewshot eval --set`: VALUE as JSON (`10`, `0.4`,
@@ -289,7 +298,9 @@ pub fn run_compare(a: &Path, b: &Path, as_json: bool) -> Result<()> {
 }
 
 /// Copies a run's evaluated checkpoint without optimiser state, with the
-/// run's test result line in its metadata.
+/// run's test result line in its metadata. Fields its evaluation changed
+/// (`fewshot eval --set`) are written into the model's config, so that
+/// `fewshot eval MODEL` repeats the published result.
 pub fn publish(run: &Path, model: &Path) -> Result<()> {
     let results = read_results(run)
         .context("publish needs a finished, evaluated run, or the JSON of `fewshot eval --json`")?;
@@ -301,6 +312,7 @@ pub fn publish(run: &Path, model: &Path) -> Result<()> {
         }
     }
     checkpoint.tensors = weights;
+    checkpoint.config = changed_section(&checkpoint.config, &results.algorithm_overrides)?;
     checkpoint
         .extra
         .insert("result".into(), summary_line(&results));

@@ -205,7 +205,8 @@ enum Command {
     /// experiment config, no optimiser state), e.g. into models/.
     Publish {
         /// A finished run directory, or a JSON file from `fewshot eval --json`
-        /// (its checkpoint is the one published, with its result).
+        /// (its checkpoint is the one published, with its result and the
+        /// learner fields its `--set` changed).
         run: PathBuf,
         model: PathBuf,
     },

@@ -924,6 +924,14 @@ fn eval_set_changes_the_learners_section_for_the_test_only() {
     let text = String::from_utf8_lossy(&compared.stdout);
     assert!(text.contains("inner_steps_test=4"), "{text}");
 
+    // Published from that evaluation, the model keeps the change: its own
+    // test repeats the published result.
+    let model = dir.path().join("more-steps.safetensors");
+    fewshot(&["publish", str(&more_steps), str(&model)]);
+    let republished = fewshot(&["eval", str(&model), "--json"]);
+    let republished: serde_json::Value = serde_json::from_slice(&republished.stdout).unwrap();
+    assert_eq!(losses(&republished), losses(&results));
+
     for (setting, needle) in [
         ("inner_step=4", "inner_step"),
         ("name=protonet", "cannot change"),

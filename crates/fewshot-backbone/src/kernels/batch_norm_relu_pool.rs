@@ -34,7 +34,7 @@ use super::batch_norm::backward_with_statistics;
 use super::channel::{channel_affine, channel_dot, channel_sum, Channels, Moments};
 use super::filled_by;
 use super::op::{gradient_if, Kernel1, Kernel3};
-use super::pool::{winner, PoolGeometry};
+use super::pool::{select, winner, PoolGeometry};
 
 /// `max_pool2x2(relu(batch_norm(x)))` with the statistics of this batch.
 pub fn batch_norm_relu_pool(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Tensor> {
@@ -176,18 +176,6 @@ impl BlockShape {
         let (top, bottom) = self.pool.row_pair_mut(plane, oy);
         let top = top.as_chunks_mut::<2>().0.iter_mut();
         top.zip(bottom.as_chunks_mut::<2>().0)
-    }
-}
-
-/// The value of the one flagged pixel.
-#[inline(always)]
-fn select<T: Copy>(values: [T; 4], flags: [bool; 4]) -> T {
-    let best = if flags[1] { values[1] } else { values[0] };
-    let best = if flags[2] { values[2] } else { best };
-    if flags[3] {
-        values[3]
-    } else {
-        best
     }
 }
 

@@ -95,6 +95,19 @@ pub(super) fn winner<T: WithDType>(top: &[T], bottom: &[T]) -> [bool; 4] {
     [!(b_wins | c_wins | d_wins), b_wins, c_wins, d_wins]
 }
 
+/// The value of the one flagged pixel of a window (flags as from
+/// [`winner`]): selects, not an index, so no branch on the winner.
+#[inline(always)]
+pub(super) fn select<T: Copy>(values: [T; 4], flags: [bool; 4]) -> T {
+    let best = if flags[1] { values[1] } else { values[0] };
+    let best = if flags[2] { values[2] } else { best };
+    if flags[3] {
+        values[3]
+    } else {
+        best
+    }
+}
+
 /// 2x2 max-pooling with stride 2 of `x` (N, C, H, W); an odd last row or column is dropped.
 pub fn max_pool2x2(x: &Tensor) -> Result<Tensor> {
     let geometry = PoolGeometry::of(x)?;
@@ -150,7 +163,7 @@ impl Kernel1 for Pool {
 /// Each output gradient written onto its window's winner; every other pixel
 /// of the window gets zero, and so does an odd last row or column.
 fn scatter_kernel<T: WithDType>(g: &PoolGeometry, x: &[T], grad_out: &[T]) -> Vec<T> {
-    let (width, (out_h, out_w)) = (g.dims.3, g.out_hw());
+    let (out_h, out_w) = g.out_hw();
     let mut dx = vec![T::zero(); x.len()];
     dx.par_chunks_mut(g.in_plane())
         .zip(x.par_chunks(g.in_plane()))
@@ -159,8 +172,7 @@ fn scatter_kernel<T: WithDType>(g: &PoolGeometry, x: &[T], grad_out: &[T]) -> Ve
         .for_each(|((dx, plane), grad)| {
             for oy in 0..out_h {
                 let (top, bottom) = g.row_pair(plane, oy);
-                let (dx_top, dx_bottom) =
-                    dx[2 * oy * width..(2 * oy + 2) * width].split_at_mut(width);
+                let (dx_top, dx_bottom) = g.row_pair_mut(dx, oy);
                 let windows = top.chunks_exact(2).zip(bottom.chunks_exact(2));
                 let dx_windows = dx_top
                     .chunks_exact_mut(2)
@@ -202,11 +214,13 @@ fn gather_kernel<T: WithDType>(g: &PoolGeometry, x: &[T], values: &[T]) -> Vec<T
                 for (((top, bottom), (values_top, values_bottom)), out) in
                     windows.zip(value_windows).zip(out)
                 {
-                    let [_, b, c, d] = winner(top, bottom);
-                    // Selects, not an index: no branch on the winner.
-                    let value = if b { values_top[1] } else { values_top[0] };
-                    let value = if c { values_bottom[0] } else { value };
-                    *out = if d { values_bottom[1] } else { value };
+                    let values = [
+                        values_top[0],
+                        values_top[1],
+                        values_bottom[0],
+                        values_bottom[1],
+                    ];
+                    *out = select(values, winner(top, bottom));
                 }
             }
         });

@@ -444,28 +444,33 @@ impl Kernel3 for WinnerScatter {
         let c = shape.channels.channels;
         let (in_plane, out_plane) = (shape.pool.in_plane(), shape.pool.out_plane());
         let out_w = shape.pool.out_hw().1;
-        let mut out = vec![T::zero(); x.len()];
-        shape.for_each_plane_with(
-            x,
-            (pooled, out_plane),
-            (&mut out, in_plane),
-            |ch, plane, pooled, out| {
-                let coefficients = mask_coefficients(coefficients, c, ch);
-                for (oy, pooled) in pooled.chunks_exact(out_w).enumerate() {
-                    let windows = shape.windows(plane, oy, coefficients);
-                    let rows = shape.window_rows(out, oy);
-                    for (((_, winner, passed), ([t0, t1], [b0, b1])), &value) in
-                        windows.zip(rows).zip(pooled)
-                    {
-                        let out = [t0, t1, b0, b1];
-                        for (out, wins) in out.into_iter().zip(winner) {
-                            *out = if wins && passed { value } else { T::zero() };
+        let fill = |out: &mut [MaybeUninit<T>]| {
+            shape.for_each_plane_with(
+                x,
+                (pooled, out_plane),
+                (out, in_plane),
+                |ch, plane, pooled, out| {
+                    for i in shape.pool.uncovered() {
+                        out[i].write(T::zero());
+                    }
+                    let coefficients = mask_coefficients(coefficients, c, ch);
+                    for (oy, pooled) in pooled.chunks_exact(out_w).enumerate() {
+                        let windows = shape.windows(plane, oy, coefficients);
+                        let rows = shape.window_rows(out, oy);
+                        for (((_, winner, passed), ([t0, t1], [b0, b1])), &value) in
+                            windows.zip(rows).zip(pooled)
+                        {
+                            let out = [t0, t1, b0, b1];
+                            for (out, wins) in out.into_iter().zip(winner) {
+                                out.write(if wins && passed { value } else { T::zero() });
+                            }
                         }
                     }
-                }
-            },
-        );
-        out
+                },
+            )
+        };
+        // SAFETY: every pixel is in a window or uncovered, and each is written.
+        unsafe { filled_by(x.len(), fill) }
     }
 
     fn shape(&self, _: &Shape) -> Shape {

@@ -6,7 +6,9 @@
 # the ratio ours/PyTorch, our achieved GFLOP/s and both peak memories, and
 # writes the rows as JSON to OUT. Installs PyTorch into scripts/.venv on first use.
 #
-# Usage: [CASES="case ..."] scripts/compare_kernels_speed.sh [ROUNDS] [REPEATS] [OUT]
+# Usage: [CASES="case ..."] [FEWSHOT=BINARY] scripts/compare_kernels_speed.sh [ROUNDS] [REPEATS] [OUT]
+# FEWSHOT times another build (scripts/build_patched_candle.sh's, say) instead
+# of building target/release/fewshot.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds=${1:-3}
@@ -19,8 +21,12 @@ if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"
   "$venv/bin/pip" install --quiet torch==2.15.0 numpy
 fi
-cargo build --release -p bench-runner
-fewshot=target/release/fewshot
+if [ -n "${FEWSHOT:-}" ]; then
+  fewshot=$FEWSHOT
+else
+  cargo build --release -p bench-runner
+  fewshot=target/release/fewshot
+fi
 mkdir -p "$(dirname "$out")"
 
 results=$(mktemp)

@@ -1,0 +1,85 @@
+#!/usr/bin/env python3
+"""Rewrites candle-core 0.11.1's `src/backprop.rs` so that the first gradient
+reaching a node is stored as it is.
+
+candle accumulates every op input's gradient as
+
+    let sum_grad = grads.or_insert(arg)?;   // a new tensor of zeros
+    *sum_grad = sum_grad.add(&arg_grad)?;   // zeros + gradient, a new tensor
+
+so each input of each op costs a zero fill and a full-size add even when the
+input has one consumer (nearly always). The rewrite turns each such pair
+into `grads.accumulate(arg, &arg_grad)?`, which stores the gradient when the
+slot is empty and adds to it otherwise. Values are unchanged (0 + g == g);
+with several consumers the sums can run in another order, which moves the
+last bits of second-order gradients. Upstream proposals of the same change:
+huggingface/candle pull requests 3578 and 3822 (open).
+
+Usage: patch_candle_backprop.py CRATE_DIR   (a copy of candle-core 0.11.1)
+"""
+
+import re
+import sys
+from pathlib import Path
+
+VERSION = "0.11.1"
+# Pairs rewritten in 0.11.1: any other count means another candle source.
+EXPECTED_REWRITES = 41
+
+ACCUMULATE = '''    /// Adds `grad` to the gradient stored for `tensor`, or stores `grad`
+    /// itself when there is none yet (no zero tensor to add it to).
+    fn accumulate(&mut self, tensor: &Tensor, grad: &Tensor) -> Result<()> {
+        match self.0.entry(tensor.id()) {
+            Entry::Occupied(mut stored) => {
+                let sum = stored.get().add(grad)?;
+                stored.insert(sum);
+            }
+            Entry::Vacant(slot) => {
+                slot.insert(grad.contiguous()?);
+            }
+        }
+        Ok(())
+    }
+
+'''
+
+# `let NAME = grads.or_insert(ARG)?;` followed by `*NAME = NAME.add(EXPR)?`
+# (with or without a semicolon) on the next line.
+PAIR = re.compile(
+    r"let (?P<name>\w+) = grads\.or_insert\((?P<arg>[\w.]+)\)\?;\s*\n"
+    r"\s*\*(?P=name) = (?P=name)\.add\((?P<expr>.+)\)\?(?P<semi>;?)\n"
+)
+
+
+def rewrite(match: re.Match) -> str:
+    # A gradient computed from the stored sum itself (a broadcast to its
+    # shape) needs the slot first: left as it is.
+    if match["name"] in match["expr"]:
+        return match[0]
+    return f"grads.accumulate({match['arg']}, {match['expr']})?{match['semi']}\n"
+
+
+def main() -> None:
+    if len(sys.argv) != 2:
+        sys.exit(__doc__)
+    crate = Path(sys.argv[1])
+    manifest = (crate / "Cargo.toml").read_text()
+    if not re.search(rf'^version = "{re.escape(VERSION)}"$', manifest, re.M):
+        sys.exit(f"{crate}/Cargo.toml: not candle-core {VERSION}, which this patch is written for")
+    source = crate / "src" / "backprop.rs"
+    text = source.read_text()
+    if "fn accumulate(" in text:
+        sys.exit(f"{source}: already patched")
+    text, rewrites = PAIR.subn(rewrite, text)
+    rewrites -= len([m for m in PAIR.finditer(text)])  # pairs left as they were
+    if rewrites != EXPECTED_REWRITES:
+        sys.exit(f"{source}: rewrote {rewrites} gradient additions, expected {EXPECTED_REWRITES}")
+    anchor = "    fn or_insert(&mut self, tensor: &Tensor) -> Result<&mut Tensor> {"
+    if text.count(anchor) != 1:
+        sys.exit(f"{source}: GradStore::or_insert not found")
+    source.write_text(text.replace(anchor, ACCUMULATE + anchor))
+    print(f"{source}: {rewrites} gradient additions now store their first term")
+
+
+if __name__ == "__main__":
+    main()

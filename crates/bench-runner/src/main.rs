@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod config;
 mod continuation;
+mod curves;
 mod datasets;
 mod device_check;
 mod evaluation;
@@ -177,6 +178,21 @@ enum Command {
         /// A run directory, or a JSON file from `fewshot eval --json`.
         a: PathBuf,
         b: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Validation accuracy against training time of several runs: each
+    /// run's best, when it first reached `--target`, and one SVG plot.
+    Curves {
+        /// Run directories (each with its metrics.jsonl).
+        #[arg(required = true)]
+        runs: Vec<PathBuf>,
+        /// A validation accuracy to reach, in percent (e.g. 95.8).
+        #[arg(long)]
+        target: Option<f64>,
+        /// Where the plot goes.
+        #[arg(long, default_value = "validation-curves.svg")]
+        out: PathBuf,
         #[arg(long)]
         json: bool,
     },
@@ -455,6 +471,12 @@ fn run(cli: Cli) -> Result<()> {
             evaluation::run_eval(&target, &device, overrides, json)
         }
         Command::Compare { a, b, json } => evaluation::run_compare(&a, &b, json),
+        Command::Curves {
+            runs,
+            target,
+            out,
+            json,
+        } => curves::run(&runs, target, &out, json),
         Command::Predict {
             checkpoint,
             support,

@@ -249,3 +249,55 @@ fn a_fetch_without_the_download_feature_says_how_to_build_one_or_get_the_data() 
     // Nothing was written where the dataset would go.
     assert_eq!(std::fs::read_dir(root.path()).unwrap().count(), 0);
 }
+
+#[test]
+fn curves_report_when_each_run_reached_the_target_and_plot_them() {
+    let dir = std::env::temp_dir().join(format!("fewshot-cli-curves-{}", std::process::id()));
+    let record = |step: u64, seconds: f64, val: Option<f64>| {
+        let val = val.map_or("null".to_string(), |v| v.to_string());
+        format!(
+            r#"{{"step":{step},"seconds":{seconds},"loss":0.5,"accuracy":0.9,"val_accuracy":{val}}}"#
+        )
+    };
+    for (run, lines) in [
+        (
+            "slow",
+            vec![
+                record(500, 1800.0, Some(0.90)),
+                record(1000, 3600.0, Some(0.95)),
+            ],
+        ),
+        (
+            "fast",
+            vec![record(500, 900.0, Some(0.96)), record(600, 1000.0, None)],
+        ),
+    ] {
+        std::fs::create_dir_all(dir.join(run)).unwrap();
+        std::fs::write(dir.join(run).join("metrics.jsonl"), lines.join("\n")).unwrap();
+    }
+    let plot = dir.join("curves.svg");
+    let (slow, fast) = (dir.join("slow"), dir.join("fast"));
+    let out = fewshot(&[
+        "curves",
+        slow.to_str().unwrap(),
+        fast.to_str().unwrap(),
+        "--target",
+        "95.8",
+        "--out",
+        plot.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("slow: 1000 steps, 1.00 h, 2 validations; best 95.00% at step 1000 (1.00 h); never at 95.8%"), "{stdout}");
+    assert!(stdout.contains("fast: 600 steps, 0.28 h, 1 validation; best 96.00% at step 500 (0.25 h); first at 95.8%+: 96.00% at step 500 (0.25 h)"), "{stdout}");
+    assert!(std::fs::read_to_string(&plot).unwrap().contains("<svg"));
+
+    let missing = fewshot(&["curves", dir.join("absent").to_str().unwrap()]);
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("absent: no metrics.jsonl here"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -28,6 +28,7 @@
 //! # }
 //! ```
 
+pub mod curves;
 pub mod error;
 mod json_float;
 mod plots;

@@ -1,12 +1,14 @@
-//! The SVG plots of a run report: training curves, and the spread of test
-//! accuracy over episodes. Each function returns the SVG text, or the
-//! drawing error as a message for the caller to name the file with.
+//! The SVG plots of a run report (training curves, the spread of test
+//! accuracy over episodes) and of several runs' validation curves. Each
+//! function returns the SVG text, or the drawing error as a message for the
+//! caller to name the file with.
 
 use std::ops::Range;
 
 use plotters::coord::Shift;
 use plotters::prelude::*;
 
+use crate::curves::Validation;
 use crate::protocol::Evaluation;
 use crate::report::TrainingRecord;
 
@@ -199,6 +201,77 @@ pub(crate) fn episodes_svg(evaluation: &Evaluation) -> Result<String, String> {
         chart
             .configure_series_labels()
             .position(SeriesLabelPosition::UpperLeft)
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK.mix(0.3))
+            .draw()
+    })
+}
+
+/// Colours of successive runs in a plot of several.
+const RUN_COLOURS: [RGBColor; 6] = [
+    SMOOTHED,
+    VALIDATION,
+    RGBColor(44, 160, 44),
+    RGBColor(148, 103, 189),
+    RGBColor(255, 127, 14),
+    RGBColor(140, 86, 75),
+];
+
+/// Validation accuracy (%) of several runs against hours of training, each
+/// run a line with points, and `target` (a fraction) as a dashed line.
+pub(crate) fn validation_svg(
+    runs: &[(&str, Vec<Validation>)],
+    target: Option<f64>,
+) -> Result<String, String> {
+    let percent = |v: f64| v * 100.0;
+    let all = || runs.iter().flat_map(|(_, points)| points);
+    let hours = axis_range(all().map(|v| v.hours).chain([0.0]), 0.02);
+    let accuracy = axis_range(
+        all()
+            .map(|v| percent(v.accuracy))
+            .chain(target.map(percent)),
+        0.05,
+    );
+    render((900, 500), |root| {
+        let mut chart = ChartBuilder::on(root)
+            .caption(
+                "Validation accuracy against training time",
+                ("sans-serif", 20),
+            )
+            .margin(10)
+            .margin_right(30)
+            .x_label_area_size(35)
+            .y_label_area_size(60)
+            .build_cartesian_2d(hours.clone(), accuracy)?;
+        chart
+            .configure_mesh()
+            .x_desc("hours of training (wall clock)")
+            .y_desc("validation accuracy (%)")
+            .draw()?;
+        if let Some(target) = target {
+            let y = percent(target);
+            let dashes =
+                DashedLineSeries::new([(hours.start, y), (hours.end, y)], 8, 6, BLACK.into());
+            chart
+                .draw_series(dashes)?
+                .label(format!("target {y:.1}%"))
+                .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], BLACK));
+        }
+        for ((name, points), colour) in runs.iter().zip(RUN_COLOURS.iter().cycle()) {
+            let points: Vec<(f64, f64)> = points
+                .iter()
+                .filter(|v| v.accuracy.is_finite())
+                .map(|v| (v.hours, percent(v.accuracy)))
+                .collect();
+            chart.draw_series(LineSeries::new(thin(&points), colour))?;
+            chart
+                .draw_series(points.iter().map(|&p| Circle::new(p, 2, colour.filled())))?
+                .label(*name)
+                .legend(move |(x, y)| Circle::new((x + 10, y), 3, colour.filled()));
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::LowerRight)
             .background_style(WHITE.mix(0.8))
             .border_style(BLACK.mix(0.3))
             .draw()

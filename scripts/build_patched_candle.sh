@@ -20,18 +20,10 @@ work="$PWD/target/patched-candle"
 crate="$work/candle-core-0.11.1"
 say() { echo "build_patched_candle: $*" >&2; }
 
-# 1. The copy: candle-core 0.11.1 from cargo's registry, patched once.
+# 1. The copy: candle-core 0.11.1 from cargo's registry, patched once (a
+# new copy would rebuild everything above candle).
 if [ ! -f "$crate/.patched" ]; then
-  registry_manifest=$(cargo metadata --format-version 1 --locked | python3 -c '
-import json, sys
-packages = json.load(sys.stdin)["packages"]
-print(next(p["manifest_path"] for p in packages
-           if p["name"] == "candle-core" and p["version"] == "0.11.1"))')
-  say "patching a copy of $(dirname "$registry_manifest") into $crate"
-  rm -rf "$crate"
   mkdir -p "$work"
-  cp -r "$(dirname "$registry_manifest")" "$crate"
-  chmod -R u+w "$crate"
   python3 scripts/patch_candle_backprop.py "$crate"
   touch "$crate/.patched"
 fi

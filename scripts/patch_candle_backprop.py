@@ -15,10 +15,17 @@ with several consumers the sums can run in another order, which moves the
 last bits of second-order gradients. Upstream proposals of the same change:
 huggingface/candle pull requests 3578 and 3822 (open).
 
-Usage: patch_candle_backprop.py CRATE_DIR   (a copy of candle-core 0.11.1)
+Usage:
+  patch_candle_backprop.py DEST     copy candle-core 0.11.1 from cargo's
+                                    registry (as Cargo.lock pins it) into
+                                    DEST, and patch the copy
+  patch_candle_backprop.py --check  only check that the rewrite applies
 """
 
+import json
 import re
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -59,14 +66,26 @@ def rewrite(match: re.Match) -> str:
     return f"grads.accumulate({match['arg']}, {match['expr']})?{match['semi']}\n"
 
 
-def main() -> None:
-    if len(sys.argv) != 2:
-        sys.exit(__doc__)
-    crate = Path(sys.argv[1])
-    manifest = (crate / "Cargo.toml").read_text()
-    if not re.search(rf'^version = "{re.escape(VERSION)}"$', manifest, re.M):
-        sys.exit(f"{crate}/Cargo.toml: not candle-core {VERSION}, which this patch is written for")
-    source = crate / "src" / "backprop.rs"
+def registry_crate() -> Path:
+    """candle-core's source folder in cargo's registry, as Cargo.lock pins it."""
+    metadata = subprocess.run(
+        ["cargo", "metadata", "--format-version", "1", "--locked"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    versions = [
+        p for p in json.loads(metadata.stdout)["packages"] if p["name"] == "candle-core"
+    ]
+    found = [p for p in versions if p["version"] == VERSION]
+    if not found:
+        listed = ", ".join(p["version"] for p in versions) or "none"
+        sys.exit(f"Cargo.lock has candle-core {listed}; this patch is written for {VERSION}")
+    return Path(found[0]["manifest_path"]).parent
+
+
+def patched(source: Path) -> str:
+    """The text of `source` (candle-core's backprop.rs), rewritten."""
     text = source.read_text()
     if "fn accumulate(" in text:
         sys.exit(f"{source}: already patched")
@@ -77,8 +96,25 @@ def main() -> None:
     anchor = "    fn or_insert(&mut self, tensor: &Tensor) -> Result<&mut Tensor> {"
     if text.count(anchor) != 1:
         sys.exit(f"{source}: GradStore::or_insert not found")
-    source.write_text(text.replace(anchor, ACCUMULATE + anchor))
-    print(f"{source}: {rewrites} gradient additions now store their first term")
+    return text.replace(anchor, ACCUMULATE + anchor)
+
+
+def main() -> None:
+    if len(sys.argv) != 2:
+        sys.exit(__doc__)
+    crate = registry_crate()
+    if sys.argv[1] == "--check":
+        patched(crate / "src" / "backprop.rs")
+        print(f"{crate}: the rewrite of {EXPECTED_REWRITES} gradient additions applies")
+        return
+    dest = Path(sys.argv[1])
+    shutil.rmtree(dest, ignore_errors=True)
+    shutil.copytree(crate, dest)
+    for path in [dest, *dest.rglob("*")]:
+        path.chmod(path.stat().st_mode | 0o200)  # registry files are read-only
+    source = dest / "src" / "backprop.rs"
+    source.write_text(patched(source))
+    print(f"{dest}: a copy of {crate} whose backward stores first gradients")
 
 
 if __name__ == "__main__":

@@ -2,8 +2,8 @@
 # Builds (or tests) the workspace against a copy of candle-core whose backward
 # pass stores the first gradient reaching each op input instead of adding it
 # to a fresh tensor of zeros (scripts/patch_candle_backprop.py says why). The
-# CPU kernel cases run 13-20% faster with it and a MAML++ training step 14%
-# (docs/RESULTS.md); the default build keeps candle as published.
+# CPU kernel cases with a backward run 14-25% faster with it and a MAML++
+# training step 14% (docs/RESULTS.md); the default build keeps candle as published.
 #
 #   scripts/build_patched_candle.sh                 # -> target/patched-candle/fewshot
 #   scripts/build_patched_candle.sh test --release -p fewshot-backbone -p maml

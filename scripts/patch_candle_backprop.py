@@ -58,10 +58,14 @@ PAIR = re.compile(
 )
 
 
-def rewrite(match: re.Match) -> str:
+def rewritten(match: re.Match) -> bool:
     # A gradient computed from the stored sum itself (a broadcast to its
     # shape) needs the slot first: left as it is.
-    if match["name"] in match["expr"]:
+    return match["name"] not in match["expr"]
+
+
+def rewrite(match: re.Match) -> str:
+    if not rewritten(match):
         return match[0]
     return f"grads.accumulate({match['arg']}, {match['expr']})?{match['semi']}\n"
 
@@ -89,8 +93,8 @@ def patched(source: Path) -> str:
     text = source.read_text()
     if "fn accumulate(" in text:
         sys.exit(f"{source}: already patched")
-    text, rewrites = PAIR.subn(rewrite, text)
-    rewrites -= len([m for m in PAIR.finditer(text)])  # pairs left as they were
+    rewrites = sum(rewritten(m) for m in PAIR.finditer(text))
+    text = PAIR.sub(rewrite, text)
     if rewrites != EXPECTED_REWRITES:
         sys.exit(f"{source}: rewrote {rewrites} gradient additions, expected {EXPECTED_REWRITES}")
     anchor = "    fn or_insert(&mut self, tensor: &Tensor) -> Result<&mut Tensor> {"

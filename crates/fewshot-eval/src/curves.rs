@@ -35,12 +35,13 @@ pub struct CurveSummary {
     pub first_at_target: Option<Validation>,
 }
 
-/// A run's validations, in the order logged.
+/// A run's validations with a finite accuracy, in the order logged.
 pub fn validations(records: &[TrainingRecord]) -> Vec<Validation> {
     records
         .iter()
         .filter_map(|r| {
-            r.val_accuracy.map(|accuracy| Validation {
+            let accuracy = r.val_accuracy.filter(|a| a.is_finite())?;
+            Some(Validation {
                 step: r.step,
                 hours: r.seconds / 3600.0,
                 accuracy,
@@ -59,7 +60,6 @@ pub fn summarize_curve(
     let best = points
         .iter()
         .copied()
-        .filter(|v| v.accuracy.is_finite())
         // The earliest of equal bests, as training keeps its best checkpoint.
         .reduce(|best, v| if v.accuracy > best.accuracy { v } else { best });
     let first_at_target =

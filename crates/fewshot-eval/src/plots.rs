@@ -84,13 +84,9 @@ fn draw_curves(
     };
     let (raw, validation) = (finite(raw), finite(validation));
     let values = raw.iter().chain(&validation).map(|&(_, y)| y);
-    let mut chart = ChartBuilder::on(area)
-        .caption(caption, ("sans-serif", 20))
-        .margin(10)
+    let mut chart = chart_builder(area, caption)
         // Room for the last step's label, centred on the right edge.
         .margin_right(30)
-        .x_label_area_size(35)
-        .y_label_area_size(60)
         .build_cartesian_2d(steps, axis_range(values, 0.05))?;
     chart
         .configure_mesh()
@@ -127,12 +123,7 @@ fn draw_curves(
             .label("validation")
             .legend(|(x, y)| Circle::new((x + 10, y), 3, VALIDATION.filled()));
     }
-    chart
-        .configure_series_labels()
-        .position(legend)
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK.mix(0.3))
-        .draw()
+    draw_legend(&mut chart, legend)
 }
 
 /// Histogram of per-episode test accuracy, with the mean marked.
@@ -164,15 +155,9 @@ pub(crate) fn episodes_svg(evaluation: &Evaluation) -> Result<String, String> {
     let mean = evaluation.accuracy.mean * 100.0;
 
     render((800, 450), |root| {
-        let mut chart = ChartBuilder::on(root)
-            .caption(
-                format!("Test accuracy over {} episodes", evaluation.episodes.len()),
-                ("sans-serif", 20),
-            )
-            .margin(10)
-            .x_label_area_size(35)
-            .y_label_area_size(60)
-            .build_cartesian_2d(left..right, 0.0..tallest * 1.1)?;
+        let caption = format!("Test accuracy over {} episodes", evaluation.episodes.len());
+        let mut chart =
+            chart_builder(root, caption).build_cartesian_2d(left..right, 0.0..tallest * 1.1)?;
         chart
             .configure_mesh()
             .x_desc("accuracy (%)")
@@ -198,12 +183,7 @@ pub(crate) fn episodes_svg(evaluation: &Evaluation) -> Result<String, String> {
             ))?
             .label(format!("mean {mean:.2}%"))
             .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], VALIDATION.stroke_width(2)));
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperLeft)
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK.mix(0.3))
-            .draw()
+        draw_legend(&mut chart, SeriesLabelPosition::UpperLeft)
     })
 }
 
@@ -233,15 +213,8 @@ pub(crate) fn validation_svg(
         0.05,
     );
     render((900, 500), |root| {
-        let mut chart = ChartBuilder::on(root)
-            .caption(
-                "Validation accuracy against training time",
-                ("sans-serif", 20),
-            )
-            .margin(10)
+        let mut chart = chart_builder(root, "Validation accuracy against training time")
             .margin_right(30)
-            .x_label_area_size(35)
-            .y_label_area_size(60)
             .build_cartesian_2d(hours.clone(), accuracy)?;
         chart
             .configure_mesh()
@@ -260,7 +233,6 @@ pub(crate) fn validation_svg(
         for ((name, points), colour) in runs.iter().zip(RUN_COLOURS.iter().cycle()) {
             let points: Vec<(f64, f64)> = points
                 .iter()
-                .filter(|v| v.accuracy.is_finite())
                 .map(|v| (v.hours, percent(v.accuracy)))
                 .collect();
             chart.draw_series(LineSeries::new(thin(&points), colour))?;
@@ -269,13 +241,36 @@ pub(crate) fn validation_svg(
                 .label(*name)
                 .legend(move |(x, y)| Circle::new((x + 10, y), 3, colour.filled()));
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::LowerRight)
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK.mix(0.3))
-            .draw()
+        draw_legend(&mut chart, SeriesLabelPosition::LowerRight)
     })
+}
+
+/// A chart with `caption` over it and the margins and axis-label room every
+/// plot here has.
+fn chart_builder<'a, 'b>(
+    area: &'a Area<'b>,
+    caption: impl AsRef<str>,
+) -> ChartBuilder<'a, 'b, SVGBackend<'b>> {
+    let mut builder = ChartBuilder::on(area);
+    builder
+        .caption(caption, ("sans-serif", 20))
+        .margin(10)
+        .x_label_area_size(35)
+        .y_label_area_size(60);
+    builder
+}
+
+/// The legend of a chart's labelled series, on a translucent white box.
+fn draw_legend<'a, CT: CoordTranslate>(
+    chart: &mut ChartContext<'a, SVGBackend<'a>, CT>,
+    position: SeriesLabelPosition,
+) -> Drawn {
+    chart
+        .configure_series_labels()
+        .position(position)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK.mix(0.3))
+        .draw()
 }
 
 /// Draws on a white SVG canvas of `size` pixels and returns the SVG text.

@@ -89,7 +89,8 @@ fn main() -> Result<()> {
         bail!("usage: training_batch_norm MODEL vinyals|lake WAYS QUERIES EPISODES");
     };
     let number = |name: &str, text: &str| -> Result<usize> {
-        text.parse().with_context(|| format!("{name}: not a count: {text}"))
+        text.parse()
+            .with_context(|| format!("{name}: not a count: {text}"))
     };
     let device = Device::Cpu;
     let checkpoint = Checkpoint::load(Path::new(model), &device)?;
@@ -144,12 +145,23 @@ fn main() -> Result<()> {
         };
         let test = data.split(SplitName::Test);
         let mut quiet = |_| ControlFlow::Continue(());
-        Ok(evaluate(&learner, data.store.clone(), test, &protocol, &device, &mut quiet)?)
+        Ok(evaluate(
+            &learner,
+            data.store.clone(),
+            test,
+            &protocol,
+            &device,
+            &mut quiet,
+        )?)
     };
     let by_episode = score(None)?;
     let by_training_batch = score(Some(&reference))?;
     let line = |name: &str, e: &Evaluation| {
-        println!("{name}: {:.2}% ± {:.2}%", 100.0 * e.accuracy.mean, 100.0 * e.accuracy.ci95);
+        println!(
+            "{name}: {:.2}% ± {:.2}%",
+            100.0 * e.accuracy.mean,
+            100.0 * e.accuracy.ci95
+        );
     };
     line("normalised by the episode", &by_episode);
     line("normalised by the training batch", &by_training_batch);

@@ -10,8 +10,9 @@
 //!
 //! `SPLIT` is `vinyals` (random test episodes) or `lake` (within one
 //! evaluation alphabet, for models trained on all background alphabets).
-//! Both ways score the same seeded test episodes (seed 1234, 1 shot), and the
-//! paired difference is printed. The reference batch: three images of each
+//! Both ways score the same seeded test episodes (seed 1234, 1 shot): the
+//! episode's own statistics through `ProtoNet` itself (what `fewshot eval`
+//! measures), and the paired difference is printed. The reference batch: three images of each
 //! of 300 training classes (rotations as classes), 900 images.
 
 use std::ops::ControlFlow;
@@ -27,17 +28,17 @@ use fewshot_data::{
     dataset_root, EpisodeSampler, EpisodeSpec, Omniglot, OmniglotOptions, SplitName,
 };
 use fewshot_eval::{compare, evaluate, EvalProtocol, Evaluation};
-use protonet::{distance_logits, prototypes, ProtoNetConfig};
+use protonet::{distance_logits, prototypes, ProtoNet, ProtoNetConfig};
 
-/// A trained embedding that only predicts, normalising each episode by
-/// `reference` when given.
-struct Normalised<'a> {
+/// A trained embedding that only predicts, normalising each episode by the
+/// statistics of `reference` instead of its own.
+struct NormalisedByReference<'a> {
     embedding: &'a Conv4,
     params: &'a ParamSet,
-    reference: Option<&'a Tensor>,
+    reference: &'a Tensor,
 }
 
-impl Learner for Normalised<'_> {
+impl Learner for NormalisedByReference<'_> {
     fn algorithm(&self) -> &'static str {
         protonet::ALGORITHM
     }
@@ -53,13 +54,9 @@ impl Learner for Normalised<'_> {
     fn predict(&self, episode: &EpisodeTensors) -> fewshot_backbone::Result<Tensor> {
         let support_rows = episode.support.dim(0)?;
         let images = Tensor::cat(&[&episode.support, &episode.query], 0)?;
-        let embedded = match self.reference {
-            Some(reference) => {
-                self.embedding
-                    .forward_normalised_by(self.params, reference, &images)?
-            }
-            None => self.embedding.forward(self.params, &images)?,
-        };
+        let embedded =
+            self.embedding
+                .forward_normalised_by(self.params, self.reference, &images)?;
         let support = embedded.narrow(0, 0, support_rows)?;
         let query = embedded.narrow(0, support_rows, episode.query.dim(0)?)?;
         let prototypes = prototypes(&support, &episode.support_labels, episode.ways)?;
@@ -95,6 +92,8 @@ fn main() -> Result<()> {
     let device = Device::Cpu;
     let checkpoint = Checkpoint::load(Path::new(model), &device)?;
     let config: ProtoNetConfig = parse_algorithm_section(&checkpoint.config, protonet::ALGORITHM)?;
+    let mut protonet = ProtoNet::from_json(&checkpoint.config, &device)?;
+    protonet.load_state(&checkpoint.tensors)?;
     let embedding = Conv4::new(config.embedding.clone())?;
     let params = checkpoint.tensors.strip_prefix("embedding.").detach();
 
@@ -103,18 +102,21 @@ fn main() -> Result<()> {
         ..Default::default()
     };
     let omniglot = Omniglot::load(&dataset_root("omniglot", None)?, &options)?;
-    let (data, same_group) = match split.as_str() {
-        "vinyals" => (omniglot.vinyals()?, false),
-        "lake" => (omniglot.lake_with_validation(0, 0)?, true),
-        other => bail!("SPLIT: `{other}` is neither `vinyals` nor `lake`"),
-    };
-
     // Vinyals' training classes are rotations already; Lake's get them here,
     // as the Lake models were trained.
-    let train = data
-        .train
-        .with_rotation_classes()
-        .unwrap_or_else(|_| data.train.clone());
+    let (data, train, same_group) = match split.as_str() {
+        "vinyals" => {
+            let data = omniglot.vinyals()?;
+            let train = data.train.clone();
+            (data, train, false)
+        }
+        "lake" => {
+            let data = omniglot.lake_with_validation(0, 0)?;
+            let train = data.train.with_rotation_classes()?;
+            (data, train, true)
+        }
+        other => bail!("SPLIT: `{other}` is neither `vinyals` nor `lake`"),
+    };
     let reference_spec = EpisodeSpec {
         ways: 300,
         shots: 2,
@@ -137,16 +139,11 @@ fn main() -> Result<()> {
         split: SplitName::Test,
         support_copies: None,
     };
-    let score = |reference: Option<&Tensor>| -> Result<Evaluation> {
-        let learner = Normalised {
-            embedding: &embedding,
-            params: &params,
-            reference,
-        };
+    let score = |learner: &dyn Learner| -> Result<Evaluation> {
         let test = data.split(SplitName::Test);
         let mut quiet = |_| ControlFlow::Continue(());
         Ok(evaluate(
-            &learner,
+            learner,
             data.store.clone(),
             test,
             &protocol,
@@ -154,8 +151,12 @@ fn main() -> Result<()> {
             &mut quiet,
         )?)
     };
-    let by_episode = score(None)?;
-    let by_training_batch = score(Some(&reference))?;
+    let by_episode = score(&protonet)?;
+    let by_training_batch = score(&NormalisedByReference {
+        embedding: &embedding,
+        params: &params,
+        reference: &reference,
+    })?;
     let line = |name: &str, e: &Evaluation| {
         println!(
             "{name}: {:.2}% ± {:.2}%",

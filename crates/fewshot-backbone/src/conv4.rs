@@ -234,7 +234,7 @@ impl Conv4 {
     ) -> Result<Tensor> {
         let rows = reference.dim(0)?;
         let both = Tensor::cat(&[reference, images], 0)?;
-        let features = self.blocks(params, &both, Some(rows))?;
+        let features = self.blocks(params, &both, Statistics::Reference(rows), None)?;
         let features = features.narrow(0, rows, images.dim(0)?)?;
         self.head(params, features)
     }
@@ -258,9 +258,50 @@ impl Conv4 {
         ))
     }
 
+    /// As [`Conv4::forward`], also returning each batch norm's statistics
+    /// of this batch (detached), named as [`Conv4::running_statistics_shapes`].
+    pub fn forward_recording_statistics(
+        &self,
+        params: &ParamSet,
+        images: &Tensor,
+    ) -> Result<(Tensor, ParamSet)> {
+        let mut statistics = ParamSet::new();
+        let features = self.blocks(params, images, Statistics::Batch, Some(&mut statistics))?;
+        Ok((self.head(params, features)?, statistics))
+    }
+
+    /// As [`Conv4::forward`], but every batch norm normalises by the given
+    /// statistics (running averages over training batches, named as
+    /// [`Conv4::running_statistics_shapes`]) instead of the batch's: each
+    /// image's output depends on itself only, as in PyTorch's `eval()` mode.
+    pub fn forward_with_statistics(
+        &self,
+        params: &ParamSet,
+        statistics: &ParamSet,
+        images: &Tensor,
+    ) -> Result<Tensor> {
+        let features = self.blocks(params, images, Statistics::Given(statistics), None)?;
+        self.head(params, features)
+    }
+
+    /// Names and shapes of the batch norms' running statistics (mean and
+    /// biased variance per channel), empty without batch norm.
+    pub fn running_statistics_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let c = &self.config;
+        match c.batch_norm {
+            true => (0..c.blocks)
+                .flat_map(|block| {
+                    [running_mean_name(block), running_var_name(block)]
+                        .map(|name| (name, vec![c.filters]))
+                })
+                .collect(),
+            false => Vec::new(),
+        }
+    }
+
     /// The feature vector, ignoring any classifier.
     pub fn features(&self, params: &ParamSet, images: &Tensor) -> Result<Tensor> {
-        self.blocks(params, images, None)
+        self.blocks(params, images, Statistics::Batch, None)
     }
 
     fn head(&self, params: &ParamSet, features: Tensor) -> Result<Tensor> {
@@ -274,13 +315,14 @@ impl Conv4 {
         }
     }
 
-    /// The blocks and the feature head; batch norm uses the statistics of the
-    /// first `reference_rows` images when given, else of the whole batch.
+    /// The blocks and the feature head, batch norm normalising by `statistics`;
+    /// with `record`, each batch norm's batch statistics are added to it.
     fn blocks(
         &self,
         params: &ParamSet,
         images: &Tensor,
-        reference_rows: Option<usize>,
+        statistics: Statistics,
+        mut record: Option<&mut ParamSet>,
     ) -> Result<Tensor> {
         let c = &self.config;
         let (_, channels, h, w) = images.dims4()?;
@@ -298,22 +340,32 @@ impl Conv4 {
                 Downsample::MaxPool => ops::conv2d(&x, weight, 1, 1)?,
             };
             let pool = c.downsample == Downsample::MaxPool;
-            x = match c.batch_norm {
-                true => {
-                    let gamma = params.get(&bn_gamma_name(block))?;
-                    let beta = params.get(&bn_beta_name(block))?;
-                    let eps = c.batch_norm_eps;
-                    match reference_rows {
-                        // The block's ending in one op: see ops::batch_norm_relu_pool.
-                        None if pool => ops::batch_norm_relu_pool(&x, gamma, beta, eps)?,
-                        None => ops::batch_norm_relu(&x, gamma, beta, eps)?,
-                        Some(rows) => {
-                            let y = ops::batch_norm_relu_by_reference(&x, rows, gamma, beta, eps)?;
-                            max_pool_if(pool, y)?
-                        }
-                    }
+            if !c.batch_norm {
+                x = max_pool_if(pool, ops::relu(&x)?)?;
+                continue;
+            }
+            if let Some(record) = record.as_deref_mut() {
+                let (mean, var) = ops::channel_moments(&x.detach())?;
+                record.insert(running_mean_name(block), mean)?;
+                record.insert(running_var_name(block), var)?;
+            }
+            let gamma = params.get(&bn_gamma_name(block))?;
+            let beta = params.get(&bn_beta_name(block))?;
+            let eps = c.batch_norm_eps;
+            x = match statistics {
+                // The block's ending in one op: see ops::batch_norm_relu_pool.
+                Statistics::Batch if pool => ops::batch_norm_relu_pool(&x, gamma, beta, eps)?,
+                Statistics::Batch => ops::batch_norm_relu(&x, gamma, beta, eps)?,
+                Statistics::Reference(rows) => {
+                    let y = ops::batch_norm_relu_by_reference(&x, rows, gamma, beta, eps)?;
+                    max_pool_if(pool, y)?
                 }
-                false => max_pool_if(pool, ops::relu(&x)?)?,
+                Statistics::Given(given) => {
+                    let mean = given.get(&running_mean_name(block))?;
+                    let var = given.get(&running_var_name(block))?;
+                    let y = ops::batch_norm_relu_with_statistics(&x, mean, var, gamma, beta, eps)?;
+                    max_pool_if(pool, y)?
+                }
             };
         }
         match c.feature_head {
@@ -321,6 +373,17 @@ impl Conv4 {
             FeatureHead::Flatten => ops::flatten(&x),
         }
     }
+}
+
+/// Where the batch norms of a forward pass take their statistics from.
+#[derive(Clone, Copy)]
+enum Statistics<'a> {
+    /// The whole batch.
+    Batch,
+    /// The first this many images of the batch.
+    Reference(usize),
+    /// Given, named as [`Conv4::running_statistics_shapes`].
+    Given(&'a ParamSet),
 }
 
 fn max_pool_if(pool: bool, x: Tensor) -> Result<Tensor> {
@@ -343,6 +406,14 @@ fn bn_gamma_name(block: usize) -> String {
 
 fn bn_beta_name(block: usize) -> String {
     format!("block{block}.bn.bias")
+}
+
+fn running_mean_name(block: usize) -> String {
+    format!("block{block}.bn.running_mean")
+}
+
+fn running_var_name(block: usize) -> String {
+    format!("block{block}.bn.running_var")
 }
 
 #[cfg(test)]
@@ -413,6 +484,54 @@ mod tests {
             .forward_normalised_by(&params, &reference, &first)
             .unwrap();
         assert!(max_gap(&all.narrow(0, 0, 1).unwrap(), &alone) < 1e-12);
+    }
+
+    #[test]
+    fn recorded_statistics_reproduce_the_batch_and_free_each_image() {
+        let net = Conv4::new(Conv4Config {
+            filters: 8,
+            ..Conv4Config::omniglot()
+        })
+        .unwrap();
+        let params = net.init(5, DType::F64, &Device::Cpu).unwrap();
+        let x = Tensor::rand(0f64, 1., (6, 1, 28, 28), &Device::Cpu).unwrap();
+        let (batch_out, statistics) = net.forward_recording_statistics(&params, &x).unwrap();
+        let names: Vec<String> = net
+            .running_statistics_shapes()
+            .into_iter()
+            .map(|(name, shape)| {
+                assert_eq!(statistics.get(&name).unwrap().dims(), shape.as_slice());
+                name
+            })
+            .collect();
+        assert_eq!(statistics.names(), names.as_slice());
+        assert_eq!(names.len(), 8);
+        let gap = |a: &Tensor, b: &Tensor| -> f64 {
+            (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap()
+        };
+        // Normalised by its own statistics, given: the batch's own output.
+        let given = net
+            .forward_with_statistics(&params, &statistics, &x)
+            .unwrap();
+        assert!(gap(&given, &batch_out) < 1e-10);
+        // An image alone with the same statistics: its row of the batch.
+        let alone = net
+            .forward_with_statistics(&params, &statistics, &x.narrow(0, 2, 1).unwrap())
+            .unwrap();
+        assert!(gap(&alone, &given.narrow(0, 2, 1).unwrap()) < 1e-10);
+        // Missing statistics are named.
+        let err = net
+            .forward_with_statistics(&params, &ParamSet::new(), &x)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("block0.bn.running_mean"), "{err}");
     }
 
     #[test]

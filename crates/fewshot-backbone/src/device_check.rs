@@ -248,6 +248,15 @@ pub fn op_cases() -> Vec<OpCase> {
             &[&[5, 3, 4, 4], &[3], &[3]],
             Rc::new(move |t| ops::batch_norm_relu_by_reference(&t[0], 2, &t[1], &t[2], eps)),
         ),
+        case(
+            "batch_norm_relu_with_statistics",
+            &[&[4, 3, 5, 5], &[3], &[3], &[3], &[3]],
+            Rc::new(move |t| {
+                // A variance must be positive.
+                let var = (t[2].sqr()? + 0.5)?;
+                ops::batch_norm_relu_with_statistics(&t[0], &t[1], &var, &t[3], &t[4], eps)
+            }),
+        ),
         case("relu", &[&[2, 3, 5, 7]], Rc::new(|t| ops::relu(&t[0]))),
         OpCase {
             // Meta Networks' fast weights start at exactly zero: the ReLU

@@ -212,8 +212,20 @@ pub fn mean_over_episodes(
     batch: &[EpisodeTensors],
     episode_gradient: impl Fn(&EpisodeTensors) -> Result<EpisodeGradient> + Sync,
 ) -> Result<(ParamSet, StepStats)> {
+    let (gradient, stats, _) =
+        mean_over_episodes_with(batch, |episode| Ok((episode_gradient(episode)?, ())))?;
+    Ok((gradient, stats))
+}
+
+/// As [`mean_over_episodes`], for a learner that also takes something else
+/// from each episode's forward pass (batch-norm statistics, say): those come
+/// back in the batch's order, whatever order the episodes ran in.
+pub fn mean_over_episodes_with<T: Send>(
+    batch: &[EpisodeTensors],
+    episode_gradient: impl Fn(&EpisodeTensors) -> Result<(EpisodeGradient, T)> + Sync,
+) -> Result<(ParamSet, StepStats, Vec<T>)> {
     let settings = crate::ops::path::ThreadSettings::capture();
-    let results: Vec<Result<EpisodeGradient>> = batch
+    let results: Vec<Result<(EpisodeGradient, T)>> = batch
         .par_iter()
         .map(|episode| settings.run(|| episode_gradient(episode)))
         .collect();
@@ -223,21 +235,23 @@ pub fn mean_over_episodes(
         accuracy: 0.0,
     };
     let mut sum: Option<ParamSet> = None;
+    let mut side_outputs = Vec::with_capacity(batch.len());
     for result in results {
-        let episode = result?;
+        let (episode, side_output) = result?;
         stats.loss += episode.loss * scale;
         stats.accuracy += episode.accuracy * scale;
         sum = Some(match sum {
             None => episode.gradient.scale(scale)?,
             Some(sum) => sum.add_scaled(&episode.gradient, scale)?,
         });
+        side_outputs.push(side_output);
     }
     let gradient = sum.ok_or_else(|| BackboneError::InvalidConfig {
         field: "meta_batch",
         value: "0".into(),
         reason: "a training step needs at least one episode".into(),
     })?;
-    Ok((gradient, stats))
+    Ok((gradient, stats, side_outputs))
 }
 
 #[cfg(test)]

@@ -80,18 +80,36 @@ pub fn batch_norm_relu_by_reference(
             reason: format!("must be between 1 and the batch size {}", x.dim(0)?),
         });
     }
-    let reference = x.narrow(0, 0, reference_rows)?;
-    let fast = on_kernels("batch_norm_relu_by_reference", x)?;
-    let (mean, var) = match fast {
+    let (mean, var) = channel_moments(&x.narrow(0, 0, reference_rows)?)?;
+    batch_norm_relu_with_statistics(x, &mean, &var, gamma, beta, eps)
+}
+
+/// Per-channel mean and biased variance of `x` (N, C, H, W) over N, H and
+/// W: two (C) tensors, the statistics [`batch_norm`] normalises by.
+pub fn channel_moments(x: &Tensor) -> Result<(Tensor, Tensor)> {
+    match on_kernels("channel_moments", x)? {
         true => {
-            let moments = kernels::channel_moments(&reference)?;
-            (moments.get(0)?, moments.get(1)?)
+            let moments = kernels::channel_moments(x)?;
+            Ok((moments.get(0)?, moments.get(1)?))
         }
-        false => candle_path::channel_moments(&reference)?,
-    };
+        false => candle_path::channel_moments(x),
+    }
+}
+
+/// `relu(batch_norm(x))` with given per-channel statistics (C) instead of
+/// the batch's: batch norm at inference, with statistics estimated on
+/// training data, as PyTorch's `eval()` mode uses its running averages.
+pub fn batch_norm_relu_with_statistics(
+    x: &Tensor,
+    mean: &Tensor,
+    var: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f64,
+) -> Result<Tensor> {
     let scale = gamma.div(&(var + eps)?.sqrt()?)?;
     let shift = beta.sub(&mean.mul(&scale)?)?;
-    let normalised = match fast {
+    let normalised = match on_kernels("batch_norm_relu_with_statistics", x)? {
         true => kernels::channel_affine(x, &scale, &shift)?,
         false => candle_path::channel_affine(x, &scale, &shift)?,
     };

@@ -22,6 +22,25 @@ pub struct ProtoNetConfig {
     pub lr_decay_factor: f64,
     /// Seeds the initial weights. Default 0.
     pub init_seed: u64,
+    /// What batch norm normalises a test episode by. Default `episode`.
+    pub test_batch_norm: TestBatchNorm,
+    /// With `test_batch_norm: running`, the weight of each training step's
+    /// batch statistics in the running averages (PyTorch's `momentum`).
+    /// Default 0.1.
+    pub running_momentum: f64,
+}
+
+/// What batch norm normalises a test episode by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TestBatchNorm {
+    /// The statistics of the episode's support and query images together,
+    /// as in training (transductive, as MAML tests).
+    Episode,
+    /// Running averages of the training batches' statistics, kept with the
+    /// weights: the reference code's `model.eval()`. Each query is scored on
+    /// its own, and batch norm sees test images as it saw training batches.
+    Running,
 }
 
 impl Default for ProtoNetConfig {
@@ -36,6 +55,8 @@ impl Default for ProtoNetConfig {
             lr_decay_every: 2000,
             lr_decay_factor: 0.5,
             init_seed: 0,
+            test_batch_norm: TestBatchNorm::Episode,
+            running_momentum: 0.1,
         }
     }
 }
@@ -49,6 +70,20 @@ impl ProtoNetConfig {
                 field: "embedding.classifier_outputs",
                 value: format!("{:?}", self.embedding.classifier_outputs),
                 reason: "the embedding network outputs features; leave it null".into(),
+            });
+        }
+        if !(self.running_momentum > 0.0 && self.running_momentum <= 1.0) {
+            return Err(BackboneError::InvalidConfig {
+                field: "running_momentum",
+                value: self.running_momentum.to_string(),
+                reason: "must be in (0, 1]".into(),
+            });
+        }
+        if self.test_batch_norm == TestBatchNorm::Running && !self.embedding.batch_norm {
+            return Err(BackboneError::InvalidConfig {
+                field: "test_batch_norm",
+                value: "running".into(),
+                reason: "the embedding has no batch norm (embedding.batch_norm is false)".into(),
             });
         }
         self.lr_schedule().validate("lr_decay_factor")
@@ -101,6 +136,16 @@ mod tests {
         };
         let err = c.validate().unwrap_err().to_string();
         assert!(err.contains("lr_decay_factor"), "{err}");
+        let c = ProtoNetConfig {
+            running_momentum: 0.0,
+            ..Default::default()
+        };
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("running_momentum"), "{err}");
+        let err = serde_json::from_str::<ProtoNetConfig>(r#"{"test_batch_norm": "eval"}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("eval"), "{err}");
         let err = serde_json::from_str::<ProtoNetConfig>(r#"{"lr_decay": 3}"#).unwrap_err();
         assert!(err.to_string().contains("lr_decay"), "{err}");
     }

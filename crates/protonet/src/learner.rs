@@ -3,12 +3,12 @@
 
 use candle_core::{DType, Device, Tensor};
 use fewshot_backbone::{
-    algorithm_section, load_training_state, mean_over_episodes, parse_algorithm_section,
-    training_state, Adam, Conv4, EpisodeGradient, EpisodeTensors, Learner, ParamSet, Result,
-    StepStats, VarSet,
+    algorithm_section, load_training_state, mean_over_episodes_with, parse_algorithm_section,
+    training_state, Adam, BackboneError, Conv4, EpisodeGradient, EpisodeTensors, Learner, ParamSet,
+    Result, StepStats, VarSet,
 };
 
-use crate::hyperparams::ProtoNetConfig;
+use crate::hyperparams::{ProtoNetConfig, TestBatchNorm};
 use crate::prototypes::{distance_logits, prototypes};
 use crate::ALGORITHM;
 
@@ -20,6 +20,10 @@ pub struct ProtoNet {
     embedding: Conv4,
     weights: VarSet,
     optimizer: Adam,
+    /// With `test_batch_norm: running`, the running averages of each batch
+    /// norm's training statistics (names start with [`EMBEDDING`]); they are
+    /// part of [`Learner::state`], so checkpoints and published models keep them.
+    running_statistics: Option<ParamSet>,
 }
 
 impl ProtoNet {
@@ -32,11 +36,16 @@ impl ProtoNet {
             .with_prefix(EMBEDDING)
             .to_vars()?;
         let optimizer = Adam::new(config.optimizer, &weights)?;
+        let running_statistics = match config.test_batch_norm {
+            TestBatchNorm::Episode => None,
+            TestBatchNorm::Running => Some(initial_statistics(&embedding, device)?),
+        };
         Ok(Self {
             config,
             embedding,
             weights,
             optimizer,
+            running_statistics,
         })
     }
 
@@ -45,17 +54,39 @@ impl ProtoNet {
         Self::new(parse_algorithm_section(section, ALGORITHM)?, device)
     }
 
-    /// Query logits (queries x ways) on the given weights. Support and query
-    /// are embedded in one batch, so batch norm normalises the episode as a
-    /// unit, in training as the reference code does, and at test as MAML
-    /// does (the reference tests with running averages instead).
-    pub fn logits(&self, params: &ParamSet, episode: &EpisodeTensors) -> Result<Tensor> {
-        let (support, query) = self
-            .embedding
-            .forward_episode(&params.strip_prefix(EMBEDDING), episode)?;
-        let prototypes = prototypes(&support, &episode.support_labels, episode.ways)?;
-        distance_logits(&query, &prototypes)
+    /// The running averages of the batch norms' training statistics, with
+    /// `test_batch_norm: running`.
+    pub fn running_statistics(&self) -> Option<&ParamSet> {
+        self.running_statistics.as_ref()
     }
+}
+
+/// PyTorch's starting running averages: mean 0, variance 1.
+fn initial_statistics(embedding: &Conv4, device: &Device) -> Result<ParamSet> {
+    let mut statistics = ParamSet::new();
+    for (name, shape) in embedding.running_statistics_shapes() {
+        let value = match name.ends_with("running_mean") {
+            true => Tensor::zeros(shape, DType::F32, device)?,
+            false => Tensor::ones(shape, DType::F32, device)?,
+        };
+        statistics.insert(format!("{EMBEDDING}{name}"), value)?;
+    }
+    Ok(statistics)
+}
+
+/// Support and query images in one batch: batch norm normalises the episode
+/// as a unit, in training as the reference code does.
+fn episode_images(episode: &EpisodeTensors) -> Result<Tensor> {
+    Ok(Tensor::cat(&[&episode.support, &episode.query], 0)?)
+}
+
+/// Query logits (queries x ways) from the embeddings of [`episode_images`].
+fn score(episode: &EpisodeTensors, embedded: &Tensor) -> Result<Tensor> {
+    let support_rows = episode.support.dim(0)?;
+    let support = embedded.narrow(0, 0, support_rows)?;
+    let query = embedded.narrow(0, support_rows, episode.query.dim(0)?)?;
+    let prototypes = prototypes(&support, &episode.support_labels, episode.ways)?;
+    distance_logits(&query, &prototypes)
 }
 
 impl Learner for ProtoNet {
@@ -68,27 +99,91 @@ impl Learner for ProtoNet {
     }
 
     fn meta_train(&mut self, batch: &[EpisodeTensors]) -> Result<StepStats> {
-        let params = self.weights.as_params();
-        let (gradient, stats) = mean_over_episodes(batch, |episode| {
-            let logits = self.logits(&params, episode)?;
-            EpisodeGradient::of_query_cross_entropy(&self.weights, &logits, episode)
+        let params = self.weights.as_params().strip_prefix(EMBEDDING);
+        let record = self.running_statistics.is_some();
+        let (gradient, stats, batch_statistics) = mean_over_episodes_with(batch, |episode| {
+            let images = episode_images(episode)?;
+            let (embedded, statistics) = match record {
+                true => {
+                    let (embedded, statistics) = self
+                        .embedding
+                        .forward_recording_statistics(&params, &images)?;
+                    (embedded, Some(statistics))
+                }
+                false => (self.embedding.forward(&params, &images)?, None),
+            };
+            let logits = score(episode, &embedded)?;
+            let gradient =
+                EpisodeGradient::of_query_cross_entropy(&self.weights, &logits, episode)?;
+            Ok((gradient, statistics))
         })?;
         self.optimizer
             .set_lr(self.config.lr_at(self.optimizer.steps()));
         self.optimizer.step(&self.weights, &gradient)?;
+        if let Some(running) = self.running_statistics.as_mut() {
+            // One update per episode, in the batch's order (PyTorch's, had
+            // it run the episodes one after another).
+            let momentum = self.config.running_momentum;
+            for statistics in batch_statistics.into_iter().flatten() {
+                *running = running
+                    .scale(1.0 - momentum)?
+                    .add_scaled(&statistics.with_prefix(EMBEDDING), momentum)?;
+            }
+        }
         Ok(stats)
     }
 
     fn predict(&self, episode: &EpisodeTensors) -> Result<Tensor> {
-        self.logits(&self.weights.as_params().detach(), episode)
+        let params = self.weights.as_params().detach().strip_prefix(EMBEDDING);
+        let images = episode_images(episode)?;
+        let embedded = match &self.running_statistics {
+            Some(running) => self.embedding.forward_with_statistics(
+                &params,
+                &running.strip_prefix(EMBEDDING),
+                &images,
+            )?,
+            None => self.embedding.forward(&params, &images)?,
+        };
+        score(episode, &embedded)
     }
 
     fn state(&self) -> Result<ParamSet> {
-        training_state(&self.weights, &self.optimizer)
+        let mut state = training_state(&self.weights, &self.optimizer)?;
+        if let Some(running) = &self.running_statistics {
+            state.extend(running)?;
+        }
+        Ok(state)
     }
 
     fn load_state(&mut self, state: &ParamSet) -> Result<()> {
-        load_training_state(&self.weights, &mut self.optimizer, state)
+        load_training_state(&self.weights, &mut self.optimizer, state)?;
+        if let Some(running) = self.running_statistics.as_mut() {
+            let mut loaded = ParamSet::new();
+            for (name, current) in running.iter() {
+                let value = state.get(name).map_err(|_| BackboneError::Parameter {
+                    name: name.to_string(),
+                    problem: "is missing: `test_batch_norm: running` needs the running \
+                              averages of a model trained with it"
+                        .into(),
+                })?;
+                if value.dims() != current.dims() {
+                    return Err(BackboneError::Parameter {
+                        name: name.to_string(),
+                        problem: format!(
+                            "has shape {:?}, expected {:?}",
+                            value.dims(),
+                            current.dims()
+                        ),
+                    });
+                }
+                let value = value
+                    .to_dtype(current.dtype())?
+                    .to_device(current.device())?;
+                loaded.insert(name, value)?;
+            }
+            *running = loaded;
+        }
+        Ok(())
     }
 }
 
@@ -201,6 +296,90 @@ mod tests {
             learner.meta_train(&batch).unwrap(),
             rebuilt.meta_train(&batch).unwrap()
         );
+    }
+
+    fn running_config(momentum: f64) -> ProtoNetConfig {
+        ProtoNetConfig {
+            test_batch_norm: TestBatchNorm::Running,
+            running_momentum: momentum,
+            ..small_config()
+        }
+    }
+
+    #[test]
+    fn running_statistics_follow_the_training_batches() {
+        // Momentum 1: the running averages are the last episode's statistics,
+        // taken at the weights before the step.
+        let mut learner = ProtoNet::new(running_config(1.0), &Device::Cpu).unwrap();
+        let batch = episodes(2, 5, 5);
+        let before = learner.weights.as_params().detach().strip_prefix(EMBEDDING);
+        let images = episode_images(&batch[1]).unwrap();
+        let (_, expected) = learner
+            .embedding
+            .forward_recording_statistics(&before, &images)
+            .unwrap();
+        learner.meta_train(&batch).unwrap();
+        let running = learner
+            .running_statistics()
+            .unwrap()
+            .strip_prefix(EMBEDDING);
+        assert_eq!(running.names(), expected.names());
+        for (name, value) in expected.iter() {
+            let got = running.get(name).unwrap().to_vec1::<f32>().unwrap();
+            assert_eq!(got, value.to_vec1::<f32>().unwrap(), "{name}");
+        }
+        // Momentum 0.1 from mean 0, variance 1: one step moves a tenth of the way.
+        let mut learner = ProtoNet::new(running_config(0.1), &Device::Cpu).unwrap();
+        learner.meta_train(&batch[1..]).unwrap();
+        let mean = learner
+            .running_statistics()
+            .unwrap()
+            .get("embedding.block0.bn.running_mean")
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let batch_mean = expected
+            .get("block0.bn.running_mean")
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        for (got, batch) in mean.iter().zip(&batch_mean) {
+            assert!((got - 0.1 * batch).abs() < 1e-6, "{got} vs 0.1 * {batch}");
+        }
+    }
+
+    #[test]
+    fn running_statistics_score_each_query_alone_and_survive_a_checkpoint() {
+        let mut learner = ProtoNet::new(running_config(0.1), &Device::Cpu).unwrap();
+        learner.meta_train(&episodes(2, 6, 5)).unwrap();
+        let episode = episodes(1, 7, 5).remove(0);
+        let all = learner.predict(&episode).unwrap();
+        let mut first_only = episode.clone();
+        first_only.query = episode.query.narrow(0, 0, 1).unwrap();
+        let alone = learner.predict(&first_only).unwrap();
+        let gap = (all.narrow(0, 0, 1).unwrap() - alone)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(gap < 1e-4, "{gap}");
+        // The running averages travel with the state.
+        let mut rebuilt = ProtoNet::from_json(&learner.config(), &Device::Cpu).unwrap();
+        rebuilt.load_state(&learner.state().unwrap()).unwrap();
+        assert_eq!(
+            rebuilt.predict(&episode).unwrap().to_vec2::<f32>().unwrap(),
+            all.to_vec2::<f32>().unwrap()
+        );
+        // A model trained without them cannot pretend to have them.
+        let plain = ProtoNet::new(small_config(), &Device::Cpu).unwrap();
+        let err = rebuilt
+            .load_state(&plain.state().unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("embedding.block0.bn.running_mean"), "{err}");
     }
 
     #[test]

@@ -12,7 +12,7 @@ pub mod hyperparams;
 pub mod learner;
 pub mod prototypes;
 
-pub use hyperparams::ProtoNetConfig;
+pub use hyperparams::{ProtoNetConfig, TestBatchNorm};
 pub use learner::ProtoNet;
 pub use prototypes::{distance_logits, prototypes};
 

@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use fewshot_backbone::DeviceChoice;
-use fewshot_data::{Augmentation, EpisodeSpec, Normalization, SplitName, SupportCopies};
+use fewshot_data::{
+    Augmentation, EpisodeSpec, Normalization, Resampling, SplitName, SupportCopies,
+};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -118,6 +120,12 @@ pub struct DataConfig {
     /// strokes on a light background (Omniglot's models expect ink as high
     /// values). Default false.
     pub invert: bool,
+    /// `omniglot` and `folder` only: how images are resized. `"area"`
+    /// (default): each pixel averages its source area (grey strokes).
+    /// `"nearest"`: the nearest source pixel, as Pillow resizes 1-bit images
+    /// whatever filter is asked for; what the MAML and Prototypical
+    /// Networks reference code saw (binary 28x28 Omniglot characters).
+    pub resampling: Resampling,
     /// Train on the validation classes too, leaving none to validate on:
     /// Prototypical Networks' final protocol, and for Vinyals' Omniglot
     /// split the 1,200 training characters of the Meta Networks paper. The
@@ -157,6 +165,7 @@ impl Default for DataConfig {
             crop: None,
             channels: None,
             invert: false,
+            resampling: Resampling::Area,
             train_with_val: false,
             validation_alphabets: 0,
             rotation_classes: false,
@@ -362,6 +371,15 @@ impl ExperimentConfig {
                 self.data.dataset
             );
         }
+        let resizes_as_asked = folder || self.data.dataset == DatasetKind::Omniglot;
+        if self.data.resampling != Resampling::Area && !resizes_as_asked {
+            bail!(
+                "field `data.resampling`: {:?}, but only `omniglot` and `folder` take it \
+                 ({:?} is resized as its papers resize it)",
+                self.data.resampling,
+                self.data.dataset
+            );
+        }
         if self.data.crop.is_some() && self.data.dataset != DatasetKind::Cub {
             bail!(
                 "field `data.crop`: set, but only `cub` takes it (dataset {:?})",
@@ -503,6 +521,11 @@ mod tests {
                 r#"{"data": {"dataset": "synthetic", "invert": true}}"#,
                 &["data.invert"],
             ),
+            (
+                r#"{"data": {"dataset": "mini-imagenet", "resampling": "nearest"}}"#,
+                &["data.resampling"],
+            ),
+            (r#"{"data": {"resampling": "bicubic"}}"#, &["bicubic"]),
             (
                 r#"{"data": {"augment": {"probability": 2}}}"#,
                 &["augment.probability"],

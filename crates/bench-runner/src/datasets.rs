@@ -38,7 +38,12 @@ pub fn load(config: &DataConfig, seed: u64) -> Result<Loaded> {
     let (mut dataset, omniglot, cache) = match config.dataset {
         DatasetKind::Omniglot => {
             let root = dataset_root("omniglot", config.root.as_deref())?;
-            let omniglot = Omniglot::load(&root, &OmniglotOptions { image_size, cache })?;
+            let options = OmniglotOptions {
+                image_size,
+                resampling: config.resampling,
+                cache,
+            };
+            let omniglot = Omniglot::load(&root, &options)?;
             let dataset = match config.split {
                 OmniglotSplit::Vinyals => omniglot.vinyals()?,
                 OmniglotSplit::Maml => omniglot.maml(seed),
@@ -175,6 +180,7 @@ pub fn preprocess(config: &DataConfig) -> Result<Preprocess> {
         size: config.image_size(),
         channels,
         invert: config.dataset == DatasetKind::Omniglot || config.invert,
+        resampling: config.resampling,
     })
 }
 

@@ -35,6 +35,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             &OmniglotOptions {
                 image_size: 28,
                 cache,
+                ..Default::default()
             },
         )?;
         println!(

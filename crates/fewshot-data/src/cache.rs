@@ -159,6 +159,7 @@ pub fn cache_key(kind: &str, pre: &Preprocess, sources: &[SourceFile]) -> u64 {
         pre.size,
         pre.channels,
         usize::from(pre.invert),
+        pre.resampling as usize,
         sources.len(),
     ] {
         h.bytes(&(v as u64).to_le_bytes());
@@ -343,12 +344,14 @@ fn write(path: &Path, key: u64, store: &ImageStore) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::preprocess::Resampling;
 
     fn pre() -> Preprocess {
         Preprocess {
             size: 2,
             channels: 1,
             invert: false,
+            resampling: Resampling::Area,
         }
     }
 
@@ -381,6 +384,11 @@ mod tests {
             ..pre()
         };
         assert_ne!(base, cache_key("omniglot", &inverted, &sources));
+        let nearest = Preprocess {
+            resampling: Resampling::Nearest,
+            ..pre()
+        };
+        assert_ne!(base, cache_key("omniglot", &nearest, &sources));
         for changed in [
             source("a/1.png", 12, 5),
             source("a/1.png", 10, 7),

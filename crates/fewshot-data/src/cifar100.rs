@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use crate::error::{DataError, Result};
 use crate::locate::missing_dataset;
-use crate::preprocess::{resized, write_planes};
+use crate::preprocess::{resized, write_planes, Resampling};
 use crate::split::{ClassSplit, FewShotClass, FewShotDataset, Rotation, SplitName};
 use crate::store::ImageStore;
 
@@ -202,5 +202,8 @@ fn append_image(planes: &[u8], size: usize, out: &mut Vec<u8>) {
     });
     let start = out.len();
     out.resize(start + 3 * size * size, 0);
-    write_planes(&resized(image, size as u32), &mut out[start..]);
+    write_planes(
+        &resized(image, size as u32, Resampling::Area),
+        &mut out[start..],
+    );
 }

@@ -17,7 +17,7 @@ use rayon::prelude::*;
 use crate::cache::{self, CacheOptions, CacheStatus, Fnv1a, SourceFile};
 use crate::error::{DataError, Result};
 use crate::locate::missing_dataset;
-use crate::preprocess::{CropBox, Preprocess};
+use crate::preprocess::{CropBox, Preprocess, Resampling};
 use crate::split::{ClassSplit, FewShotClass, FewShotDataset, Rotation, SplitName};
 
 /// Options of [`load`].
@@ -46,6 +46,7 @@ pub fn load(root: &Path, options: &CubOptions) -> Result<(FewShotDataset, CacheS
         size: options.image_size,
         channels: 3,
         invert: false,
+        resampling: Resampling::Area,
     };
     pre.validate()?;
     let images_list = root.join("images.txt");

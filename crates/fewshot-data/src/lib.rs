@@ -53,7 +53,7 @@ pub use locate::{dataset_root, how_to_get};
 pub use mini_imagenet::MiniImageNetOptions;
 pub use normalization::Normalization;
 pub use omniglot::{Character, Omniglot, OmniglotOptions, OmniglotSet};
-pub use preprocess::Preprocess;
+pub use preprocess::{Preprocess, Resampling};
 pub use rng::Rng;
 pub use split::{rotate_into, ClassSplit, FewShotClass, FewShotDataset, Rotation, SplitName};
 pub use store::ImageStore;

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use crate::cache::{self, CacheOptions, CacheStatus, SourceFile};
 use crate::error::{DataError, Result};
 use crate::locate::missing_dataset;
-use crate::preprocess::Preprocess;
+use crate::preprocess::{Preprocess, Resampling};
 use crate::split::{ClassSplit, FewShotClass, FewShotDataset, Rotation, SplitName};
 
 /// Options of [`load`].
@@ -49,6 +49,7 @@ pub fn load_with_status(
         size: options.image_size,
         channels: 3,
         invert: false,
+        resampling: Resampling::Area,
     };
     pre.validate()?;
     let images_dir = root.join("images");

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::cache::{self, CacheOptions, CacheStatus, SourceFile};
 use crate::error::{DataError, Result};
 use crate::locate::{missing_dataset, sorted_files, sorted_subdirs};
-use crate::preprocess::Preprocess;
+use crate::preprocess::{Preprocess, Resampling};
 use crate::rng::Rng;
 use crate::split::{ClassSplit, FewShotClass, FewShotDataset, Rotation};
 use crate::store::ImageStore;
@@ -26,6 +26,9 @@ const LAKE_VALIDATION_STREAM: u64 = 0x4C41_4B45; // "LAKE"
 pub struct OmniglotOptions {
     /// Width and height after resizing: 28 in most papers, 105 is the native size.
     pub image_size: usize,
+    /// Default: area averaging (grey strokes); `Nearest` gives the binary
+    /// images the reference code of MAML and Prototypical Networks saw.
+    pub resampling: Resampling,
     pub cache: CacheOptions,
 }
 
@@ -33,6 +36,7 @@ impl Default for OmniglotOptions {
     fn default() -> Self {
         OmniglotOptions {
             image_size: 28,
+            resampling: Resampling::Area,
             cache: CacheOptions::default(),
         }
     }
@@ -102,6 +106,7 @@ impl Omniglot {
             size: options.image_size,
             channels: 1,
             invert: true,
+            resampling: options.resampling,
         };
         pre.validate()?;
         if !root.is_dir() {

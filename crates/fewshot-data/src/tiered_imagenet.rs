@@ -23,7 +23,7 @@ use rayon::prelude::*;
 use crate::cache::{self, CacheOptions, CacheStatus, SourceFile};
 use crate::error::{DataError, Result};
 use crate::locate::{missing_dataset, sorted_files};
-use crate::preprocess::Preprocess;
+use crate::preprocess::{Preprocess, Resampling};
 use crate::split::{ClassSplit, FewShotClass, FewShotDataset, Rotation, SplitName};
 
 /// Options of [`load`].
@@ -83,6 +83,7 @@ pub fn load(root: &Path, options: &TieredImageNetOptions) -> Result<(FewShotData
         size: options.image_size,
         channels: 3,
         invert: false,
+        resampling: Resampling::Area,
     };
     pre.validate()?;
     if options.images_per_class == Some(0) {

@@ -27,6 +27,7 @@ fn omniglot() -> Option<&'static Omniglot> {
         let options = OmniglotOptions {
             image_size: 28,
             cache: CacheOptions::disabled(),
+            ..Default::default()
         };
         Some(Omniglot::load(&dir, &options).expect("the real Omniglot loads"))
     });

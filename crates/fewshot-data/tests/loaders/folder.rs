@@ -1,5 +1,6 @@
 use fewshot_data::{
-    folder_channels, load_class_folder, load_image_files, DataError, ImageFolderDataset, Preprocess,
+    folder_channels, load_class_folder, load_image_files, DataError, ImageFolderDataset,
+    Preprocess, Resampling,
 };
 
 use crate::fixtures::{write_class_folder, write_grey_png, write_rgb};
@@ -8,6 +9,7 @@ const RGB4: Preprocess = Preprocess {
     size: 4,
     channels: 3,
     invert: false,
+    resampling: Resampling::Area,
 };
 
 #[test]

@@ -8,7 +8,11 @@ use fewshot_data::{
 use crate::fixtures::{write_grey_png, write_omniglot};
 
 fn options(image_size: usize, cache: CacheOptions) -> OmniglotOptions {
-    OmniglotOptions { image_size, cache }
+    OmniglotOptions {
+        image_size,
+        cache,
+        ..Default::default()
+    }
 }
 
 fn load(root: &Path) -> Omniglot {

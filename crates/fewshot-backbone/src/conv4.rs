@@ -420,6 +420,18 @@ fn running_var_name(block: usize) -> String {
 mod tests {
     use super::*;
 
+    /// The largest absolute difference between two f64 tensors.
+    fn max_gap(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+
     #[test]
     fn literature_shapes() {
         let omniglot = Conv4Config::omniglot();
@@ -463,16 +475,6 @@ mod tests {
         let net = Conv4::new(config).unwrap();
         let params = net.init(3, DType::F64, &Device::Cpu).unwrap();
         let x = Tensor::rand(0f64, 1., (4, 1, 28, 28), &Device::Cpu).unwrap();
-        let max_gap = |a: &Tensor, b: &Tensor| -> f64 {
-            (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar()
-                .unwrap()
-        };
         // The images as their own reference: the plain forward pass.
         let own = net.forward_normalised_by(&params, &x, &x).unwrap();
         assert!(max_gap(&own, &net.forward(&params, &x).unwrap()) < 1e-12);
@@ -506,26 +508,16 @@ mod tests {
             .collect();
         assert_eq!(statistics.names(), names.as_slice());
         assert_eq!(names.len(), 8);
-        let gap = |a: &Tensor, b: &Tensor| -> f64 {
-            (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar()
-                .unwrap()
-        };
         // Normalised by its own statistics, given: the batch's own output.
         let given = net
             .forward_with_statistics(&params, &statistics, &x)
             .unwrap();
-        assert!(gap(&given, &batch_out) < 1e-10);
+        assert!(max_gap(&given, &batch_out) < 1e-10);
         // An image alone with the same statistics: its row of the batch.
         let alone = net
             .forward_with_statistics(&params, &statistics, &x.narrow(0, 2, 1).unwrap())
             .unwrap();
-        assert!(gap(&alone, &given.narrow(0, 2, 1).unwrap()) < 1e-10);
+        assert!(max_gap(&alone, &given.narrow(0, 2, 1).unwrap()) < 1e-10);
         // Missing statistics are named.
         let err = net
             .forward_with_statistics(&params, &ParamSet::new(), &x)

@@ -259,7 +259,7 @@ impl Conv4 {
     }
 
     /// As [`Conv4::forward`], also returning each batch norm's statistics
-    /// of this batch (detached), named as [`Conv4::running_statistics_shapes`].
+    /// of this batch (detached), named as [`Conv4::initial_running_statistics`].
     pub fn forward_recording_statistics(
         &self,
         params: &ParamSet,
@@ -272,7 +272,7 @@ impl Conv4 {
 
     /// As [`Conv4::forward`], but every batch norm normalises by the given
     /// statistics (running averages over training batches, named as
-    /// [`Conv4::running_statistics_shapes`]) instead of the batch's: each
+    /// [`Conv4::initial_running_statistics`]) instead of the batch's: each
     /// image's output depends on itself only, as in PyTorch's `eval()` mode.
     pub fn forward_with_statistics(
         &self,
@@ -284,19 +284,25 @@ impl Conv4 {
         self.head(params, features)
     }
 
-    /// Names and shapes of the batch norms' running statistics (mean and
-    /// biased variance per channel), empty without batch norm.
-    pub fn running_statistics_shapes(&self) -> Vec<(String, Vec<usize>)> {
+    /// Running statistics as PyTorch starts them (mean 0, variance 1 per
+    /// channel), under the names the other statistics methods use; empty
+    /// without batch norm.
+    pub fn initial_running_statistics(&self, dtype: DType, device: &Device) -> Result<ParamSet> {
         let c = &self.config;
-        match c.batch_norm {
-            true => (0..c.blocks)
-                .flat_map(|block| {
-                    [running_mean_name(block), running_var_name(block)]
-                        .map(|name| (name, vec![c.filters]))
-                })
-                .collect(),
-            false => Vec::new(),
+        let mut statistics = ParamSet::new();
+        if c.batch_norm {
+            for block in 0..c.blocks {
+                statistics.insert(
+                    running_mean_name(block),
+                    Tensor::zeros(c.filters, dtype, device)?,
+                )?;
+                statistics.insert(
+                    running_var_name(block),
+                    Tensor::ones(c.filters, dtype, device)?,
+                )?;
+            }
         }
+        Ok(statistics)
     }
 
     /// The feature vector, ignoring any classifier.
@@ -382,7 +388,7 @@ enum Statistics<'a> {
     Batch,
     /// The first this many images of the batch.
     Reference(usize),
-    /// Given, named as [`Conv4::running_statistics_shapes`].
+    /// Given, named as [`Conv4::initial_running_statistics`].
     Given(&'a ParamSet),
 }
 
@@ -498,16 +504,14 @@ mod tests {
         let params = net.init(5, DType::F64, &Device::Cpu).unwrap();
         let x = Tensor::rand(0f64, 1., (6, 1, 28, 28), &Device::Cpu).unwrap();
         let (batch_out, statistics) = net.forward_recording_statistics(&params, &x).unwrap();
-        let names: Vec<String> = net
-            .running_statistics_shapes()
-            .into_iter()
-            .map(|(name, shape)| {
-                assert_eq!(statistics.get(&name).unwrap().dims(), shape.as_slice());
-                name
-            })
-            .collect();
-        assert_eq!(statistics.names(), names.as_slice());
-        assert_eq!(names.len(), 8);
+        let initial = net
+            .initial_running_statistics(DType::F64, &Device::Cpu)
+            .unwrap();
+        for (name, start) in initial.iter() {
+            assert_eq!(statistics.get(name).unwrap().dims(), start.dims());
+        }
+        assert_eq!(statistics.names(), initial.names());
+        assert_eq!(initial.len(), 8);
         // Normalised by its own statistics, given: the batch's own output.
         let given = net
             .forward_with_statistics(&params, &statistics, &x)

@@ -186,28 +186,18 @@ impl Adam {
     /// Restores [`Adam::state`]; a state without optimiser entries keeps the
     /// fresh optimiser (a published model carries weights only).
     pub fn load_state(&mut self, state: &ParamSet) -> Result<()> {
-        let state = state.strip_prefix(OPTIMIZER_PREFIX);
-        if state.is_empty() {
+        if !state
+            .names()
+            .iter()
+            .any(|n| n.starts_with(OPTIMIZER_PREFIX))
+        {
             return Ok(());
         }
-        let steps = to_host_f64(state.get(STEPS)?)?;
-        let restore = |current: &ParamSet, prefix: &str| -> Result<ParamSet> {
-            let saved = state.strip_prefix(prefix);
-            let mut out = ParamSet::new();
-            for (name, t) in current.iter() {
-                let value = saved.get(name)?;
-                if value.dims() != t.dims() {
-                    return Err(BackboneError::Parameter {
-                        name: format!("{OPTIMIZER_PREFIX}{prefix}{name}"),
-                        problem: format!("has shape {:?}, expected {:?}", value.dims(), t.dims()),
-                    });
-                }
-                out.insert(name, value.to_dtype(t.dtype())?.to_device(t.device())?)?;
-            }
-            Ok(out)
-        };
-        self.first_moments = restore(&self.first_moments, FIRST)?;
-        self.second_moments = restore(&self.second_moments, SECOND)?;
+        let steps = to_host_f64(state.get(&format!("{OPTIMIZER_PREFIX}{STEPS}"))?)?;
+        let first = format!("{OPTIMIZER_PREFIX}{FIRST}");
+        let second = format!("{OPTIMIZER_PREFIX}{SECOND}");
+        self.first_moments = self.first_moments.read_from(state, &first)?;
+        self.second_moments = self.second_moments.read_from(state, &second)?;
         self.steps = steps as u64;
         Ok(())
     }

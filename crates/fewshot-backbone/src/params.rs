@@ -105,6 +105,33 @@ impl ParamSet {
         Ok(())
     }
 
+    /// The values `saved` holds under `prefix` + each of this set's names,
+    /// each checked for this set's shape and cast to its dtype and device:
+    /// how a saved state is read back into a live one. Errors name the
+    /// saved entry (`prefix` included).
+    pub fn read_from(&self, saved: &ParamSet, prefix: &str) -> Result<ParamSet> {
+        let mut out = ParamSet::new();
+        for (name, current) in self.iter() {
+            let saved_name = format!("{prefix}{name}");
+            let value = saved.get(&saved_name)?;
+            if value.dims() != current.dims() {
+                return Err(BackboneError::Parameter {
+                    name: saved_name,
+                    problem: format!(
+                        "has shape {:?}, expected {:?}",
+                        value.dims(),
+                        current.dims()
+                    ),
+                });
+            }
+            let value = value
+                .to_dtype(current.dtype())?
+                .to_device(current.device())?;
+            out.insert(name, value)?;
+        }
+        Ok(out)
+    }
+
     /// The same values cut from the autograd graph.
     pub fn detach(&self) -> ParamSet {
         ParamSet {

@@ -1,8 +1,9 @@
 //! Does a published Prototypical Network score better on Omniglot when each
 //! test episode is normalised by the statistics of a large batch of
 //! training images instead of by the episode's own (what `ProtoNet` does by
-//! default)? It needs no retraining: `test_batch_norm: running`, the
-//! product's version, needs running averages kept in training.
+//! default)? It needs no retraining: the batch's statistics stand in for
+//! the running averages of `test_batch_norm: running`, which a model
+//! collects while it trains.
 //!
 //! ```sh
 //! FEWSHOT_DATA_DIR=../shared/datasets cargo run --release -p protonet --example training_batch_norm -- \
@@ -11,75 +12,22 @@
 //!
 //! `SPLIT` is `vinyals` (random test episodes) or `lake` (within one
 //! evaluation alphabet, for models trained on all background alphabets).
-//! Both ways score the same seeded test episodes (seed 1234, 1 shot): the
-//! episode's own statistics through `ProtoNet` itself (what `fewshot eval`
-//! measures), and the paired difference is printed. The reference batch: three images of each
-//! of 300 training classes (rotations as classes), 900 images.
+//! Both ways score the same seeded test episodes (seed 1234, 1 shot) through
+//! `ProtoNet` itself (what `fewshot eval` measures), and the paired
+//! difference is printed. The reference batch: three images of each of 300
+//! training classes (rotations as classes), 900 images.
 
 use std::ops::ControlFlow;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
-use fewshot_backbone::{
-    parse_algorithm_section, BackboneError, Checkpoint, Conv4, EpisodeTensors, Learner, ParamSet,
-    StepStats,
-};
+use fewshot_backbone::{parse_algorithm_section, Checkpoint, Conv4, EpisodeTensors, Learner};
 use fewshot_data::{
     dataset_root, EpisodeSampler, EpisodeSpec, Omniglot, OmniglotOptions, SplitName,
 };
 use fewshot_eval::{compare, evaluate, EvalProtocol, Evaluation};
-use protonet::{distance_logits, prototypes, ProtoNet, ProtoNetConfig};
-
-/// A trained embedding that only predicts, normalising each episode by the
-/// given batch-norm statistics (a training batch's) instead of its own.
-struct NormalisedByStatistics<'a> {
-    embedding: &'a Conv4,
-    params: &'a ParamSet,
-    statistics: &'a ParamSet,
-}
-
-impl Learner for NormalisedByStatistics<'_> {
-    fn algorithm(&self) -> &'static str {
-        protonet::ALGORITHM
-    }
-
-    fn config(&self) -> serde_json::Value {
-        serde_json::Value::Null
-    }
-
-    fn meta_train(&mut self, _: &[EpisodeTensors]) -> fewshot_backbone::Result<StepStats> {
-        Err(only_predicts())
-    }
-
-    fn predict(&self, episode: &EpisodeTensors) -> fewshot_backbone::Result<Tensor> {
-        let support_rows = episode.support.dim(0)?;
-        let images = Tensor::cat(&[&episode.support, &episode.query], 0)?;
-        let embedded =
-            self.embedding
-                .forward_with_statistics(self.params, self.statistics, &images)?;
-        let support = embedded.narrow(0, 0, support_rows)?;
-        let query = embedded.narrow(0, support_rows, episode.query.dim(0)?)?;
-        let prototypes = prototypes(&support, &episode.support_labels, episode.ways)?;
-        distance_logits(&query, &prototypes)
-    }
-
-    fn state(&self) -> fewshot_backbone::Result<ParamSet> {
-        Err(only_predicts())
-    }
-
-    fn load_state(&mut self, _: &ParamSet) -> fewshot_backbone::Result<()> {
-        Err(only_predicts())
-    }
-}
-
-fn only_predicts() -> BackboneError {
-    BackboneError::InvalidConfig {
-        field: "learner",
-        value: "training_batch_norm example".into(),
-        reason: "this wrapper only predicts".into(),
-    }
-}
+use protonet::{ProtoNet, ProtoNetConfig, TestBatchNorm};
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -128,6 +76,15 @@ fn main() -> Result<()> {
     let batch = EpisodeTensors::from_episode(&sampler.episodes(0, 1)[0], &device, DType::F32)?;
     let reference = Tensor::cat(&[&batch.support, &batch.query], 0)?;
     let (_, statistics) = embedding.forward_recording_statistics(&params, &reference)?;
+    // The same weights with that batch's statistics as running averages.
+    let normalised_by_batch = ProtoNetConfig {
+        test_batch_norm: TestBatchNorm::Running,
+        ..config
+    };
+    let mut by_batch = ProtoNet::new(normalised_by_batch, &device)?;
+    let mut state = checkpoint.tensors.clone();
+    state.extend(&statistics.with_prefix("embedding."))?;
+    by_batch.load_state(&state)?;
 
     let protocol = EvalProtocol {
         episodes: number("EPISODES", episodes)?,
@@ -154,11 +111,7 @@ fn main() -> Result<()> {
         )?)
     };
     let by_episode = score(&protonet)?;
-    let by_training_batch = score(&NormalisedByStatistics {
-        embedding: &embedding,
-        params: &params,
-        statistics: &statistics,
-    })?;
+    let by_training_batch = score(&by_batch)?;
     let line = |name: &str, e: &Evaluation| {
         println!(
             "{name}: {:.2}% ± {:.2}%",

@@ -38,7 +38,11 @@ impl ProtoNet {
         let optimizer = Adam::new(config.optimizer, &weights)?;
         let running_statistics = match config.test_batch_norm {
             TestBatchNorm::Episode => None,
-            TestBatchNorm::Running => Some(initial_statistics(&embedding, device)?),
+            TestBatchNorm::Running => Some(
+                embedding
+                    .initial_running_statistics(DType::F32, device)?
+                    .with_prefix(EMBEDDING),
+            ),
         };
         Ok(Self {
             config,
@@ -59,19 +63,6 @@ impl ProtoNet {
     pub fn running_statistics(&self) -> Option<&ParamSet> {
         self.running_statistics.as_ref()
     }
-}
-
-/// PyTorch's starting running averages: mean 0, variance 1.
-fn initial_statistics(embedding: &Conv4, device: &Device) -> Result<ParamSet> {
-    let mut statistics = ParamSet::new();
-    for (name, shape) in embedding.running_statistics_shapes() {
-        let value = match name.ends_with("running_mean") {
-            true => Tensor::zeros(shape, DType::F32, device)?,
-            false => Tensor::ones(shape, DType::F32, device)?,
-        };
-        statistics.insert(format!("{EMBEDDING}{name}"), value)?;
-    }
-    Ok(statistics)
 }
 
 /// Support and query images in one batch: batch norm normalises the episode
@@ -158,30 +149,15 @@ impl Learner for ProtoNet {
     fn load_state(&mut self, state: &ParamSet) -> Result<()> {
         load_training_state(&self.weights, &mut self.optimizer, state)?;
         if let Some(running) = self.running_statistics.as_mut() {
-            let mut loaded = ParamSet::new();
-            for (name, current) in running.iter() {
-                let value = state.get(name).map_err(|_| BackboneError::Parameter {
-                    name: name.to_string(),
+            if let Some(missing) = running.names().iter().find(|n| !state.contains(n)) {
+                return Err(BackboneError::Parameter {
+                    name: missing.clone(),
                     problem: "is missing: `test_batch_norm: running` needs the running \
                               averages of a model trained with it"
                         .into(),
-                })?;
-                if value.dims() != current.dims() {
-                    return Err(BackboneError::Parameter {
-                        name: name.to_string(),
-                        problem: format!(
-                            "has shape {:?}, expected {:?}",
-                            value.dims(),
-                            current.dims()
-                        ),
-                    });
-                }
-                let value = value
-                    .to_dtype(current.dtype())?
-                    .to_device(current.device())?;
-                loaded.insert(name, value)?;
+                });
             }
-            *running = loaded;
+            *running = running.read_from(state, "")?;
         }
         Ok(())
     }

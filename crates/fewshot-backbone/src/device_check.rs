@@ -257,6 +257,13 @@ pub fn op_cases() -> Vec<OpCase> {
                 ops::batch_norm_relu_with_statistics(&t[0], &t[1], &var, &t[3], &t[4], eps)
             }),
         ),
+        case(
+            "conv_batch_norm_relu_pool, a 5x7 convolution output",
+            &[&[3, 2, 5, 7], &[4, 2, 3, 3], &[4], &[4]],
+            Rc::new(move |t| {
+                ops::conv_batch_norm_relu_pool(&t[0], &t[1], (&t[2], &t[3]), (1, 1), eps)
+            }),
+        ),
         case("relu", &[&[2, 3, 5, 7]], Rc::new(|t| ops::relu(&t[0]))),
         OpCase {
             // Meta Networks' fast weights start at exactly zero: the ReLU

@@ -61,6 +61,29 @@ pub fn batch_norm_relu_pool(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64)
     }
 }
 
+/// `batch_norm_relu_pool(conv2d(x, weight, stride, padding), gamma, beta,
+/// eps)`: a max-pooling block whole, one op on the CPU (the convolution's
+/// output never passes through candle's gradient accumulation; see
+/// `kernels/conv_block.rs`). The values are those of the two ops apart.
+pub fn conv_batch_norm_relu_pool(
+    x: &Tensor,
+    weight: &Tensor,
+    (gamma, beta): (&Tensor, &Tensor),
+    (stride, padding): (usize, usize),
+    eps: f64,
+) -> Result<Tensor> {
+    match on_kernels("conv_batch_norm_relu_pool", x)? {
+        true => Ok(kernels::conv_batch_norm_relu_pool(
+            x,
+            weight,
+            (gamma, beta),
+            (stride, padding),
+            eps,
+        )?),
+        false => batch_norm_relu_pool(&conv2d(x, weight, stride, padding)?, gamma, beta, eps),
+    }
+}
+
 /// `relu(batch_norm(x))` normalised with the statistics of the first
 /// `reference_rows` images of `x` only, applied to all of them. With the
 /// support set as the reference, each query is normalised by its task's

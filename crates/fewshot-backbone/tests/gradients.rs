@@ -169,6 +169,26 @@ fn batch_norm_relu_and_max_pool_fused_on_odd_sizes() {
 }
 
 #[test]
+fn convolution_block_fused_on_odd_sizes() {
+    let mut rng = Rng::seed_from(12, 0);
+    // A 5x7 convolution output: its last row and column belong to no window.
+    let x = random(&[3, 2, 5, 7], &mut rng);
+    let weight = random(&[3, 2, 3, 3], &mut rng);
+    let gamma = random(&[3], &mut rng);
+    let beta = random(&[3], &mut rng);
+    let f: Scalar = Box::new(|t| {
+        let block = ops::conv_batch_norm_relu_pool(&t[0], &t[1], (&t[2], &t[3]), (1, 1), 1e-5);
+        curved(&block.unwrap())
+    });
+    check(
+        "conv_batch_norm_relu_pool",
+        f,
+        vec![x, weight, gamma, beta],
+        &mut rng,
+    );
+}
+
+#[test]
 fn relu_away_from_the_kink() {
     let mut rng = Rng::seed_from(3, 0);
     let x = random(&[4, 5], &mut rng);

@@ -181,6 +181,135 @@ fn batch_norm_relu_pool_matches_the_three_ops_apart() {
     }
 }
 
+/// The fused block against the convolution and the fused batch norm, ReLU
+/// and pooling op apart, in f32: the forward and first-order gradients run
+/// the same kernels, so they must be equal bit for bit (the fused op only
+/// skips candle's zero tensor the convolution's output gradient was added to).
+fn identical_to_first_order(name: &str, fused: &Op, apart: &Op, shapes: &[&[usize]], seed: u64) {
+    let mut rng = Rng::seed_from(seed, 0);
+    let inputs: Vec<Tensor> = shapes
+        .iter()
+        .map(|s| random(s, DType::F32, &mut rng))
+        .collect();
+    let directions: Vec<Tensor> = shapes
+        .iter()
+        .map(|s| random(s, DType::F32, &mut rng))
+        .collect();
+    let ours = derivatives(fused, &inputs, &directions).unwrap();
+    let theirs = derivatives(apart, &inputs, &directions).unwrap();
+    for (i, (a, b)) in ours.iter().zip(&theirs).enumerate().take(1 + inputs.len()) {
+        let diff = max_relative_difference(a, b).unwrap();
+        assert_eq!(
+            diff,
+            0.0,
+            "{name}: {} differs",
+            quantity_name(i, inputs.len())
+        );
+    }
+}
+
+#[test]
+fn fused_conv_block_matches_the_ops_apart() {
+    // Odd sizes leave a row or a column of the convolution's output outside
+    // every window; a stride of 2 and no padding change its size.
+    for (stride, padding, h, w, seed) in [(1, 1, 6, 8, 41), (2, 1, 9, 7, 42), (1, 0, 7, 6, 43)] {
+        let fused: Op = Rc::new(move |t| {
+            let block = (stride, padding);
+            Ok(kernels::conv_batch_norm_relu_pool(
+                &t[0],
+                &t[1],
+                (&t[2], &t[3]),
+                block,
+                1e-5,
+            )?)
+        });
+        let apart: Op = Rc::new(move |t| {
+            let y = kernels::conv2d(&t[0], &t[1], stride, padding)?;
+            Ok(kernels::batch_norm_relu_pool(&y, &t[2], &t[3], 1e-5)?)
+        });
+        let reference: Op = Rc::new(move |t| {
+            let y = candle_path::conv2d(&t[0], &t[1], stride, padding)?;
+            let normalised = candle_path::batch_norm(&y, &t[2], &t[3], 1e-5)?;
+            candle_path::max_pool2x2(&candle_path::relu(&normalised)?)
+        });
+        let shapes: [&[usize]; 4] = [&[4, 3, h, w], &[5, 3, 3, 3], &[5], &[5]];
+        let name = format!("conv_batch_norm_relu_pool stride {stride} padding {padding} {h}x{w}");
+        identical_to_first_order(&name, &fused, &apart, &shapes, seed);
+        agree(&name, fused, reference, &shapes, seed);
+    }
+}
+
+#[test]
+fn two_fused_conv_blocks_match_the_ops_apart_to_second_order() {
+    // In a chain, the second-order pass runs the first block's backward a
+    // second time (its output is the second block's input): the kept
+    // convolution output must serve both.
+    let two_blocks = |fused: bool| -> Op {
+        Rc::new(move |t| {
+            let mut x = t[0].clone();
+            for block in 0..2 {
+                let (w, gamma, beta) = (&t[1 + 3 * block], &t[2 + 3 * block], &t[3 + 3 * block]);
+                x = match fused {
+                    true => kernels::conv_batch_norm_relu_pool(&x, w, (gamma, beta), (1, 1), 1e-5)?,
+                    false => kernels::batch_norm_relu_pool(
+                        &kernels::conv2d(&x, w, 1, 1)?,
+                        gamma,
+                        beta,
+                        1e-5,
+                    )?,
+                };
+            }
+            Ok(x)
+        })
+    };
+    let shapes: [&[usize]; 7] = [
+        &[3, 2, 8, 8],
+        &[4, 2, 3, 3],
+        &[4],
+        &[4],
+        &[3, 4, 3, 3],
+        &[3],
+        &[3],
+    ];
+    identical_to_first_order(
+        "two blocks",
+        &two_blocks(true),
+        &two_blocks(false),
+        &shapes,
+        44,
+    );
+    agree(
+        "two blocks",
+        two_blocks(true),
+        two_blocks(false),
+        &shapes,
+        45,
+    );
+}
+
+#[test]
+fn fused_conv_block_without_a_graph() {
+    // Plain tensors: nothing is kept for a backward, and the values are the same.
+    let mut rng = Rng::seed_from(46, 0);
+    let [x, w, gamma, beta] = [&[3, 2, 6, 6][..], &[4, 2, 3, 3], &[4], &[4]]
+        .map(|shape| random(shape, DType::F32, &mut rng));
+    let fused = kernels::conv_batch_norm_relu_pool(&x, &w, (&gamma, &beta), (1, 1), 1e-5).unwrap();
+    let y = kernels::conv2d(&x, &w, 1, 1).unwrap();
+    let apart = kernels::batch_norm_relu_pool(&y, &gamma, &beta, 1e-5).unwrap();
+    assert_eq!(max_relative_difference(&fused, &apart).unwrap(), 0.0);
+}
+
+#[test]
+fn fused_conv_block_names_a_wrong_gamma() {
+    let mut rng = Rng::seed_from(47, 0);
+    let [x, w, gamma, beta] = [&[2, 2, 4, 4][..], &[4, 2, 3, 3], &[3], &[4]]
+        .map(|shape| random(shape, DType::F32, &mut rng));
+    let error = kernels::conv_batch_norm_relu_pool(&x, &w, (&gamma, &beta), (1, 1), 1e-5)
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("gamma") && error.contains("(4)"), "{error}");
+}
+
 #[test]
 fn channel_moments_match_candle() {
     let kernel: Op = Rc::new(|t| Ok(kernels::channel_moments(&t[0])?));

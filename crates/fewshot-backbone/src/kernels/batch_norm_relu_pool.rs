@@ -81,17 +81,25 @@ fn winner_scatter(pooled: &Tensor, x: &Tensor, coefficients: &Tensor) -> Result<
 
 /// The sizes of a block's activation `x`: its channels and its pooling.
 #[derive(Debug, Clone, Copy)]
-struct BlockShape {
+pub(super) struct BlockShape {
     channels: Channels,
     pool: PoolGeometry,
 }
 
 impl BlockShape {
     fn of(x: &Tensor) -> Result<Self> {
+        Self::of_dims(x.dims4()?)
+    }
+
+    pub(super) fn of_dims(dims: (usize, usize, usize, usize)) -> Result<Self> {
         Ok(Self {
-            channels: Channels::of(x)?,
-            pool: PoolGeometry::of(x)?,
+            channels: Channels::of_dims(dims),
+            pool: PoolGeometry::of_dims(dims)?,
         })
+    }
+
+    pub(super) fn output_shape(&self) -> Shape {
+        self.pool.output_shape()
     }
 
     fn planes_per_task(&self) -> usize {
@@ -206,42 +214,11 @@ impl Kernel3 for BatchNormReluPool {
     const NAME: &'static str = "fewshot-batch-norm-relu-pool";
 
     fn run<T: WithDType>(&self, x: &[T], gamma: &[T], beta: &[T]) -> Vec<T> {
-        let shape = &self.shape;
-        let c = shape.channels.channels;
-        let moments = Moments(shape.channels).run(x);
-        let (scale, shift): (Vec<T>, Vec<T>) = (0..c)
-            .map(|i| {
-                let (mean, var) = (moments[i].to_f64(), moments[c + i].to_f64());
-                let s = gamma[i].to_f64() / (var + self.eps).sqrt();
-                (T::from_f64(s), T::from_f64(beta[i].to_f64() - mean * s))
-            })
-            .unzip();
-        let out_plane = shape.pool.out_plane();
-        let out_w = shape.pool.out_hw().1;
-        let fill = |out: &mut [MaybeUninit<T>]| {
-            shape.for_each_plane(x, out, out_plane, |ch, plane, out| {
-                let (a, b) = (scale[ch], shift[ch]);
-                let max = |p: T, q: T| if q > p { q } else { p };
-                for (oy, out) in out.chunks_exact_mut(out_w).enumerate() {
-                    let (top, bottom) = shape.pool.row_pair(plane, oy);
-                    let windows = top.chunks_exact(2).zip(bottom.chunks_exact(2));
-                    for ((top, bottom), out) in windows.zip(out) {
-                        // ReLU is monotone: the max of the ReLUs is the ReLU of the max.
-                        let z = max(
-                            max(top[0] * a + b, top[1] * a + b),
-                            max(bottom[0] * a + b, bottom[1] * a + b),
-                        );
-                        out.write(max(z, T::zero()));
-                    }
-                }
-            })
-        };
-        // SAFETY: every output row has `out_w` windows, each written.
-        unsafe { filled_by(x.len() / shape.pool.in_plane() * out_plane, fill) }
+        forward(&self.shape, x, gamma, beta, self.eps)
     }
 
     fn shape(&self, _: &Shape) -> Shape {
-        self.shape.pool.output_shape()
+        self.shape.output_shape()
     }
 
     fn backward(
@@ -252,13 +229,69 @@ impl Kernel3 for BatchNormReluPool {
         _out: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        backward_with_statistics(
-            x,
-            (gamma, beta, self.eps),
-            |scale, shift| pooled_sums(grad, x, &Tensor::stack(&[scale, shift], 0)?),
-            |coefficients| pooled_input_grad(grad, x, coefficients),
-        )
+        backward(x, gamma, beta, self.eps, grad)
     }
+}
+
+/// The pooled output of activation `x` (of sizes `shape`): the forward of
+/// [`batch_norm_relu_pool`] on slices, shared with the fused convolution block.
+pub(super) fn forward<T: WithDType>(
+    shape: &BlockShape,
+    x: &[T],
+    gamma: &[T],
+    beta: &[T],
+    eps: f64,
+) -> Vec<T> {
+    let c = shape.channels.channels;
+    let moments = Moments(shape.channels).run(x);
+    let (scale, shift): (Vec<T>, Vec<T>) = (0..c)
+        .map(|i| {
+            let (mean, var) = (moments[i].to_f64(), moments[c + i].to_f64());
+            let s = gamma[i].to_f64() / (var + eps).sqrt();
+            (T::from_f64(s), T::from_f64(beta[i].to_f64() - mean * s))
+        })
+        .unzip();
+    let out_plane = shape.pool.out_plane();
+    let out_w = shape.pool.out_hw().1;
+    let fill = |out: &mut [MaybeUninit<T>]| {
+        shape.for_each_plane(x, out, out_plane, |ch, plane, out| {
+            let (a, b) = (scale[ch], shift[ch]);
+            let max = |p: T, q: T| if q > p { q } else { p };
+            for (oy, out) in out.chunks_exact_mut(out_w).enumerate() {
+                let (top, bottom) = shape.pool.row_pair(plane, oy);
+                let windows = top.chunks_exact(2).zip(bottom.chunks_exact(2));
+                for ((top, bottom), out) in windows.zip(out) {
+                    // ReLU is monotone: the max of the ReLUs is the ReLU of the max.
+                    let z = max(
+                        max(top[0] * a + b, top[1] * a + b),
+                        max(bottom[0] * a + b, bottom[1] * a + b),
+                    );
+                    out.write(max(z, T::zero()));
+                }
+            }
+        })
+    };
+    // SAFETY: every output row has `out_w` windows, each written.
+    unsafe { filled_by(x.len() / shape.pool.in_plane() * out_plane, fill) }
+}
+
+/// The gradients of activation `x`, `gamma` and `beta` given the pooled
+/// output's gradient `grad`: the backward of [`batch_norm_relu_pool`],
+/// shared with the fused convolution block.
+#[allow(clippy::type_complexity)]
+pub(super) fn backward(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f64,
+    grad: &Tensor,
+) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    backward_with_statistics(
+        x,
+        (gamma, beta, eps),
+        |scale, shift| pooled_sums(grad, x, &Tensor::stack(&[scale, shift], 0)?),
+        |coefficients| pooled_input_grad(grad, x, coefficients),
+    )
 }
 
 impl Kernel3 for PooledSums {

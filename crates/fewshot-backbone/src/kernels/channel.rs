@@ -30,12 +30,15 @@ pub(super) struct Channels {
 
 impl Channels {
     pub(super) fn of(x: &Tensor) -> Result<Self> {
-        let (batch, channels, h, w) = x.dims4()?;
-        Ok(Self {
+        Ok(Self::of_dims(x.dims4()?))
+    }
+
+    pub(super) fn of_dims((batch, channels, h, w): (usize, usize, usize, usize)) -> Self {
+        Self {
             batch,
             channels,
             plane: h * w,
-        })
+        }
     }
 
     pub(super) fn check_vector(&self, op: &str, v: &Tensor) -> Result<()> {

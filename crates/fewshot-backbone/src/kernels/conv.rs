@@ -86,6 +86,23 @@ impl ConvGeometry {
         })
     }
 
+    /// The geometry of `x` (N, Cin, H, W) convolved with one `weight`
+    /// (Cout, Cin, KH, KW), checked.
+    pub(super) fn of(x: &Tensor, weight: &Tensor, stride: usize, padding: usize) -> Result<Self> {
+        let (batch, in_channels, in_h, in_w) = x.dims4()?;
+        let (out_channels, weight_in, kernel_h, kernel_w) = weight.dims4()?;
+        if weight_in != in_channels {
+            bail!("conv2d: input has {in_channels} channels, weight expects {weight_in}");
+        }
+        Self::new(
+            (batch, in_channels, in_h, in_w),
+            (out_channels, kernel_h, kernel_w),
+            stride,
+            padding,
+            false,
+        )
+    }
+
     pub fn out_h(&self) -> usize {
         (self.in_h + 2 * self.padding - self.kernel_h) / self.stride + 1
     }
@@ -157,7 +174,7 @@ impl ConvGeometry {
         (self.batch, self.in_channels, self.in_h, self.in_w).into()
     }
 
-    fn output_shape(&self) -> Shape {
+    pub(super) fn output_shape(&self) -> Shape {
         (self.batch, self.out_channels, self.out_h(), self.out_w()).into()
     }
 
@@ -177,19 +194,11 @@ impl ConvGeometry {
 
 /// `x` (N, Cin, H, W) convolved with `weight` (Cout, Cin, KH, KW).
 pub fn conv2d(x: &Tensor, weight: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
-    let (batch, in_channels, in_h, in_w) = x.dims4()?;
-    let (out_channels, weight_in, kernel_h, kernel_w) = weight.dims4()?;
-    if weight_in != in_channels {
-        bail!("conv2d: input has {in_channels} channels, weight expects {weight_in}");
-    }
-    let geometry = ConvGeometry::new(
-        (batch, in_channels, in_h, in_w),
-        (out_channels, kernel_h, kernel_w),
-        stride,
-        padding,
-        false,
-    )?;
-    apply2(x, weight, Forward(geometry))
+    apply2(
+        x,
+        weight,
+        Forward(ConvGeometry::of(x, weight, stride, padding)?),
+    )
 }
 
 /// `x` (N, Cin, H, W), each image convolved with its own weight from
@@ -302,11 +311,21 @@ impl Kernel2 for Forward {
         _out: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let g = self.0;
-        let dx = gradient_if(x, || apply2(grad, weight, InputGrad(g)))?;
-        let dw = gradient_if(weight, || apply2(x, grad, WeightGrad(g)))?;
-        Ok((dx, dw))
+        backward(self.0, x, weight, grad)
     }
+}
+
+/// The gradients of `x` and `weight` convolved with geometry `g`, given the
+/// output's gradient `grad` (each only where the input needs one).
+pub(super) fn backward(
+    g: ConvGeometry,
+    x: &Tensor,
+    weight: &Tensor,
+    grad: &Tensor,
+) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    let dx = gradient_if(x, || apply2(grad, weight, InputGrad(g)))?;
+    let dw = gradient_if(weight, || apply2(x, grad, WeightGrad(g)))?;
+    Ok((dx, dw))
 }
 
 impl Kernel2 for InputGrad {
@@ -359,7 +378,7 @@ impl Kernel2 for WeightGrad {
     }
 }
 
-fn forward<T: WithDType>(g: &ConvGeometry, x: &[T], weight: &[T]) -> Vec<T> {
+pub(super) fn forward<T: WithDType>(g: &ConvGeometry, x: &[T], weight: &[T]) -> Vec<T> {
     super::count_flops(g.flops());
     let unfolding = Unfolding::new::<T>(g);
     let weight = unfolding.weight(g, weight);

@@ -23,6 +23,7 @@ mod batch_norm;
 mod batch_norm_relu_pool;
 mod channel;
 mod conv;
+mod conv_block;
 mod gemm;
 mod op;
 mod pool;
@@ -39,6 +40,7 @@ pub use batch_norm::batch_norm_relu;
 pub use batch_norm_relu_pool::batch_norm_relu_pool;
 pub use channel::{batch_norm, channel_affine, channel_dot, channel_moments, channel_sum, relu};
 pub use conv::{conv2d, conv2d_input_grad, conv2d_per_sample, conv2d_weight_grad, ConvGeometry};
+pub use conv_block::conv_batch_norm_relu_pool;
 pub use op::{apply1, apply2, apply3, gradient_if, Kernel1, Kernel2, Kernel3};
 pub use pool::max_pool2x2;
 

@@ -20,7 +20,10 @@ pub(super) struct PoolGeometry {
 
 impl PoolGeometry {
     pub(super) fn of(x: &Tensor) -> Result<Self> {
-        let dims = x.dims4()?;
+        Self::of_dims(x.dims4()?)
+    }
+
+    pub(super) fn of_dims(dims: (usize, usize, usize, usize)) -> Result<Self> {
         if dims.2 < 2 || dims.3 < 2 {
             bail!(
                 "max_pool2x2: needs at least 2x2 pixels, got {}x{}",

@@ -1,0 +1,227 @@
+//! A max-pooling block of conv-4 as one op: convolution, batch norm with the
+//! batch's statistics, ReLU and 2x2 max-pooling.
+//!
+//! Why one op: candle's backward adds every gradient that reaches an op
+//! input to a fresh tensor of zeros (a zero fill and a full-size add per op
+//! input; docs/RESULTS.md, "candle's gradient accumulation"). Between
+//! `conv2d` and `batch_norm_relu_pool` that input is the convolution's
+//! output, the largest activation of a block (four times the pooled output
+//! the next block reads). Inside one op its gradient goes straight from
+//! batch norm's backward into the convolution's.
+//!
+//! The arithmetic is that of the two ops apart, bit for bit: the forward
+//! runs the convolution kernel then the fused batch norm + ReLU + pooling
+//! kernel, and the backward their backwards. The forward keeps the
+//! convolution's output, which the backward needs as a tensor of the graph
+//! (second-order MAML differentiates through batch norm's backward, which
+//! reads it): the first backward wraps the kept values in a
+//! [`KeptConvolution`] op, whose gradients are the convolution's, once per
+//! block; later backward passes through the same block reuse that tensor.
+
+use std::sync::Mutex;
+
+use candle_core::backend::BackendStorage;
+use candle_core::{
+    bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, WithDType,
+};
+
+use super::batch_norm_relu_pool::{self, BlockShape};
+use super::conv::{self, ConvGeometry};
+use super::op::contiguous;
+
+/// `max_pool2x2(relu(batch_norm(conv2d(x, weight))))` with the statistics of
+/// this batch, as one op. `x`: (N, Cin, H, W), `weight`: (Cout, Cin, K, K),
+/// `gamma` and `beta`: (Cout).
+pub fn conv_batch_norm_relu_pool(
+    x: &Tensor,
+    weight: &Tensor,
+    (gamma, beta): (&Tensor, &Tensor),
+    (stride, padding): (usize, usize),
+    eps: f64,
+) -> Result<Tensor> {
+    let geometry = ConvGeometry::of(x, weight, stride, padding)?;
+    let output = geometry.output_shape().dims4()?;
+    let block = BlockShape::of_dims(output)?;
+    let channels = output.1;
+    for (name, v) in [("gamma", gamma), ("beta", beta)] {
+        if v.dims() != [channels] {
+            bail!(
+                "conv_batch_norm_relu_pool {name}: expected one value per output channel ({channels}), got shape {:?}",
+                v.dims()
+            );
+        }
+    }
+    // candle's custom ops take at most three inputs: gamma and beta travel as
+    // the rows of one (2, Cout) tensor.
+    let affine = Tensor::stack(&[gamma, beta], 0)?;
+    let op = ConvBlock {
+        geometry,
+        block,
+        eps,
+        keep: [x, weight, &affine].iter().any(|t| t.track_op()),
+        kept: Mutex::new(None),
+        activation: Mutex::new(None),
+    };
+    x.contiguous()?
+        .apply_op3(&weight.contiguous()?, &affine, op)
+}
+
+struct ConvBlock {
+    geometry: ConvGeometry,
+    block: BlockShape,
+    eps: f64,
+    /// Whether a backward may come (some input is part of a graph): only
+    /// then is the convolution's output kept.
+    keep: bool,
+    /// The convolution's output, from the forward until the first backward.
+    kept: Mutex<Option<CpuStorage>>,
+    /// The convolution's output as a tensor of the graph, from the first backward on.
+    activation: Mutex<Option<Tensor>>,
+}
+
+impl ConvBlock {
+    fn run<T: WithDType>(&self, x: &[T], weight: &[T], affine: &[T]) -> Vec<T> {
+        let activation = conv::forward(&self.geometry, x, weight);
+        let (gamma, beta) = affine.split_at(affine.len() / 2);
+        let pooled = batch_norm_relu_pool::forward(&self.block, &activation, gamma, beta, self.eps);
+        if self.keep {
+            *lock(&self.kept) = Some(T::to_cpu_storage_owned(activation));
+        }
+        pooled
+    }
+
+    /// The convolution's output as a tensor of the graph: the kept values
+    /// on the first call, the same tensor after; computed again if nothing
+    /// was kept.
+    fn activation(&self, x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+        let mut activation = lock(&self.activation);
+        if let Some(tensor) = activation.as_ref() {
+            return Ok(tensor.clone());
+        }
+        let tensor = match lock(&self.kept).take() {
+            Some(values) => x.apply_op2(
+                weight,
+                KeptConvolution {
+                    geometry: self.geometry,
+                    values: Mutex::new(Some(values)),
+                },
+            )?,
+            None => conv::conv2d(x, weight, self.geometry.stride, self.geometry.padding)?,
+        };
+        *activation = Some(tensor.clone());
+        Ok(tensor)
+    }
+}
+
+/// A lock that a panic elsewhere cannot poison for good: what it guards
+/// is replaced whole, never left half-written.
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl CustomOp3 for ConvBlock {
+    fn name(&self) -> &'static str {
+        "fewshot-conv-batch-norm-relu-pool"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let name = self.name();
+        let out = match (s1, s2, s3) {
+            (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => {
+                f32::to_cpu_storage_owned(self.run(
+                    contiguous(name, s1, l1)?,
+                    contiguous(name, s2, l2)?,
+                    contiguous(name, s3, l3)?,
+                ))
+            }
+            (CpuStorage::F64(_), CpuStorage::F64(_), CpuStorage::F64(_)) => {
+                f64::to_cpu_storage_owned(self.run(
+                    contiguous(name, s1, l1)?,
+                    contiguous(name, s2, l2)?,
+                    contiguous(name, s3, l3)?,
+                ))
+            }
+            (a, b, c) => bail!(
+                "{name}: unsupported dtypes {:?}, {:?} and {:?}",
+                a.dtype(),
+                b.dtype(),
+                c.dtype()
+            ),
+        };
+        Ok((out, self.block.output_shape()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        affine: &Tensor,
+        _out: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let activation = self.activation(x, weight)?;
+        let (gamma, beta) = (affine.get(0)?, affine.get(1)?);
+        let (d_activation, d_gamma, d_beta) =
+            batch_norm_relu_pool::backward(&activation, &gamma, &beta, self.eps, grad)?;
+        let (dx, d_weight) = match d_activation {
+            Some(d_activation) => conv::backward(self.geometry, x, weight, &d_activation)?,
+            None => (None, None),
+        };
+        let d_affine = match (d_gamma, d_beta) {
+            (None, None) => None,
+            (d_gamma, d_beta) => {
+                let zeros = || gamma.zeros_like();
+                let d_gamma = d_gamma.map_or_else(zeros, Ok)?;
+                let d_beta = d_beta.map_or_else(zeros, Ok)?;
+                Some(Tensor::stack(&[d_gamma, d_beta], 0)?)
+            }
+        };
+        Ok((dx, d_weight, d_affine))
+    }
+}
+
+/// A convolution's output computed already (by [`ConvBlock`]'s forward):
+/// its forward hands the values over, its backward is the convolution's.
+struct KeptConvolution {
+    geometry: ConvGeometry,
+    values: Mutex<Option<CpuStorage>>,
+}
+
+impl CustomOp2 for KeptConvolution {
+    fn name(&self) -> &'static str {
+        "fewshot-kept-conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        match lock(&self.values).take() {
+            Some(values) => Ok((values, self.geometry.output_shape())),
+            None => bail!("{}: the kept values were handed over already", self.name()),
+        }
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        _out: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        conv::backward(self.geometry, x, weight, grad)
+    }
+}

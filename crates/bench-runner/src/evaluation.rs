@@ -29,6 +29,13 @@ pub struct Results {
     /// (`fewshot eval --set`), e.g. MAML's `inner_steps_test`.
     #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
     pub algorithm_overrides: serde_json::Map<String, serde_json::Value>,
+    /// The experiment's data section: how the images were read and
+    /// prepared. Episodes are drawn by index, so two evaluations can score
+    /// the same episodes with other pixels (`data.resampling`, the image
+    /// size): `fewshot compare` names the fields that differ. `None` in
+    /// results saved before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<serde_json::Value>,
     pub evaluation: Evaluation,
 }
 
@@ -178,6 +185,7 @@ pub fn evaluate_checkpoint(
         training_seconds: progress.training_seconds,
         best_val_accuracy: progress.best_val_accuracy,
         algorithm_overrides: overrides.algorithm,
+        data: Some(serde_json::to_value(&experiment.data)?),
         evaluation,
     };
     Ok((results, experiment))
@@ -280,12 +288,23 @@ pub fn run_compare(a: &Path, b: &Path, as_json: bool) -> Result<()> {
     let (ra, rb) = (read_results(a)?, read_results(b)?);
     let comparison = fewshot_eval::compare(&ra.evaluation, &rb.evaluation)
         .with_context(|| format!("comparing {} with {}", a.display(), b.display()))?;
+    let data_note = match (&ra.data, &rb.data) {
+        (Some(da), Some(db)) => data_differences(da, db)
+            .map(|fields| format!("note: same episodes, other data: {}", fields.join("; "))),
+        _ => None,
+    };
     if as_json {
         println!("{}", serde_json::to_string_pretty(&comparison)?);
+        if let Some(note) = data_note {
+            eprintln!("{note}");
+        }
         return Ok(());
     }
     println!("A  {}", summary_line(&ra));
     println!("B  {}", summary_line(&rb));
+    if let Some(note) = data_note {
+        println!("{note}");
+    }
     println!(
         "A - B = {:+.2}% ± {:.2}% (95% CI, paired over {} episodes), t = {:.3}, p = {:.4}",
         100.0 * comparison.mean_difference,
@@ -295,6 +314,32 @@ pub fn run_compare(a: &Path, b: &Path, as_json: bool) -> Result<()> {
         comparison.p_value
     );
     Ok(())
+}
+
+/// The fields where two data sections differ, as `field: A vs B` (a field
+/// one of them lacks reads `-`); `None` where they agree.
+fn data_differences(a: &serde_json::Value, b: &serde_json::Value) -> Option<Vec<String>> {
+    let (empty_a, empty_b) = (serde_json::Map::new(), serde_json::Map::new());
+    let (a, b) = (
+        a.as_object().unwrap_or(&empty_a),
+        b.as_object().unwrap_or(&empty_b),
+    );
+    let mut fields: Vec<&String> = a.keys().chain(b.keys()).collect();
+    fields.sort();
+    fields.dedup();
+    let shown = |v: Option<&serde_json::Value>| v.map_or("-".to_string(), |v| v.to_string());
+    let differences: Vec<String> = fields
+        .into_iter()
+        .filter(|field| a.get(*field) != b.get(*field))
+        .map(|field| {
+            format!(
+                "data.{field}: {} vs {}",
+                shown(a.get(field)),
+                shown(b.get(field))
+            )
+        })
+        .collect();
+    (!differences.is_empty()).then_some(differences)
 }
 
 /// Copies a run's evaluated checkpoint without optimiser state, with the

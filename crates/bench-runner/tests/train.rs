@@ -583,6 +583,32 @@ fn an_interrupt_stops_a_running_validation() {
 }
 
 #[test]
+fn compare_names_data_that_differ() {
+    // Episodes are drawn by index: two evaluations can pair over the same
+    // episodes with other pixels. The comparison runs, and says so.
+    let dir = tempfile::tempdir().unwrap();
+    let config = tiny_config(dir.path());
+    let run = dir.path().join("run");
+    fewshot(&["train", str(&config), "--out", str(&run)]);
+    let same = fewshot(&["compare", str(&run), str(&run)]);
+    let same = String::from_utf8(same.stdout).unwrap();
+    assert!(!same.contains("other data"), "{same}");
+
+    let mut results: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run.join("results.json")).unwrap()).unwrap();
+    assert_eq!(results["data"]["resampling"], "area");
+    results["data"]["resampling"] = "nearest".into();
+    let nearest = dir.path().join("nearest.json");
+    std::fs::write(&nearest, serde_json::to_vec(&results).unwrap()).unwrap();
+    let compared = fewshot(&["compare", str(&run), str(&nearest)]);
+    let compared = String::from_utf8(compared.stdout).unwrap();
+    assert!(
+        compared.contains(r#"other data: data.resampling: "area" vs "nearest""#),
+        "{compared}"
+    );
+}
+
+#[test]
 fn compare_refuses_evaluations_of_different_episodes() {
     let dir = tempfile::tempdir().unwrap();
     let config = tiny_config(dir.path());

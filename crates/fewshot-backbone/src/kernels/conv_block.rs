@@ -17,6 +17,12 @@
 //! reads it): the first backward wraps the kept values in a
 //! [`KeptConvolution`] op, whose gradients are the convolution's, once per
 //! block; later backward passes through the same block reuse that tensor.
+//!
+//! Correct to any order, but not always faster: a second backward through
+//! the graph of a first (second-order MAML) reaches the convolution's
+//! output along two paths, the pooled output and batch norm's backward,
+//! and then runs the convolution's backward once per path where the ops
+//! apart run it once on the sum. `Conv4::with_fused_blocks` picks.
 
 use std::sync::Mutex;
 

@@ -26,14 +26,11 @@
 
 use std::sync::Mutex;
 
-use candle_core::backend::BackendStorage;
-use candle_core::{
-    bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, WithDType,
-};
+use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, WithDType};
 
 use super::batch_norm_relu_pool::{self, BlockShape};
 use super::conv::{self, ConvGeometry};
-use super::op::contiguous;
+use super::op::{apply3, Kernel3};
 
 /// `max_pool2x2(relu(batch_norm(conv2d(x, weight))))` with the statistics of
 /// this batch, as one op. `x`: (N, Cin, H, W), `weight`: (Cout, Cin, K, K),
@@ -68,8 +65,7 @@ pub fn conv_batch_norm_relu_pool(
         kept: Mutex::new(None),
         activation: Mutex::new(None),
     };
-    x.contiguous()?
-        .apply_op3(&weight.contiguous()?, &affine, op)
+    apply3(x, weight, &affine, op)
 }
 
 struct ConvBlock {
@@ -86,16 +82,6 @@ struct ConvBlock {
 }
 
 impl ConvBlock {
-    fn run<T: WithDType>(&self, x: &[T], weight: &[T], affine: &[T]) -> Vec<T> {
-        let activation = conv::forward(&self.geometry, x, weight);
-        let (gamma, beta) = affine.split_at(affine.len() / 2);
-        let pooled = batch_norm_relu_pool::forward(&self.block, &activation, gamma, beta, self.eps);
-        if self.keep {
-            *lock(&self.kept) = Some(T::to_cpu_storage_owned(activation));
-        }
-        pooled
-    }
-
     /// The convolution's output as a tensor of the graph: the kept values
     /// on the first call, the same tensor after; computed again if nothing
     /// was kept.
@@ -127,47 +113,24 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-impl CustomOp3 for ConvBlock {
-    fn name(&self) -> &'static str {
-        "fewshot-conv-batch-norm-relu-pool"
+impl Kernel3 for ConvBlock {
+    const NAME: &'static str = "fewshot-conv-batch-norm-relu-pool";
+
+    fn run<T: WithDType>(&self, x: &[T], weight: &[T], affine: &[T]) -> Vec<T> {
+        let activation = conv::forward(&self.geometry, x, weight);
+        let (gamma, beta) = affine.split_at(affine.len() / 2);
+        let pooled = batch_norm_relu_pool::forward(&self.block, &activation, gamma, beta, self.eps);
+        if self.keep {
+            *lock(&self.kept) = Some(T::to_cpu_storage_owned(activation));
+        }
+        pooled
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let name = self.name();
-        let out = match (s1, s2, s3) {
-            (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => {
-                f32::to_cpu_storage_owned(self.run(
-                    contiguous(name, s1, l1)?,
-                    contiguous(name, s2, l2)?,
-                    contiguous(name, s3, l3)?,
-                ))
-            }
-            (CpuStorage::F64(_), CpuStorage::F64(_), CpuStorage::F64(_)) => {
-                f64::to_cpu_storage_owned(self.run(
-                    contiguous(name, s1, l1)?,
-                    contiguous(name, s2, l2)?,
-                    contiguous(name, s3, l3)?,
-                ))
-            }
-            (a, b, c) => bail!(
-                "{name}: unsupported dtypes {:?}, {:?} and {:?}",
-                a.dtype(),
-                b.dtype(),
-                c.dtype()
-            ),
-        };
-        Ok((out, self.block.output_shape()))
+    fn shape(&self, _: &Shape) -> Shape {
+        self.block.output_shape()
     }
 
-    fn bwd(
+    fn backward(
         &self,
         x: &Tensor,
         weight: &Tensor,

@@ -74,7 +74,7 @@ pub fn apply3<K: Kernel3>(a: &Tensor, b: &Tensor, c: &Tensor, kernel: K) -> Resu
 }
 
 /// The elements of a contiguous CPU tensor's storage.
-pub(super) fn contiguous<'a, T: WithDType>(
+fn contiguous<'a, T: WithDType>(
     op: &'static str,
     storage: &'a CpuStorage,
     layout: &Layout,

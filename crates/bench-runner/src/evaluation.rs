@@ -319,10 +319,10 @@ pub fn run_compare(a: &Path, b: &Path, as_json: bool) -> Result<()> {
 /// The fields where two data sections differ, as `field: A vs B` (a field
 /// one of them lacks reads `-`); `None` where they agree.
 fn data_differences(a: &serde_json::Value, b: &serde_json::Value) -> Option<Vec<String>> {
-    let (empty_a, empty_b) = (serde_json::Map::new(), serde_json::Map::new());
+    let empty = serde_json::Map::new();
     let (a, b) = (
-        a.as_object().unwrap_or(&empty_a),
-        b.as_object().unwrap_or(&empty_b),
+        a.as_object().unwrap_or(&empty),
+        b.as_object().unwrap_or(&empty),
     );
     let mut fields: Vec<&String> = a.keys().chain(b.keys()).collect();
     fields.sort();

@@ -171,7 +171,7 @@ impl Conv4 {
     /// [`ops::conv_batch_norm_relu_pool`] (the default), or as a convolution
     /// then [`ops::batch_norm_relu_pool`]. The values are the same. Fused,
     /// candle's backward does not add the convolution's output gradient to a
-    /// tensor of zeros: a conv-4 training step is ~7% faster. But a graph
+    /// tensor of zeros: a conv-4 training step is 5-6% faster. But a graph
     /// differentiated a second time (second-order MAML) reaches that output
     /// along two paths, and fused the convolution's backward runs once per
     /// path instead of once on their sum: a MAML++ step was 7-11% slower.

@@ -39,12 +39,7 @@ use super::pool::{select, winner, PoolGeometry};
 /// `max_pool2x2(relu(batch_norm(x)))` with the statistics of this batch.
 pub fn batch_norm_relu_pool(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Tensor> {
     let shape = BlockShape::of(x)?;
-    shape
-        .channels
-        .check_vector("batch_norm_relu_pool gamma", gamma)?;
-    shape
-        .channels
-        .check_vector("batch_norm_relu_pool beta", beta)?;
+    shape.check_affine("batch_norm_relu_pool", gamma, beta)?;
     super::op::apply3(x, gamma, beta, BatchNormReluPool { shape, eps })
 }
 
@@ -100,6 +95,13 @@ impl BlockShape {
 
     pub(super) fn output_shape(&self) -> Shape {
         self.pool.output_shape()
+    }
+
+    /// Checks that `gamma` and `beta` hold one value per channel; errors
+    /// name `op` and the vector.
+    pub(super) fn check_affine(&self, op: &str, gamma: &Tensor, beta: &Tensor) -> Result<()> {
+        self.channels.check_vector(&format!("{op} gamma"), gamma)?;
+        self.channels.check_vector(&format!("{op} beta"), beta)
     }
 
     fn planes_per_task(&self) -> usize {

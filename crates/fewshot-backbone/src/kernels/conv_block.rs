@@ -43,17 +43,8 @@ pub fn conv_batch_norm_relu_pool(
     eps: f64,
 ) -> Result<Tensor> {
     let geometry = ConvGeometry::of(x, weight, stride, padding)?;
-    let output = geometry.output_shape().dims4()?;
-    let block = BlockShape::of_dims(output)?;
-    let channels = output.1;
-    for (name, v) in [("gamma", gamma), ("beta", beta)] {
-        if v.dims() != [channels] {
-            bail!(
-                "conv_batch_norm_relu_pool {name}: expected one value per output channel ({channels}), got shape {:?}",
-                v.dims()
-            );
-        }
-    }
+    let block = BlockShape::of_dims(geometry.output_shape().dims4()?)?;
+    block.check_affine("conv_batch_norm_relu_pool", gamma, beta)?;
     // candle's custom ops take at most three inputs: gamma and beta travel as
     // the rows of one (2, Cout) tensor.
     let affine = Tensor::stack(&[gamma, beta], 0)?;

@@ -181,6 +181,48 @@ fn batch_norm_relu_pool_matches_the_three_ops_apart() {
     }
 }
 
+#[test]
+fn batch_norm_relu_pool_matches_the_three_ops_apart_on_ties() {
+    // The backward sends each window's gradient to the winner the forward
+    // picked: on ties (pairs, and zeros before the normalisation) that must
+    // be the pixel the pooling apart picks.
+    let kernel: Op = Rc::new(|t| {
+        Ok(kernels::batch_norm_relu_pool(
+            &tied(&t[0])?,
+            &t[1],
+            &t[2],
+            1e-5,
+        )?)
+    });
+    let reference: Op = Rc::new(|t| {
+        let normalised = candle_path::batch_norm(&tied(&t[0])?, &t[1], &t[2], 1e-5)?;
+        candle_path::max_pool2x2(&candle_path::relu(&normalised)?)
+    });
+    agree(
+        "batch_norm_relu_pool with ties",
+        kernel,
+        reference,
+        &[&[3, 2, 6, 3], &[2], &[2]],
+        25,
+    );
+}
+
+#[test]
+fn batch_norm_relu_pool_is_the_same_with_and_without_a_graph() {
+    // With a graph the forward also picks each window's winner for the
+    // backward, without one it takes the plain maximum: the same bits, ties
+    // and windows below zero included.
+    let mut rng = Rng::seed_from(26, 0);
+    let [x, gamma, beta] = [&[3, 4, 6, 5][..], &[4], &[4]].map(|s| random(s, DType::F32, &mut rng));
+    let x = tied(&x).unwrap();
+    let plain = kernels::batch_norm_relu_pool(&x, &gamma, &beta, 1e-5).unwrap();
+    let variable = candle_core::Var::from_tensor(&x).unwrap();
+    let tracked = kernels::batch_norm_relu_pool(variable.as_tensor(), &gamma, &beta, 1e-5).unwrap();
+    assert_eq!(max_relative_difference(&plain, &tracked).unwrap(), 0.0);
+    let values = plain.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert!(values.contains(&0.0) && values.iter().any(|&v| v > 0.0));
+}
+
 /// The fused block against the convolution and the fused batch norm, ReLU
 /// and pooling op apart, in f32: the forward and first-order gradients run
 /// the same kernels, so they must be equal bit for bit (the fused op only

@@ -3,8 +3,8 @@
 //! As one op its input gets a single gradient from the backward pass rather
 //! than one per use (the statistics and the normalisation each use it), which
 //! saves candle a zero-fill and an addition over the whole activation per
-//! layer; the backward is three passes: the statistics again, two masked sums,
-//! and one pass for the input gradient.
+//! layer; the backward is two passes: two masked sums, and one pass for the
+//! input gradient (the forward keeps the statistics for it).
 //!
 //! With `s = gamma / sqrt(var + eps)`, `shift = beta - mean * s`, the output is
 //! `relu(x * s + shift)`. With `m = [output > 0]` and `M` values per channel,
@@ -23,8 +23,9 @@
 use candle_core::{Result, Tensor, WithDType};
 
 use super::channel::{
-    channel_affine, channel_dot, channel_moments, channel_sum, masked_sums, Channels, Moments,
+    channel_affine, channel_dot, channel_sum, kept_moments, masked_sums, Channels, Moments,
 };
+use super::kept::KeptTensor;
 use super::op::{gradient_if, Kernel1, Kernel3};
 
 /// `relu(batch_norm(x))` with the statistics of this batch.
@@ -32,7 +33,17 @@ pub fn batch_norm_relu(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> R
     let channels = Channels::of(x)?;
     channels.check_vector("batch_norm_relu gamma", gamma)?;
     channels.check_vector("batch_norm_relu beta", beta)?;
-    super::op::apply3(x, gamma, beta, BatchNormRelu { channels, eps })
+    let moments = KeptTensor::new("batch_norm_relu statistics");
+    super::op::apply3(
+        x,
+        gamma,
+        beta,
+        BatchNormRelu {
+            channels,
+            eps,
+            moments,
+        },
+    )
 }
 
 /// `[x * s + shift > 0] * g * s + x * A + B`, coefficients (4, C) = (s, shift, A, B).
@@ -41,27 +52,26 @@ fn input_grad(g: &Tensor, x: &Tensor, coefficients: &Tensor) -> Result<Tensor> {
 }
 
 /// The gradients of batch norm with batch statistics followed by ReLU (and
-/// maybe more), given `sums`, the per-channel `[sum m g x, sum m g]` of the
-/// gradient `g` reaching the pixels that passed (from the batch norm's
-/// per-channel `scale` and `shift`, should the mask need them), and
-/// `input_grad`, dx from the coefficients
-/// `(s, shift, A, B)`, (4, C). Built from differentiable ops, so second order
-/// is exact whenever `sums` and `input_grad` are.
+/// maybe more), given `moments`, the forward's `channel_moments(x)` as a
+/// tensor of the graph, `sums`, the per-channel `[sum m g x, sum m g]` of the
+/// gradient `g` reaching the pixels that passed, and `input_grad`, dx from
+/// the coefficients `(s, shift, A, B)`, (4, C). Built from differentiable
+/// ops, so second order is exact whenever `sums` and `input_grad` are.
 #[allow(clippy::type_complexity)]
 pub(super) fn backward_with_statistics(
     x: &Tensor,
+    moments: &Tensor,
     (gamma, beta, eps): (&Tensor, &Tensor, f64),
-    sums: impl FnOnce(&Tensor, &Tensor) -> Result<Tensor>,
+    sums: impl FnOnce() -> Result<Tensor>,
     input_grad: impl FnOnce(&Tensor) -> Result<Tensor>,
 ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
     let channels = Channels::of(x)?;
     let count = (channels.batch * channels.plane) as f64;
-    let moments = channel_moments(x)?;
     let (mean, var) = (moments.get(0)?, moments.get(1)?);
     let inv_std = (var + eps)?.sqrt()?.recip()?;
     let scale = gamma.mul(&inv_std)?;
     let shift = beta.sub(&mean.mul(&scale)?)?;
-    let sums = sums(&scale, &shift)?;
+    let sums = sums()?;
     let d_beta = sums.get(1)?;
     let d_gamma = inv_std.mul(&(sums.get(0)? - mean.mul(&d_beta)?)?)?;
     let dx = match x.track_op() {
@@ -80,6 +90,8 @@ pub(super) fn backward_with_statistics(
 struct BatchNormRelu {
     channels: Channels,
     eps: f64,
+    /// The forward's statistics, for the backward.
+    moments: KeptTensor,
 }
 
 struct InputGrad(Channels);
@@ -97,6 +109,7 @@ impl Kernel3 for BatchNormRelu {
                 (T::from_f64(s), T::from_f64(beta[i].to_f64() - mean * s))
             })
             .unzip();
+        self.moments.keep(T::to_cpu_storage_owned(moments));
         // SAFETY: each plane of the output is written whole.
         unsafe {
             self.channels.planes(|ch, at, out| {
@@ -118,10 +131,12 @@ impl Kernel3 for BatchNormRelu {
         out: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let moments = self.moments.tensor(|values| kept_moments(x, values))?;
         backward_with_statistics(
             x,
+            &moments,
             (gamma, beta, self.eps),
-            |_, _| masked_sums(grad, x, out),
+            || masked_sums(grad, x, out),
             |coefficients| input_grad(grad, x, coefficients),
         )
     }

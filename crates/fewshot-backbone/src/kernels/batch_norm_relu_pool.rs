@@ -19,59 +19,36 @@
 //! dx     = [winner, m] g s + x A + B   (A, B as in batch_norm.rs)
 //! ```
 //!
-//! The backward uses two kernels of its own, `pooled_sums` and
-//! `pooled_input_grad`; their gradients are built from `winner_gather` and
-//! `winner_scatter` (each the other's adjoint) and channel ops, so second
-//! and higher derivatives are exact. The winners and masks are piecewise
-//! constant in `x` and the coefficients: no gradient flows through them.
+//! The forward keeps the batch statistics and each window's winner (a byte
+//! per window: which pixel, and whether it passed the ReLU) for the
+//! backward, which then neither computes the statistics again nor compares
+//! each window's pixels again: the gradient goes where the forward's
+//! maximum came from. The backward uses two kernels of its own, the pooled
+//! sums and the pooled input gradient; their gradients are built from a
+//! winner gather and a winner scatter (each the other's adjoint) and channel
+//! ops, so second and higher derivatives are exact. The winners and masks
+//! are piecewise constant in `x` and the coefficients: no gradient flows
+//! through them.
 
 use std::mem::MaybeUninit;
+use std::sync::{Arc, Mutex};
 
-use candle_core::{Result, Shape, Tensor, WithDType};
+use candle_core::{Error, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
 use super::batch_norm::backward_with_statistics;
-use super::channel::{channel_affine, channel_dot, channel_sum, Channels, Moments};
+use super::channel::{channel_affine, channel_dot, channel_sum, kept_moments, Channels, Moments};
 use super::filled_by;
-use super::op::{gradient_if, Kernel1, Kernel3};
+use super::kept::{lock, KeptTensor};
+use super::op::{gradient_if, Kernel1, Kernel2, Kernel3};
 use super::pool::{select, winner, PoolGeometry};
 
 /// `max_pool2x2(relu(batch_norm(x)))` with the statistics of this batch.
 pub fn batch_norm_relu_pool(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Tensor> {
     let shape = BlockShape::of(x)?;
     shape.check_affine("batch_norm_relu_pool", gamma, beta)?;
-    super::op::apply3(x, gamma, beta, BatchNormReluPool { shape, eps })
-}
-
-/// Per channel, `sum m g x_winner` and `sum m g` over the windows, (2, C).
-/// The coefficients only pick winners and masks: they get no gradient, and
-/// are detached so that candle does not wait for one.
-fn pooled_sums(g: &Tensor, x: &Tensor, coefficients: &Tensor) -> Result<Tensor> {
-    let coefficients = coefficients.detach();
-    super::op::apply3(g, x, &coefficients, PooledSums(BlockShape::of(x)?))
-}
-
-/// `[winner, m] g s + x A + B`, full size; coefficients (4, C) = (s, shift, A, B).
-fn pooled_input_grad(g: &Tensor, x: &Tensor, coefficients: &Tensor) -> Result<Tensor> {
-    super::op::apply3(g, x, coefficients, PooledInputGrad(BlockShape::of(x)?))
-}
-
-/// `m * values[winner]` for each window: pooled size. `x` and the
-/// coefficients only pick winners and masks (detached, as in `pooled_sums`).
-fn winner_gather(values: &Tensor, x: &Tensor, coefficients: &Tensor) -> Result<Tensor> {
-    let (x, coefficients) = (x.detach(), coefficients.detach());
-    super::op::apply3(values, &x, &coefficients, WinnerGather(BlockShape::of(&x)?))
-}
-
-/// `m * pooled` put on each window's winner, zero elsewhere: full size.
-fn winner_scatter(pooled: &Tensor, x: &Tensor, coefficients: &Tensor) -> Result<Tensor> {
-    let (x, coefficients) = (x.detach(), coefficients.detach());
-    super::op::apply3(
-        pooled,
-        &x,
-        &coefficients,
-        WinnerScatter(BlockShape::of(&x)?),
-    )
+    let kept = KeptPooling::new([x, gamma, beta].iter().any(|t| t.track_op()));
+    super::op::apply3(x, gamma, beta, BatchNormReluPool { shape, eps, kept })
 }
 
 /// The sizes of a block's activation `x`: its channels and its pooling.
@@ -104,43 +81,22 @@ impl BlockShape {
         self.channels.check_vector(&format!("{op} beta"), beta)
     }
 
-    fn planes_per_task(&self) -> usize {
-        self.pool.planes_per_task()
+    fn planes(&self) -> usize {
+        self.channels.batch * self.channels.channels
     }
 
-    /// `f(channel, input plane, output plane)` for every plane, in parallel;
-    /// `out` holds planes of `out_plane` elements.
-    fn for_each_plane<T: WithDType, O: Send>(
+    /// `f(plane index, output plane)` for every plane, in parallel; `out`
+    /// holds planes of `out_plane` elements.
+    fn for_each_plane<O: Send>(
         &self,
-        x: &[T],
         out: &mut [O],
         out_plane: usize,
-        f: impl Fn(usize, &[T], &mut [O]) + Sync,
+        f: impl Fn(usize, &mut [O]) + Sync,
     ) {
-        let channels = self.channels.channels;
         out.par_chunks_mut(out_plane)
-            .zip(x.par_chunks(self.pool.in_plane()))
             .enumerate()
-            .with_min_len(self.planes_per_task())
-            .for_each(|(index, (out, plane))| f(index % channels, plane, out));
-    }
-
-    /// `f(channel, plane of x, plane of other, plane of out)` for every plane,
-    /// in parallel: `other` and `out` hold planes of the given sizes.
-    fn for_each_plane_with<T: WithDType, O: Send>(
-        &self,
-        x: &[T],
-        (other, other_plane): (&[T], usize),
-        (out, out_plane): (&mut [O], usize),
-        f: impl Fn(usize, &[T], &[T], &mut [O]) + Sync,
-    ) {
-        let channels = self.channels.channels;
-        out.par_chunks_mut(out_plane)
-            .zip(x.par_chunks(self.pool.in_plane()))
-            .zip(other.par_chunks(other_plane))
-            .enumerate()
-            .with_min_len(self.planes_per_task())
-            .for_each(|(index, ((out, plane), other))| f(index % channels, plane, other, out));
+            .with_min_len(self.pool.planes_per_task())
+            .for_each(|(index, out)| f(index, out));
     }
 
     /// The four pixels (top pair first) of each window of rows `2 * oy` and
@@ -155,68 +111,231 @@ impl BlockShape {
         let pairs = top.as_chunks::<2>().0.iter().zip(bottom.as_chunks::<2>().0);
         pairs.map(|([t0, t1], [b0, b1])| [*t0, *t1, *b0, *b1])
     }
+}
 
-    /// The windows of rows `2 * oy` and `2 * oy + 1` of one plane, left to
-    /// right, by `z = x * scale + shift`: each window's four pixels, which of
-    /// them is its winner, and whether that winner passed the ReLU. Selects
-    /// over the four pixels rather than the winner's offset (1-3% faster;
-    /// the compiler still does not vectorise these loops).
-    #[inline(always)]
-    fn windows<'a, T: WithDType>(
-        &self,
-        plane: &'a [T],
-        oy: usize,
-        (scale, shift): (T, T),
-    ) -> impl Iterator<Item = ([T; 4], [bool; 4], bool)> + 'a {
-        self.window_pixels(plane, oy).map(move |x| {
-            let z = x.map(|v| v * scale + shift);
-            let flags = winner(&z[..2], &z[2..]);
-            (x, flags, select(z, flags) > T::zero())
+/// What the forward computed and the backward needs: the normalised
+/// activation's pooled output, the batch statistics and, if asked for, each
+/// window's winner.
+pub(super) struct Pooled<T> {
+    output: Vec<T>,
+    moments: Vec<T>,
+    codes: Option<Vec<u8>>,
+}
+
+/// A window's code bit set when its winner passed the ReLU; bits 0 and 1
+/// hold the winner's place in the window (row * 2 + column).
+const PASSED: u8 = 4;
+
+/// The pooled output of activation `x` (of sizes `shape`), with what the
+/// backward needs (the winners only `with_winners`: a forward without a
+/// graph skips them, ~10% of an evaluation): the forward of
+/// [`batch_norm_relu_pool`] on slices, shared with the fused convolution block.
+pub(super) fn forward<T: WithDType>(
+    shape: &BlockShape,
+    x: &[T],
+    (gamma, beta, eps): (&[T], &[T], f64),
+    with_winners: bool,
+) -> Pooled<T> {
+    let c = shape.channels.channels;
+    let moments = Moments(shape.channels).run(x);
+    let (scale, shift): (Vec<T>, Vec<T>) = (0..c)
+        .map(|i| {
+            let (mean, var) = (moments[i].to_f64(), moments[c + i].to_f64());
+            let s = gamma[i].to_f64() / (var + eps).sqrt();
+            (T::from_f64(s), T::from_f64(beta[i].to_f64() - mean * s))
         })
+        .unzip();
+    let (in_plane, out_plane) = (shape.pool.in_plane(), shape.pool.out_plane());
+    let out_w = shape.pool.out_hw().1;
+    let planes = || {
+        x.par_chunks(in_plane)
+            .enumerate()
+            .with_min_len(shape.pool.planes_per_task())
+            .map(|(index, plane)| (plane, scale[index % c], shift[index % c]))
+    };
+    // The window's maximum (the first on ties, as a max-pool's), then ReLU:
+    // monotone, so the max of the ReLUs is the ReLU of the max.
+    let relu = |best: T| if T::zero() > best { T::zero() } else { best };
+    let len = shape.planes() * out_plane;
+    if !with_winners {
+        let max = |p: T, q: T| if q > p { q } else { p };
+        let fill = |out: &mut [MaybeUninit<T>]| {
+            let planes = planes().zip(out.par_chunks_mut(out_plane));
+            planes.for_each(|((plane, a, b), out)| {
+                for (oy, out) in out.chunks_exact_mut(out_w).enumerate() {
+                    for (pixels, out) in shape.window_pixels(plane, oy).zip(out) {
+                        let [z0, z1, z2, z3] = pixels.map(|v| v * a + b);
+                        out.write(relu(max(max(z0, z1), max(z2, z3))));
+                    }
+                }
+            })
+        };
+        // SAFETY: every output row has `out_w` windows, each written.
+        let output = unsafe { filled_by(len, fill) };
+        return Pooled {
+            output,
+            moments,
+            codes: None,
+        };
+    }
+    let mut codes = vec![0u8; len];
+    let fill = |out: &mut [MaybeUninit<T>]| {
+        let planes = planes().zip(
+            out.par_chunks_mut(out_plane)
+                .zip(codes.par_chunks_mut(out_plane)),
+        );
+        planes.for_each(|((plane, a, b), (out, codes))| {
+            let rows = out
+                .chunks_exact_mut(out_w)
+                .zip(codes.chunks_exact_mut(out_w));
+            for (oy, (out, codes)) in rows.enumerate() {
+                let windows = shape.window_pixels(plane, oy).zip(out).zip(codes);
+                for ((pixels, out), code) in windows {
+                    let z = pixels.map(|v| v * a + b);
+                    let flags = winner(&z[..2], &z[2..]);
+                    let best = select(z, flags);
+                    out.write(relu(best));
+                    let place =
+                        u8::from(flags[1]) + 2 * u8::from(flags[2]) + 3 * u8::from(flags[3]);
+                    *code = place | if best > T::zero() { PASSED } else { 0 };
+                }
+            }
+        })
+    };
+    // SAFETY: every output row has `out_w` windows, each written.
+    let output = unsafe { filled_by(len, fill) };
+    Pooled {
+        output,
+        moments,
+        codes: Some(codes),
+    }
+}
+
+/// What the forward of a pooling block keeps for its backward: the batch
+/// statistics (a tensor of the graph from the first backward on) and each
+/// window's winner, so that the backward computes neither again.
+pub(super) struct KeptPooling {
+    /// Whether a backward may come (some input is part of a graph): only
+    /// then does the forward pick the winners.
+    pub(super) with_winners: bool,
+    moments: KeptTensor,
+    winners: Mutex<Option<Winners>>,
+}
+
+impl KeptPooling {
+    pub(super) fn new(with_winners: bool) -> Self {
+        Self {
+            with_winners,
+            moments: KeptTensor::new("batch_norm_relu_pool statistics"),
+            winners: Mutex::new(None),
+        }
     }
 
-    /// Rows `2 * oy` and `2 * oy + 1` of a full-size plane, cut to the
-    /// windows' pixel pairs (an odd last column is left out).
-    #[inline(always)]
-    fn window_rows<'a, O>(
+    /// Keeps what [`forward`] computed for the backward; returns the pooled output.
+    pub(super) fn keep<T: WithDType>(&self, shape: &BlockShape, pooled: Pooled<T>) -> Vec<T> {
+        self.moments.keep(T::to_cpu_storage_owned(pooled.moments));
+        *lock(&self.winners) = pooled.codes.map(|codes| Winners {
+            shape: *shape,
+            codes: codes.into(),
+        });
+        pooled.output
+    }
+
+    /// The gradients of activation `x`, `gamma` and `beta` given the pooled
+    /// output's gradient `grad`: the backward of [`batch_norm_relu_pool`],
+    /// shared with the fused convolution block.
+    #[allow(clippy::type_complexity)]
+    pub(super) fn backward(
         &self,
-        plane: &'a mut [O],
-        oy: usize,
-    ) -> impl Iterator<Item = (&'a mut [O; 2], &'a mut [O; 2])> {
-        let (top, bottom) = self.pool.row_pair_mut(plane, oy);
-        let top = top.as_chunks_mut::<2>().0.iter_mut();
-        top.zip(bottom.as_chunks_mut::<2>().0)
+        x: &Tensor,
+        (gamma, beta, eps): (&Tensor, &Tensor, f64),
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let moments = self.moments.tensor(|values| kept_moments(x, values))?;
+        let winners = lock(&self.winners).clone().ok_or_else(|| {
+            Error::Msg("batch_norm_relu_pool: the forward kept no winners for the backward".into())
+        })?;
+        backward_with_statistics(
+            x,
+            &moments,
+            (gamma, beta, eps),
+            || winners.sums(grad, x),
+            |coefficients| winners.input_grad(grad, x, coefficients),
+        )
     }
 }
 
-/// Row `row` of a (rows, C) coefficient matrix, at channel `c`.
-fn coefficient<T: WithDType>(coefficients: &[T], channels: usize, row: usize, c: usize) -> T {
-    coefficients[row * channels + c]
+/// Each window's winner, from the forward, as one code per window (see
+/// [`PASSED`]): the backward's kernels read it instead of comparing the
+/// window's four pixels again. The winners are piecewise constant in the
+/// activation and the coefficients: no gradient flows through them.
+#[derive(Clone)]
+struct Winners {
+    shape: BlockShape,
+    codes: Arc<[u8]>,
 }
 
-/// The `(s, shift)` of channel `c` that pick its winners and masks.
-fn mask_coefficients<T: WithDType>(coefficients: &[T], channels: usize, c: usize) -> (T, T) {
-    (
-        coefficient(coefficients, channels, 0, c),
-        coefficient(coefficients, channels, 1, c),
-    )
+impl Winners {
+    /// Per channel, `sum m g x_winner` and `sum m g` over the windows, (2, C).
+    fn sums(&self, g: &Tensor, x: &Tensor) -> Result<Tensor> {
+        super::op::apply2(g, x, PooledSums(self.clone()))
+    }
+
+    /// `[winner, m] g s + x A + B`, full size; coefficients (4, C) = (s, shift, A, B).
+    fn input_grad(&self, g: &Tensor, x: &Tensor, coefficients: &Tensor) -> Result<Tensor> {
+        super::op::apply3(g, x, coefficients, PooledInputGrad(self.clone()))
+    }
+
+    /// `m * values[winner]` for each window: pooled size.
+    fn gather(&self, values: &Tensor) -> Result<Tensor> {
+        super::op::apply1(values, WinnerGather(self.clone()))
+    }
+
+    /// `m * pooled` put on each window's winner, zero elsewhere: full size.
+    fn scatter(&self, pooled: &Tensor) -> Result<Tensor> {
+        super::op::apply1(pooled, WinnerScatter(self.clone()))
+    }
+
+    /// `f(window, pixel, passed)` for each window of plane `index`: its
+    /// index in the pooled plane, its winner's in the full one, and whether
+    /// the winner passed the ReLU.
+    #[inline(always)]
+    fn for_each_window(&self, index: usize, mut f: impl FnMut(usize, usize, bool)) {
+        let out_w = self.shape.pool.out_hw().1;
+        let (out_plane, width) = (self.shape.pool.out_plane(), self.shape.pool.dims.3);
+        let codes = &self.codes[index * out_plane..(index + 1) * out_plane];
+        for (oy, row) in codes.chunks_exact(out_w).enumerate() {
+            for (ox, &code) in row.iter().enumerate() {
+                let place = usize::from(code & 3);
+                let pixel = (2 * oy + place / 2) * width + 2 * ox + place % 2;
+                f(oy * out_w + ox, pixel, code & PASSED != 0);
+            }
+        }
+    }
 }
 
 struct BatchNormReluPool {
     shape: BlockShape,
     eps: f64,
+    kept: KeptPooling,
 }
 
-struct PooledSums(BlockShape);
-struct PooledInputGrad(BlockShape);
-struct WinnerGather(BlockShape);
-struct WinnerScatter(BlockShape);
+struct PooledSums(Winners);
+struct PooledInputGrad(Winners);
+struct WinnerGather(Winners);
+struct WinnerScatter(Winners);
 
 impl Kernel3 for BatchNormReluPool {
     const NAME: &'static str = "fewshot-batch-norm-relu-pool";
 
     fn run<T: WithDType>(&self, x: &[T], gamma: &[T], beta: &[T]) -> Vec<T> {
-        forward(&self.shape, x, gamma, beta, self.eps)
+        let pooled = forward(
+            &self.shape,
+            x,
+            (gamma, beta, self.eps),
+            self.kept.with_winners,
+        );
+        self.kept.keep(&self.shape, pooled)
     }
 
     fn shape(&self, _: &Shape) -> Shape {
@@ -231,94 +350,28 @@ impl Kernel3 for BatchNormReluPool {
         _out: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        backward(x, gamma, beta, self.eps, grad)
+        self.kept.backward(x, (gamma, beta, self.eps), grad)
     }
 }
 
-/// The pooled output of activation `x` (of sizes `shape`): the forward of
-/// [`batch_norm_relu_pool`] on slices, shared with the fused convolution block.
-pub(super) fn forward<T: WithDType>(
-    shape: &BlockShape,
-    x: &[T],
-    gamma: &[T],
-    beta: &[T],
-    eps: f64,
-) -> Vec<T> {
-    let c = shape.channels.channels;
-    let moments = Moments(shape.channels).run(x);
-    let (scale, shift): (Vec<T>, Vec<T>) = (0..c)
-        .map(|i| {
-            let (mean, var) = (moments[i].to_f64(), moments[c + i].to_f64());
-            let s = gamma[i].to_f64() / (var + eps).sqrt();
-            (T::from_f64(s), T::from_f64(beta[i].to_f64() - mean * s))
-        })
-        .unzip();
-    let out_plane = shape.pool.out_plane();
-    let out_w = shape.pool.out_hw().1;
-    let fill = |out: &mut [MaybeUninit<T>]| {
-        shape.for_each_plane(x, out, out_plane, |ch, plane, out| {
-            let (a, b) = (scale[ch], shift[ch]);
-            let max = |p: T, q: T| if q > p { q } else { p };
-            for (oy, out) in out.chunks_exact_mut(out_w).enumerate() {
-                let (top, bottom) = shape.pool.row_pair(plane, oy);
-                let windows = top.chunks_exact(2).zip(bottom.chunks_exact(2));
-                for ((top, bottom), out) in windows.zip(out) {
-                    // ReLU is monotone: the max of the ReLUs is the ReLU of the max.
-                    let z = max(
-                        max(top[0] * a + b, top[1] * a + b),
-                        max(bottom[0] * a + b, bottom[1] * a + b),
-                    );
-                    out.write(max(z, T::zero()));
-                }
-            }
-        })
-    };
-    // SAFETY: every output row has `out_w` windows, each written.
-    unsafe { filled_by(x.len() / shape.pool.in_plane() * out_plane, fill) }
-}
-
-/// The gradients of activation `x`, `gamma` and `beta` given the pooled
-/// output's gradient `grad`: the backward of [`batch_norm_relu_pool`],
-/// shared with the fused convolution block.
-#[allow(clippy::type_complexity)]
-pub(super) fn backward(
-    x: &Tensor,
-    gamma: &Tensor,
-    beta: &Tensor,
-    eps: f64,
-    grad: &Tensor,
-) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-    backward_with_statistics(
-        x,
-        (gamma, beta, eps),
-        |scale, shift| pooled_sums(grad, x, &Tensor::stack(&[scale, shift], 0)?),
-        |coefficients| pooled_input_grad(grad, x, coefficients),
-    )
-}
-
-impl Kernel3 for PooledSums {
+impl Kernel2 for PooledSums {
     const NAME: &'static str = "fewshot-pooled-sums";
 
-    fn run<T: WithDType>(&self, g: &[T], x: &[T], coefficients: &[T]) -> Vec<T> {
-        let shape = &self.0;
-        let c = shape.channels.channels;
+    fn run<T: WithDType>(&self, g: &[T], x: &[T]) -> Vec<T> {
+        let shape = &self.0.shape;
         let (in_plane, out_plane) = (shape.pool.in_plane(), shape.pool.out_plane());
-        let out_w = shape.pool.out_hw().1;
-        let sums = shape.channels.reduce(|ch, at| {
+        let sums = shape.channels.reduce(|_, at| {
+            let index = at / in_plane;
             let plane = &x[at..at + in_plane];
-            let first = at / in_plane * out_plane;
-            let g = &g[first..first + out_plane];
+            let g = &g[index * out_plane..(index + 1) * out_plane];
             let (mut dot, mut sum) = (0.0, 0.0);
-            let coefficients = mask_coefficients(coefficients, c, ch);
-            for (oy, g) in g.chunks_exact(out_w).enumerate() {
-                for ((x, winner, passed), &g) in shape.windows(plane, oy, coefficients).zip(g) {
-                    if passed {
-                        let g = g.to_f64();
-                        dot += g * select(x, winner).to_f64();
-                        sum += g;
-                    }
+            self.0.for_each_window(index, |window, pixel, passed| {
+                if passed {
+                    let g = g[window].to_f64();
+                    dot += g * plane[pixel].to_f64();
+                    sum += g;
                 }
-            }
+            });
             [dot, sum]
         });
         let dots = sums.iter().map(|[dot, _]| T::from_f64(*dot));
@@ -327,7 +380,7 @@ impl Kernel3 for PooledSums {
     }
 
     fn shape(&self, _: &Shape) -> Shape {
-        (2, self.0.channels.channels).into()
+        (2, self.0.shape.channels.channels).into()
     }
 
     /// With u = (u_dot, u_sum): d/dg = m (x_winner u_dot + u_sum), d/dx = u_dot m g on the winners.
@@ -335,19 +388,16 @@ impl Kernel3 for PooledSums {
         &self,
         g: &Tensor,
         x: &Tensor,
-        coefficients: &Tensor,
         _out: &Tensor,
         grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (u_dot, u_sum) = (grad.get(0)?, grad.get(1)?);
-        let dg = gradient_if(g, || {
-            winner_gather(&channel_affine(x, &u_dot, &u_sum)?, x, coefficients)
-        })?;
+        let dg = gradient_if(g, || self.0.gather(&channel_affine(x, &u_dot, &u_sum)?))?;
         let dx = gradient_if(x, || {
-            let scaled = channel_affine(g, &u_dot, &u_dot.zeros_like()?)?;
-            winner_scatter(&scaled, x, coefficients)
+            self.0
+                .scatter(&channel_affine(g, &u_dot, &u_dot.zeros_like()?)?)
         })?;
-        Ok((dg, dx, None))
+        Ok((dg, dx))
     }
 }
 
@@ -355,44 +405,30 @@ impl Kernel3 for PooledInputGrad {
     const NAME: &'static str = "fewshot-pooled-input-grad";
 
     fn run<T: WithDType>(&self, g: &[T], x: &[T], coefficients: &[T]) -> Vec<T> {
-        let shape = &self.0;
+        let shape = &self.0.shape;
         let c = shape.channels.channels;
         let (in_plane, out_plane) = (shape.pool.in_plane(), shape.pool.out_plane());
-        let out_w = shape.pool.out_hw().1;
-        // SAFETY: every plane is written whole by its affine pass (window pixels rewritten).
-        unsafe {
-            filled_by(x.len(), |dx| {
-                shape.for_each_plane_with(x, (g, out_plane), (dx, in_plane), |ch, plane, g, dx| {
-                    let [s, shift, a, b] =
-                        [0, 1, 2, 3].map(|row| coefficient(coefficients, c, row, ch));
-                    // Pixels outside every window (an odd last row or column) first.
-                    for (d, &v) in dx.iter_mut().zip(plane) {
-                        d.write(v * a + b);
+        let fill = |dx: &mut [MaybeUninit<T>]| {
+            shape.for_each_plane(dx, in_plane, |index, dx| {
+                let [s, _, a, b] = [0, 1, 2, 3].map(|row| coefficients[row * c + index % c]);
+                let plane = &x[index * in_plane..(index + 1) * in_plane];
+                let g = &g[index * out_plane..(index + 1) * out_plane];
+                for (d, &v) in dx.iter_mut().zip(plane) {
+                    d.write(v * a + b);
+                }
+                self.0.for_each_window(index, |window, pixel, passed| {
+                    if passed {
+                        dx[pixel].write(plane[pixel] * a + b + g[window] * s);
                     }
-                    for (oy, g) in g.chunks_exact(out_w).enumerate() {
-                        let windows = shape.windows(plane, oy, (s, shift));
-                        let rows = shape.window_rows(dx, oy);
-                        for (((x, winner, passed), ([t0, t1], [b0, b1])), &g) in
-                            windows.zip(rows).zip(g)
-                        {
-                            let d = [t0, t1, b0, b1];
-                            for ((d, x), wins) in d.into_iter().zip(x).zip(winner) {
-                                let affine = x * a + b;
-                                d.write(if wins && passed {
-                                    affine + g * s
-                                } else {
-                                    affine
-                                });
-                            }
-                        }
-                    }
-                })
+                });
             })
-        }
+        };
+        // SAFETY: every plane is written whole by its affine pass.
+        unsafe { filled_by(x.len(), fill) }
     }
 
     fn shape(&self, _: &Shape) -> Shape {
-        self.0.pool.input_shape()
+        self.0.shape.pool.input_shape()
     }
 
     /// Linear in `g`, and in `x` but for the winners and mask:
@@ -409,11 +445,11 @@ impl Kernel3 for PooledInputGrad {
         let (scale, a) = (coefficients.get(0)?, coefficients.get(2)?);
         let zero = scale.zeros_like()?;
         let dg = gradient_if(g, || {
-            winner_gather(&channel_affine(upstream, &scale, &zero)?, x, coefficients)
+            self.0.gather(&channel_affine(upstream, &scale, &zero)?)
         })?;
         let dx = gradient_if(x, || channel_affine(upstream, &a, &zero))?;
         let d_coefficients = gradient_if(coefficients, || {
-            let d_scale = channel_dot(&winner_scatter(g, x, coefficients)?, upstream)?;
+            let d_scale = channel_dot(&self.0.scatter(g)?, upstream)?;
             let d_a = channel_dot(upstream, x)?;
             let d_b = channel_sum(upstream)?;
             Tensor::stack(&[d_scale, zero.clone(), d_a, d_b], 0)
@@ -422,105 +458,61 @@ impl Kernel3 for PooledInputGrad {
     }
 }
 
-impl Kernel3 for WinnerGather {
+impl Kernel1 for WinnerGather {
     const NAME: &'static str = "fewshot-winner-gather";
 
-    fn run<T: WithDType>(&self, values: &[T], x: &[T], coefficients: &[T]) -> Vec<T> {
-        let shape = &self.0;
-        let c = shape.channels.channels;
+    fn run<T: WithDType>(&self, values: &[T]) -> Vec<T> {
+        let shape = &self.0.shape;
         let (in_plane, out_plane) = (shape.pool.in_plane(), shape.pool.out_plane());
-        let out_w = shape.pool.out_hw().1;
         let fill = |out: &mut [MaybeUninit<T>]| {
-            shape.for_each_plane_with(
-                x,
-                (values, in_plane),
-                (out, out_plane),
-                |ch, plane, values, out| {
-                    let coefficients = mask_coefficients(coefficients, c, ch);
-                    for (oy, out) in out.chunks_exact_mut(out_w).enumerate() {
-                        let windows = shape.windows(plane, oy, coefficients);
-                        let values = shape.window_pixels(values, oy);
-                        for ((out, (_, winner, passed)), values) in
-                            out.iter_mut().zip(windows).zip(values)
-                        {
-                            let value = select(values, winner);
-                            out.write(if passed { value } else { T::zero() });
-                        }
-                    }
-                },
-            )
+            shape.for_each_plane(out, out_plane, |index, out| {
+                let values = &values[index * in_plane..(index + 1) * in_plane];
+                self.0.for_each_window(index, |window, pixel, passed| {
+                    out[window].write(if passed { values[pixel] } else { T::zero() });
+                });
+            })
         };
-        // SAFETY: every window of every plane has a winner, written.
-        unsafe { filled_by(x.len() / in_plane * out_plane, fill) }
+        // SAFETY: every window of every plane is written.
+        unsafe { filled_by(shape.planes() * out_plane, fill) }
     }
 
     fn shape(&self, _: &Shape) -> Shape {
-        self.0.pool.output_shape()
+        self.0.shape.output_shape()
     }
 
-    fn backward(
-        &self,
-        values: &Tensor,
-        x: &Tensor,
-        coefficients: &Tensor,
-        _out: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let d_values = gradient_if(values, || winner_scatter(grad, x, coefficients))?;
-        Ok((d_values, None, None))
+    fn backward(&self, values: &Tensor, _out: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        gradient_if(values, || self.0.scatter(grad))
     }
 }
 
-impl Kernel3 for WinnerScatter {
+impl Kernel1 for WinnerScatter {
     const NAME: &'static str = "fewshot-winner-scatter";
 
-    fn run<T: WithDType>(&self, pooled: &[T], x: &[T], coefficients: &[T]) -> Vec<T> {
-        let shape = &self.0;
-        let c = shape.channels.channels;
+    fn run<T: WithDType>(&self, pooled: &[T]) -> Vec<T> {
+        let shape = &self.0.shape;
         let (in_plane, out_plane) = (shape.pool.in_plane(), shape.pool.out_plane());
-        let out_w = shape.pool.out_hw().1;
         let fill = |out: &mut [MaybeUninit<T>]| {
-            shape.for_each_plane_with(
-                x,
-                (pooled, out_plane),
-                (out, in_plane),
-                |ch, plane, pooled, out| {
-                    for i in shape.pool.uncovered() {
-                        out[i].write(T::zero());
+            shape.for_each_plane(out, in_plane, |index, out| {
+                for o in out.iter_mut() {
+                    o.write(T::zero());
+                }
+                let pooled = &pooled[index * out_plane..(index + 1) * out_plane];
+                self.0.for_each_window(index, |window, pixel, passed| {
+                    if passed {
+                        out[pixel].write(pooled[window]);
                     }
-                    let coefficients = mask_coefficients(coefficients, c, ch);
-                    for (oy, pooled) in pooled.chunks_exact(out_w).enumerate() {
-                        let windows = shape.windows(plane, oy, coefficients);
-                        let rows = shape.window_rows(out, oy);
-                        for (((_, winner, passed), ([t0, t1], [b0, b1])), &value) in
-                            windows.zip(rows).zip(pooled)
-                        {
-                            let out = [t0, t1, b0, b1];
-                            for (out, wins) in out.into_iter().zip(winner) {
-                                out.write(if wins && passed { value } else { T::zero() });
-                            }
-                        }
-                    }
-                },
-            )
+                });
+            })
         };
-        // SAFETY: every pixel is in a window or uncovered, and each is written.
-        unsafe { filled_by(x.len(), fill) }
+        // SAFETY: every plane is zeroed whole before the winners are written.
+        unsafe { filled_by(shape.planes() * in_plane, fill) }
     }
 
     fn shape(&self, _: &Shape) -> Shape {
-        self.0.pool.input_shape()
+        self.0.shape.pool.input_shape()
     }
 
-    fn backward(
-        &self,
-        pooled: &Tensor,
-        x: &Tensor,
-        coefficients: &Tensor,
-        _out: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let d_pooled = gradient_if(pooled, || winner_gather(grad, x, coefficients))?;
-        Ok((d_pooled, None, None))
+    fn backward(&self, pooled: &Tensor, _out: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        gradient_if(pooled, || self.0.gather(grad))
     }
 }

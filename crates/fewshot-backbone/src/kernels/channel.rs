@@ -12,10 +12,11 @@
 
 use std::mem::MaybeUninit;
 
-use candle_core::{bail, Result, Shape, Tensor, WithDType};
+use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
 use super::filled_by;
+use super::kept::HandOver;
 use super::op::{gradient_if, Kernel1, Kernel2, Kernel3};
 
 use super::MIN_PARALLEL_ELEMENTS;
@@ -327,14 +328,52 @@ impl Kernel1 for Moments {
         (2, self.0.channels).into()
     }
 
-    /// d mean/dx = 1/M and d var/dx = 2 (x - mean)/M, so the gradient is the
-    /// channel affine map `x * 2 g_var/M + (g_mean - 2 g_var mean)/M`.
     fn backward(&self, x: &Tensor, moments: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let count = (self.0.batch * self.0.plane) as f64;
-        let (g_mean, g_var, mean) = (grad.get(0)?, grad.get(1)?, moments.get(0)?);
-        let scale = (g_var * (2.0 / count))?;
-        let shift = ((g_mean / count)? - scale.mul(&mean)?)?;
-        Ok(Some(channel_affine(x, &scale, &shift)?))
+        moments_backward(self.0, x, moments, grad).map(Some)
+    }
+}
+
+/// The gradient of `channel_moments` at `x`, given its output `moments` and
+/// their gradient: d mean/dx = 1/M and d var/dx = 2 (x - mean)/M, so it is
+/// the channel affine map `x * 2 g_var/M + (g_mean - 2 g_var mean)/M`.
+fn moments_backward(
+    channels: Channels,
+    x: &Tensor,
+    moments: &Tensor,
+    grad: &Tensor,
+) -> Result<Tensor> {
+    let count = (channels.batch * channels.plane) as f64;
+    let (g_mean, g_var, mean) = (grad.get(0)?, grad.get(1)?, moments.get(0)?);
+    let scale = (g_var * (2.0 / count))?;
+    let shift = ((g_mean / count)? - scale.mul(&mean)?)?;
+    channel_affine(x, &scale, &shift)
+}
+
+/// `channel_moments(x)` from values computed already by the moments kernel
+/// on this same `x` (a batch norm's forward keeps them for its backward):
+/// the values are handed over, the gradient is `channel_moments`' own.
+pub(super) fn kept_moments(x: &Tensor, values: CpuStorage) -> Result<Tensor> {
+    let channels = Channels::of(x)?;
+    let values = HandOver::new("fewshot-kept-channel-moments", values);
+    x.apply_op1(KeptMoments { channels, values })
+}
+
+struct KeptMoments {
+    channels: Channels,
+    values: HandOver,
+}
+
+impl CustomOp1 for KeptMoments {
+    fn name(&self) -> &'static str {
+        "fewshot-kept-channel-moments"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        Ok((self.values.take()?, (2, self.channels.channels).into()))
+    }
+
+    fn bwd(&self, x: &Tensor, moments: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        moments_backward(self.channels, x, moments, grad).map(Some)
     }
 }
 

@@ -24,12 +24,11 @@
 //! and then runs the convolution's backward once per path where the ops
 //! apart run it once on the sum. `Conv4::with_fused_blocks` picks.
 
-use std::sync::Mutex;
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, WithDType};
 
-use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, WithDType};
-
-use super::batch_norm_relu_pool::{self, BlockShape};
+use super::batch_norm_relu_pool::{self, BlockShape, KeptPooling};
 use super::conv::{self, ConvGeometry};
+use super::kept::{HandOver, KeptTensor};
 use super::op::{apply3, Kernel3};
 
 /// `max_pool2x2(relu(batch_norm(conv2d(x, weight))))` with the statistics of
@@ -52,56 +51,23 @@ pub fn conv_batch_norm_relu_pool(
         geometry,
         block,
         eps,
-        keep: [x, weight, &affine].iter().any(|t| t.track_op()),
-        kept: Mutex::new(None),
-        activation: Mutex::new(None),
+        activation: KeptTensor::new("conv_batch_norm_relu_pool convolution output"),
+        pooling: KeptPooling::new([x, weight, &affine].iter().any(|t| t.track_op())),
     };
     apply3(x, weight, &affine, op)
 }
 
+/// The op. What its forward keeps lives as long as the op: with no graph
+/// (no input needs a gradient) candle drops the op, and the kept values
+/// with it, as soon as the forward returns.
 struct ConvBlock {
     geometry: ConvGeometry,
     block: BlockShape,
     eps: f64,
-    /// Whether a backward may come (some input is part of a graph): only
-    /// then is the convolution's output kept.
-    keep: bool,
-    /// The convolution's output, from the forward until the first backward.
-    kept: Mutex<Option<CpuStorage>>,
-    /// The convolution's output as a tensor of the graph, from the first backward on.
-    activation: Mutex<Option<Tensor>>,
-}
-
-impl ConvBlock {
-    /// The convolution's output as a tensor of the graph: the kept values
-    /// on the first call, the same tensor after; computed again if nothing
-    /// was kept.
-    fn activation(&self, x: &Tensor, weight: &Tensor) -> Result<Tensor> {
-        let mut activation = lock(&self.activation);
-        if let Some(tensor) = activation.as_ref() {
-            return Ok(tensor.clone());
-        }
-        let tensor = match lock(&self.kept).take() {
-            Some(values) => x.apply_op2(
-                weight,
-                KeptConvolution {
-                    geometry: self.geometry,
-                    values: Mutex::new(Some(values)),
-                },
-            )?,
-            None => conv::conv2d(x, weight, self.geometry.stride, self.geometry.padding)?,
-        };
-        *activation = Some(tensor.clone());
-        Ok(tensor)
-    }
-}
-
-/// A lock that a panic elsewhere cannot poison for good: what it guards
-/// is replaced whole, never left half-written.
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
+    /// The convolution's output.
+    activation: KeptTensor,
+    /// The batch statistics and the pooling's winners.
+    pooling: KeptPooling,
 }
 
 impl Kernel3 for ConvBlock {
@@ -110,11 +76,14 @@ impl Kernel3 for ConvBlock {
     fn run<T: WithDType>(&self, x: &[T], weight: &[T], affine: &[T]) -> Vec<T> {
         let activation = conv::forward(&self.geometry, x, weight);
         let (gamma, beta) = affine.split_at(affine.len() / 2);
-        let pooled = batch_norm_relu_pool::forward(&self.block, &activation, gamma, beta, self.eps);
-        if self.keep {
-            *lock(&self.kept) = Some(T::to_cpu_storage_owned(activation));
-        }
-        pooled
+        let pooled = batch_norm_relu_pool::forward(
+            &self.block,
+            &activation,
+            (gamma, beta, self.eps),
+            self.pooling.with_winners,
+        );
+        self.activation.keep(T::to_cpu_storage_owned(activation));
+        self.pooling.keep(&self.block, pooled)
     }
 
     fn shape(&self, _: &Shape) -> Shape {
@@ -129,10 +98,15 @@ impl Kernel3 for ConvBlock {
         _out: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let activation = self.activation(x, weight)?;
+        let activation = self.activation.tensor(|values| {
+            let values = HandOver::new("fewshot-kept-conv2d", values);
+            let geometry = self.geometry;
+            x.apply_op2(weight, KeptConvolution { geometry, values })
+        })?;
         let (gamma, beta) = (affine.get(0)?, affine.get(1)?);
         let (d_activation, d_gamma, d_beta) =
-            batch_norm_relu_pool::backward(&activation, &gamma, &beta, self.eps, grad)?;
+            self.pooling
+                .backward(&activation, (&gamma, &beta, self.eps), grad)?;
         let (dx, d_weight) = match d_activation {
             Some(d_activation) => conv::backward(self.geometry, x, weight, &d_activation)?,
             None => (None, None),
@@ -154,7 +128,7 @@ impl Kernel3 for ConvBlock {
 /// its forward hands the values over, its backward is the convolution's.
 struct KeptConvolution {
     geometry: ConvGeometry,
-    values: Mutex<Option<CpuStorage>>,
+    values: HandOver,
 }
 
 impl CustomOp2 for KeptConvolution {
@@ -169,10 +143,7 @@ impl CustomOp2 for KeptConvolution {
         _: &CpuStorage,
         _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        match lock(&self.values).take() {
-            Some(values) => Ok((values, self.geometry.output_shape())),
-            None => bail!("{}: the kept values were handed over already", self.name()),
-        }
+        Ok((self.values.take()?, self.geometry.output_shape()))
     }
 
     fn bwd(

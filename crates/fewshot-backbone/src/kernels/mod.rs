@@ -25,6 +25,7 @@ mod channel;
 mod conv;
 mod conv_block;
 mod gemm;
+mod kept;
 mod op;
 mod pool;
 mod transpose;

@@ -67,16 +67,6 @@ impl PoolGeometry {
         plane[2 * oy * width..(2 * oy + 2) * width].split_at(width)
     }
 
-    /// The pixels of one plane outside every window, by index: the last
-    /// column of an odd width, then the last row of an odd height.
-    pub(super) fn uncovered(&self) -> impl Iterator<Item = usize> {
-        let (height, width) = (self.dims.2, self.dims.3);
-        let covered_rows = 2 * self.out_hw().0;
-        let last_column = (width % 2 == 1).then_some(width - 1);
-        let column = (0..covered_rows).flat_map(move |y| last_column.map(|x| y * width + x));
-        column.chain(covered_rows * width..height * width)
-    }
-
     /// Rows `2 * oy` and `2 * oy + 1` of one plane, to write.
     pub(super) fn row_pair_mut<'a, T>(
         &self,
@@ -281,23 +271,5 @@ impl Kernel2 for Gather {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         Ok((None, Some(scatter(x, grad)?)))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn uncovered_pixels_are_an_odd_last_column_and_row() {
-        let uncovered = |h, w| {
-            PoolGeometry { dims: (1, 1, h, w) }
-                .uncovered()
-                .collect::<Vec<_>>()
-        };
-        assert_eq!(uncovered(4, 6), Vec::<usize>::new());
-        assert_eq!(uncovered(4, 3), [2, 5, 8, 11]);
-        assert_eq!(uncovered(3, 4), [8, 9, 10, 11]);
-        assert_eq!(uncovered(5, 3), [2, 5, 8, 11, 12, 13, 14]);
     }
 }

@@ -23,6 +23,7 @@ mod portable_path;
 mod predict;
 mod progress;
 mod run_dir;
+mod step_clock;
 mod train;
 
 use config::{DataConfig, DatasetKind, ExperimentConfig};

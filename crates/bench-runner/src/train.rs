@@ -2,7 +2,6 @@
 //! checkpoints, exact resume, then the test evaluation and the report.
 
 use std::path::PathBuf;
-use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
@@ -18,6 +17,7 @@ use crate::interrupt::StopRequest;
 use crate::learners;
 use crate::progress;
 use crate::run_dir::{Progress, RunDir};
+use crate::step_clock::StepClock;
 
 /// Training records are the mean over this many steps.
 const LOG_EVERY: u64 = 20;
@@ -172,20 +172,23 @@ pub fn run(options: &TrainOptions) -> Result<()> {
     let bar = progress::bar(total, "train");
     bar.set_position(progress.step);
     let mut window = Window::default();
-    let mut clock = Instant::now();
+    // Training time is the steps' time: validation, checkpoints and the
+    // time the process spent stopped are left out.
+    let mut clock = StepClock::install()?;
     // This process's own pace, for the time-to-go estimate after a resume.
     let (start_step, start_seconds) = (progress.step, progress.training_seconds);
     let mut validation_stopped = false;
     while progress.step < stop {
-        let stats = learner.meta_train(&batch_after(progress.step)?)?;
+        let (stats, took) =
+            clock.time(|| -> Result<_> { Ok(learner.meta_train(&batch_after(progress.step)?)?) });
+        let stats = stats?;
+        progress.training_seconds += took.as_secs_f64();
         progress.step += 1;
         window.add(stats.loss, stats.accuracy);
         bar.inc(1);
 
         let validate = progress.step % config.training.validate_every == 0 || progress.step == stop;
         if progress.step % LOG_EVERY == 0 || validate {
-            progress.training_seconds += clock.elapsed().as_secs_f64();
-            clock = Instant::now();
             let mut record = window.record(progress.step, progress.training_seconds);
             if validate {
                 let next = probe(&learner.state()?, progress.step)?;
@@ -213,15 +216,12 @@ pub fn run(options: &TrainOptions) -> Result<()> {
                         fewshot_eval::duration(seconds_per_step * (total - progress.step) as f64)
                     )
                 });
-                // Validation time is not training time.
-                clock = Instant::now();
             }
             bar.set_message(record_message(&record, progress.best_val_accuracy));
             run.append_metrics(&record)?;
             window = Window::default();
         }
         if stop_request.is_requested() && progress.step < stop {
-            progress.training_seconds += clock.elapsed().as_secs_f64();
             if window.steps > 0 {
                 run.append_metrics(&window.record(progress.step, progress.training_seconds))?;
             }

@@ -23,7 +23,8 @@
 use candle_core::{Result, Tensor, WithDType};
 
 use super::channel::{
-    channel_affine, channel_dot, channel_sum, kept_moments, masked_sums, Channels, Moments,
+    channel_affine, channel_dot, channel_sum, kept_moments, masked_sums, normalising_coefficients,
+    Channels, Moments,
 };
 use super::kept::KeptTensor;
 use super::op::{gradient_if, Kernel1, Kernel3};
@@ -100,15 +101,8 @@ impl Kernel3 for BatchNormRelu {
     const NAME: &'static str = "fewshot-batch-norm-relu";
 
     fn run<T: WithDType>(&self, x: &[T], gamma: &[T], beta: &[T]) -> Vec<T> {
-        let c = self.channels.channels;
         let moments = Moments(self.channels).run(x);
-        let (scale, shift): (Vec<T>, Vec<T>) = (0..c)
-            .map(|i| {
-                let (mean, var) = (moments[i].to_f64(), moments[c + i].to_f64());
-                let s = gamma[i].to_f64() / (var + self.eps).sqrt();
-                (T::from_f64(s), T::from_f64(beta[i].to_f64() - mean * s))
-            })
-            .unzip();
+        let (scale, shift) = normalising_coefficients(&moments, (gamma, beta, self.eps));
         self.moments.keep(T::to_cpu_storage_owned(moments));
         // SAFETY: each plane of the output is written whole.
         unsafe {

@@ -37,7 +37,10 @@ use candle_core::{Error, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
 use super::batch_norm::backward_with_statistics;
-use super::channel::{channel_affine, channel_dot, channel_sum, kept_moments, Channels, Moments};
+use super::channel::{
+    channel_affine, channel_dot, channel_sum, kept_moments, normalising_coefficients, Channels,
+    Moments,
+};
 use super::filled_by;
 use super::kept::{lock, KeptTensor};
 use super::op::{gradient_if, Kernel1, Kernel2, Kernel3};
@@ -138,13 +141,7 @@ pub(super) fn forward<T: WithDType>(
 ) -> Pooled<T> {
     let c = shape.channels.channels;
     let moments = Moments(shape.channels).run(x);
-    let (scale, shift): (Vec<T>, Vec<T>) = (0..c)
-        .map(|i| {
-            let (mean, var) = (moments[i].to_f64(), moments[c + i].to_f64());
-            let s = gamma[i].to_f64() / (var + eps).sqrt();
-            (T::from_f64(s), T::from_f64(beta[i].to_f64() - mean * s))
-        })
-        .unzip();
+    let (scale, shift) = normalising_coefficients(&moments, (gamma, beta, eps));
     let (in_plane, out_plane) = (shape.pool.in_plane(), shape.pool.out_plane());
     let out_w = shape.pool.out_hw().1;
     let planes = || {

@@ -298,6 +298,24 @@ impl Kernel2 for Dot {
     }
 }
 
+/// Per channel, the scale `s = gamma / sqrt(var + eps)` and shift `beta -
+/// mean * s` that batch-normalise with `moments` (the output of
+/// [`Moments`]: means, then variances) and apply `gamma` and `beta`; the
+/// slice form of `normalising_affine`, for the fused forwards.
+pub(super) fn normalising_coefficients<T: WithDType>(
+    moments: &[T],
+    (gamma, beta, eps): (&[T], &[T], f64),
+) -> (Vec<T>, Vec<T>) {
+    let c = gamma.len();
+    (0..c)
+        .map(|i| {
+            let (mean, var) = (moments[i].to_f64(), moments[c + i].to_f64());
+            let s = gamma[i].to_f64() / (var + eps).sqrt();
+            (T::from_f64(s), T::from_f64(beta[i].to_f64() - mean * s))
+        })
+        .unzip()
+}
+
 impl Kernel1 for Moments {
     const NAME: &'static str = "fewshot-channel-moments";
 

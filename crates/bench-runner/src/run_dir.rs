@@ -48,6 +48,15 @@ impl RunDir {
     }
 
     pub fn read_metrics(&self) -> Result<Vec<TrainingRecord>> {
+        Ok(self
+            .read_metric_lines()?
+            .into_iter()
+            .map(|(_, record)| record)
+            .collect())
+    }
+
+    /// Every record of metrics.jsonl with the line it was read from.
+    fn read_metric_lines(&self) -> Result<Vec<(String, TrainingRecord)>> {
         let path = self.metrics();
         if !path.exists() {
             return Ok(Vec::new());
@@ -58,27 +67,31 @@ impl RunDir {
             .enumerate()
             .filter(|(_, line)| !line.trim().is_empty())
             .map(|(i, line)| {
-                serde_json::from_str(line)
-                    .with_context(|| format!("{}:{}: not a metrics record", path.display(), i + 1))
+                let record = serde_json::from_str(line).with_context(|| {
+                    format!("{}:{}: not a metrics record", path.display(), i + 1)
+                })?;
+                Ok((line.to_string(), record))
             })
             .collect()
     }
 
     /// Keeps only the records up to `step`, what a resumed run has not
-    /// lost, and returns them.
+    /// lost, and returns them. The kept lines are written back as they were
+    /// read: serde_json parses a float only to within an ulp, so writing
+    /// the parsed records again could change logged figures.
     pub fn truncate_metrics(&self, step: u64) -> Result<Vec<TrainingRecord>> {
-        let kept: Vec<TrainingRecord> = self
-            .read_metrics()?
+        let kept: Vec<(String, TrainingRecord)> = self
+            .read_metric_lines()?
             .into_iter()
-            .filter(|r| r.step <= step)
+            .filter(|(_, record)| record.step <= step)
             .collect();
         let mut text = String::new();
-        for record in &kept {
-            text.push_str(&serde_json::to_string(record)?);
+        for (line, _) in &kept {
+            text.push_str(line);
             text.push('\n');
         }
         write_atomic(&self.metrics(), text.as_bytes())?;
-        Ok(kept)
+        Ok(kept.into_iter().map(|(_, record)| record).collect())
     }
 
     pub fn append_metrics(&self, record: &TrainingRecord) -> Result<()> {
@@ -146,4 +159,32 @@ pub fn experiment_of(checkpoint: &Checkpoint, path: &Path) -> Result<ExperimentC
     })?;
     ExperimentConfig::from_json(text)
         .with_context(|| format!("{}: metadata `{EXPERIMENT}`", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn truncating_the_metrics_keeps_the_kept_lines_byte_for_byte() {
+        let root = std::env::temp_dir().join(format!("fewshot-run-dir-{}", std::process::id()));
+        std::fs::create_dir_all(&root).unwrap();
+        let run = RunDir::new(root.clone());
+        // 0.9818749999999999 is what serde_json wrote for a logged accuracy;
+        // read without its float_roundtrip feature it comes back one ulp
+        // off and would be written again as 0.981875.
+        let kept = concat!(
+            "{\"step\":20,\"seconds\":1.5,\"loss\":0.25,\"accuracy\":0.9818749999999999,\"val_accuracy\":null}\n",
+            "{\"step\":40,\"seconds\":3.0,\"loss\":0.125,\"accuracy\":0.985625,\"val_accuracy\":0.9749999999999995}\n",
+        );
+        let lost =
+            "{\"step\":60,\"seconds\":4.5,\"loss\":0.1,\"accuracy\":0.99,\"val_accuracy\":null}\n";
+        std::fs::write(run.metrics(), format!("{kept}{lost}")).unwrap();
+
+        let records = run.truncate_metrics(40).unwrap();
+
+        assert_eq!(records.iter().map(|r| r.step).collect::<Vec<_>>(), [20, 40]);
+        assert_eq!(std::fs::read_to_string(run.metrics()).unwrap(), kept);
+        std::fs::remove_dir_all(root).unwrap();
+    }
 }

@@ -119,6 +119,7 @@ pub fn accuracy_line(evaluation: &Evaluation) -> String {
     let spec = protocol.spec;
     let within = if spec.same_group { " within-group" } else { "" };
     let copies = match &protocol.support_copies {
+        Some(c) if c.copies == 1 => ", 1 distorted copy of each support image".to_string(),
         Some(c) => format!(", {} distorted copies of each support image", c.copies),
         None => String::new(),
     };

@@ -239,4 +239,10 @@ fn the_accuracy_line_says_when_support_images_had_copies() {
         line.contains("15-query, 16 distorted copies of each support image, split"),
         "{line}"
     );
+    evaluation.protocol.support_copies = Some(fewshot_data::SupportCopies::new(1));
+    let line = accuracy_line(&evaluation);
+    assert!(
+        line.contains(", 1 distorted copy of each support image,"),
+        "{line}"
+    );
 }

@@ -266,6 +266,17 @@ pub struct TrainingConfig {
     /// the output heads when the way count differs), the optimiser starts
     /// fresh. Relative to the current folder. Default none.
     pub init_from: Option<PathBuf>,
+    /// How many of the best validated checkpoints to keep. Default 1:
+    /// `checkpoints/best.safetensors` alone. More also keeps that many in
+    /// `checkpoints/validated/`, for `fewshot eval RUN --ensemble` (MAML++'s
+    /// reference tests its 5 best). It changes what is kept, not the
+    /// training, so a stopped run may resume with another value.
+    #[serde(skip_serializing_if = "keeps_only_the_best")]
+    pub keep_best: usize,
+}
+
+fn keeps_only_the_best(keep_best: &usize) -> bool {
+    *keep_best == 1
 }
 
 impl Default for TrainingConfig {
@@ -276,6 +287,7 @@ impl Default for TrainingConfig {
             validate_every: 500,
             validation_episodes: 200,
             init_from: None,
+            keep_best: 1,
         }
     }
 }
@@ -414,6 +426,9 @@ impl ExperimentConfig {
         if self.training.meta_batch == 0 {
             bail!("field `training.meta_batch`: must be at least 1");
         }
+        if self.training.keep_best == 0 {
+            bail!("field `training.keep_best`: must be at least 1 (the best checkpoint)");
+        }
         if self.training.validate_every == 0 {
             bail!("field `training.validate_every`: must be at least 1");
         }
@@ -487,6 +502,7 @@ mod tests {
                 &["data.dataset", "imagenet"][..],
             ),
             (r#"{"device": "gpu"}"#, &["gpu"]),
+            (r#"{"training": {"keep_best": 0}}"#, &["training.keep_best"]),
             (r#"{"test_episodes": {"ways": 1}}"#, &["test_episodes.ways"]),
             (
                 r#"{"data": {"normalize": "cifar"}}"#,

@@ -25,6 +25,10 @@ pub struct Results {
     pub training_steps: u64,
     pub training_seconds: f64,
     pub best_val_accuracy: Option<f64>,
+    /// With `fewshot eval --ensemble`: every checkpoint whose logits were
+    /// averaged, `checkpoint` first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ensemble: Vec<PathBuf>,
     /// Fields of the learner's section changed for this evaluation
     /// (`fewshot eval --set`), e.g. MAML's `inner_steps_test`.
     #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
@@ -64,6 +68,9 @@ pub struct Overrides {
     /// weights), e.g. MAML's `inner_steps_test`, as its reference code tests
     /// Omniglot with more inner steps than it trains with.
     pub algorithm: serde_json::Map<String, serde_json::Value>,
+    /// More checkpoints of the same run whose logits are averaged with the
+    /// evaluated one's (`fewshot eval RUN --ensemble`).
+    pub ensemble: Vec<PathBuf>,
 }
 
 /// The learner of `checkpoint` with `changes` made to its section; the
@@ -149,7 +156,26 @@ pub fn evaluate_checkpoint(
     let checkpoint = Checkpoint::load(path, device)?;
     let experiment = experiment_of(&checkpoint, path)?;
     let progress = Progress::from_checkpoint(&checkpoint, path)?;
-    let learner = learner_with(&checkpoint, &overrides.algorithm, device)?;
+    let mut learner = learner_with(&checkpoint, &overrides.algorithm, device)?;
+    let mut ensemble = Vec::new();
+    if !overrides.ensemble.is_empty() {
+        let mut members = vec![learner];
+        for member in &overrides.ensemble {
+            let other = Checkpoint::load(member, device)?;
+            if other.config != checkpoint.config {
+                anyhow::bail!(
+                    "--ensemble: {} holds another learner than {} (its algorithm sections differ)",
+                    member.display(),
+                    path.display()
+                );
+            }
+            members.push(learner_with(&other, &overrides.algorithm, device)?);
+        }
+        learner = Box::new(fewshot_eval::Ensemble::new(members)?);
+        ensemble = std::iter::once(path.to_path_buf())
+            .chain(overrides.ensemble.iter().cloned())
+            .collect();
+    }
     let loaded = datasets::load(&experiment.data, experiment.seed)?;
     let mut spec = experiment.test_episodes.spec();
     spec.ways = overrides.ways.unwrap_or(spec.ways);
@@ -194,6 +220,7 @@ pub fn evaluate_checkpoint(
         training_steps: progress.step,
         training_seconds: progress.training_seconds,
         best_val_accuracy: progress.best_val_accuracy,
+        ensemble,
         algorithm_overrides: overrides.algorithm,
         data: Some(serde_json::to_value(&experiment.data)?),
         evaluation,
@@ -238,10 +265,16 @@ pub fn summary_line(results: &Results) -> String {
         .iter()
         .map(|(key, value)| format!("{key}={value}"))
         .collect();
-    let algorithm = match changes.is_empty() {
+    let mut algorithm = match changes.is_empty() {
         true => results.algorithm.clone(),
         false => format!("{} ({})", results.algorithm, changes.join(", ")),
     };
+    if !results.ensemble.is_empty() {
+        algorithm.push_str(&format!(
+            ", ensemble of {} checkpoints",
+            results.ensemble.len()
+        ));
+    }
     format!(
         "{algorithm}: {}",
         fewshot_eval::accuracy_line(&results.evaluation)
@@ -270,8 +303,24 @@ pub fn resolve_checkpoint(target: &Path) -> Result<PathBuf> {
     }
 }
 
-pub fn run_eval(target: &Path, device: &Device, overrides: Overrides, as_json: bool) -> Result<()> {
-    let path = resolve_checkpoint(target)?;
+/// `ensemble`: average the logits of the run's kept validated checkpoints
+/// (`training.keep_best`) instead of testing its best one alone.
+pub fn run_eval(
+    target: &Path,
+    device: &Device,
+    mut overrides: Overrides,
+    ensemble: bool,
+    as_json: bool,
+) -> Result<()> {
+    let path = match ensemble {
+        true => {
+            let mut members = ensemble_members(target)?;
+            let first = members.remove(0);
+            overrides.ensemble = members;
+            first
+        }
+        false => resolve_checkpoint(target)?,
+    };
     let (results, _) = evaluate_checkpoint(&path, device, overrides)?;
     if as_json {
         println!("{}", serde_json::to_string_pretty(&results)?);
@@ -279,6 +328,34 @@ pub fn run_eval(target: &Path, device: &Device, overrides: Overrides, as_json: b
         println!("{}", summary_line(&results));
     }
     Ok(())
+}
+
+/// The kept validated checkpoints of a run directory, best first.
+fn ensemble_members(target: &Path) -> Result<Vec<PathBuf>> {
+    if !target.is_dir() {
+        anyhow::bail!(
+            "--ensemble: {} is not a run directory (it takes the run's kept validated checkpoints)",
+            target.display()
+        );
+    }
+    let run = RunDir::new(target.to_path_buf());
+    let kept = run.validated_checkpoints()?;
+    if kept.is_empty() {
+        anyhow::bail!(
+            "--ensemble: {} keeps no validated checkpoints (looked in {}); train with `training.keep_best` above 1",
+            target.display(),
+            run.validated_dir().display()
+        );
+    }
+    for member in &kept {
+        tracing::info!(
+            step = member.step,
+            "ensemble member {}: validation {:.2}%",
+            member.path.display(),
+            100.0 * member.accuracy
+        );
+    }
+    Ok(kept.into_iter().map(|member| member.path).collect())
 }
 
 /// Reads evaluation results: a run directory's `results.json`, or a file
@@ -359,6 +436,13 @@ fn data_differences(a: &serde_json::Value, b: &serde_json::Value) -> Option<Vec<
 pub fn publish(run: &Path, model: &Path) -> Result<()> {
     let results = read_results(run)
         .context("publish needs a finished, evaluated run, or the JSON of `fewshot eval --json`")?;
+    if !results.ensemble.is_empty() {
+        anyhow::bail!(
+            "{}: the result of an ensemble of {} checkpoints; a model file holds one: publish an evaluation of one checkpoint",
+            run.display(),
+            results.ensemble.len()
+        );
+    }
     let mut checkpoint = Checkpoint::load(&results.checkpoint, &Device::Cpu)?;
     let mut weights = fewshot_backbone::ParamSet::new();
     for (name, tensor) in checkpoint.tensors.iter() {

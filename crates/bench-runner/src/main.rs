@@ -165,6 +165,11 @@ enum Command {
         /// VALUE is read as JSON, else as a string.
         #[arg(long = "set", value_name = "KEY=VALUE")]
         settings: Vec<String>,
+        /// Average the logits of the run's kept validated checkpoints
+        /// (`training.keep_best`), as MAML++'s reference tests its 5 best;
+        /// TARGET must be a run directory.
+        #[arg(long)]
+        ensemble: bool,
         #[arg(long, default_value = "auto")]
         device: String,
         #[arg(long)]
@@ -450,6 +455,7 @@ fn run(cli: Cli) -> Result<()> {
             unrotated,
             support_copies,
             settings,
+            ensemble,
             device,
             json,
         } => {
@@ -468,8 +474,9 @@ fn run(cli: Cli) -> Result<()> {
                 unrotated,
                 support_copies,
                 algorithm,
+                ensemble: Vec::new(),
             };
-            evaluation::run_eval(&target, &device, overrides, json)
+            evaluation::run_eval(&target, &device, overrides, ensemble, json)
         }
         Command::Compare { a, b, json } => evaluation::run_compare(&a, &b, json),
         Command::Curves {

@@ -33,6 +33,54 @@ impl RunDir {
     pub fn best_checkpoint(&self) -> PathBuf {
         self.root.join("checkpoints").join("best.safetensors")
     }
+    /// Where `training.keep_best` above 1 keeps the best validated checkpoints.
+    pub fn validated_dir(&self) -> PathBuf {
+        self.root.join("checkpoints").join("validated")
+    }
+    pub fn validated_checkpoint(&self, step: u64) -> PathBuf {
+        self.validated_dir()
+            .join(format!("step-{step:08}.safetensors"))
+    }
+
+    /// The kept validated checkpoints, best first; of equal ones the
+    /// earlier step first.
+    pub fn validated_checkpoints(&self) -> Result<Vec<ValidatedCheckpoint>> {
+        let dir = self.validated_dir();
+        if !dir.exists() {
+            return Ok(Vec::new());
+        }
+        let entries =
+            std::fs::read_dir(&dir).with_context(|| format!("cannot read {}", dir.display()))?;
+        let mut kept = Vec::new();
+        for entry in entries {
+            let path = entry
+                .with_context(|| format!("cannot read {}", dir.display()))?
+                .path();
+            if path.extension().is_none_or(|e| e != "safetensors") {
+                continue;
+            }
+            let checkpoint = Checkpoint::load(&path, &candle_core::Device::Cpu)?;
+            let step = Progress::from_checkpoint(&checkpoint, &path)?.step;
+            let accuracy = checkpoint
+                .extra
+                .get(VAL_ACCURACY)
+                .and_then(|v| v.parse::<f64>().ok())
+                .with_context(|| {
+                    format!(
+                        "{}: no `{VAL_ACCURACY}` metadata: not a validated checkpoint",
+                        path.display()
+                    )
+                })?;
+            kept.push(ValidatedCheckpoint {
+                path,
+                step,
+                accuracy,
+            });
+        }
+        kept.sort_by(|a, b| b.accuracy.total_cmp(&a.accuracy).then(a.step.cmp(&b.step)));
+        Ok(kept)
+    }
+
     pub fn results(&self) -> PathBuf {
         self.root.join("results.json")
     }
@@ -105,6 +153,17 @@ impl RunDir {
             .with_context(|| format!("cannot write {}", path.display()))
     }
 }
+
+/// A checkpoint kept for its validation accuracy (`training.keep_best`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidatedCheckpoint {
+    pub path: PathBuf,
+    pub step: u64,
+    pub accuracy: f64,
+}
+
+/// The validation accuracy of a kept validated checkpoint, in its metadata.
+pub const VAL_ACCURACY: &str = "val_accuracy";
 
 /// Where a run stands; stored in every checkpoint's metadata.
 #[derive(Debug, Clone, Default, PartialEq)]

@@ -16,7 +16,7 @@ use crate::evaluation;
 use crate::interrupt::StopRequest;
 use crate::learners;
 use crate::progress;
-use crate::run_dir::{Progress, RunDir};
+use crate::run_dir::{Progress, RunDir, VAL_ACCURACY};
 use crate::step_clock::StepClock;
 
 /// Training records are the mean over this many steps.
@@ -264,6 +264,22 @@ fn prepare_run_dir(run: &RunDir, config: &ExperimentConfig, resume: bool) -> Res
             );
         }
         let saved = ExperimentConfig::from_file(&run.config())?;
+        if saved.training.keep_best != config.training.keep_best {
+            let mut same_training = saved.clone();
+            same_training.training.keep_best = config.training.keep_best;
+            if &same_training == config {
+                tracing::info!(
+                    "training.keep_best changed from {} to {}: it changes which checkpoints are kept, not the training",
+                    saved.training.keep_best,
+                    config.training.keep_best
+                );
+                fewshot_backbone::write_atomic(
+                    &run.config(),
+                    serde_json::to_string_pretty(config)?.as_bytes(),
+                )?;
+                return Ok(());
+            }
+        }
         if &saved != config {
             bail!(
                 "the config differs from the one {} was started with ({}): resume with the same config",
@@ -351,6 +367,45 @@ fn keep_if_best(
     {
         progress.best_val_accuracy = Some(accuracy);
         save(learner, progress, config, &run.best_checkpoint(), None)?;
+    }
+    if config.training.keep_best > 1 {
+        keep_if_among_the_best(learner, accuracy, progress, config, run)?;
+    }
+    Ok(())
+}
+
+/// Keeps the learner's checkpoint in `checkpoints/validated/` if `accuracy`
+/// is among the `training.keep_best` best validations kept there, and
+/// removes the ones that drop out (of equal accuracies the earlier stays).
+fn keep_if_among_the_best(
+    learner: &dyn Learner,
+    accuracy: f64,
+    progress: &Progress,
+    config: &ExperimentConfig,
+    run: &RunDir,
+) -> Result<()> {
+    let keep = config.training.keep_best;
+    let mut kept = run.validated_checkpoints()?;
+    // A validation run again after a resume replaces its step's file.
+    kept.retain(|c| c.step != progress.step);
+    let rank = kept.iter().filter(|c| c.accuracy >= accuracy).count();
+    let old_ones_kept = if rank < keep {
+        let mut checkpoint = learner.checkpoint()?;
+        checkpoint.extra = progress.to_metadata(config)?;
+        checkpoint
+            .extra
+            .insert(VAL_ACCURACY.into(), accuracy.to_string());
+        let path = run.validated_checkpoint(progress.step);
+        std::fs::create_dir_all(run.validated_dir())
+            .with_context(|| format!("cannot create {}", run.validated_dir().display()))?;
+        checkpoint.save(&path)?;
+        keep - 1
+    } else {
+        keep
+    };
+    for dropped in kept.iter().skip(old_ones_kept) {
+        std::fs::remove_file(&dropped.path)
+            .with_context(|| format!("cannot remove {}", dropped.path.display()))?;
     }
     Ok(())
 }

@@ -967,3 +967,88 @@ fn eval_set_changes_the_learners_section_for_the_test_only() {
         assert!(err.contains(needle), "{setting}: {err}");
     }
 }
+
+/// `training.keep_best` keeps the k best validated checkpoints (of equal
+/// accuracies the earlier), `eval --ensemble` averages them, and a stopped
+/// run may resume with another k.
+#[test]
+fn the_best_validated_checkpoints_are_kept_and_tested_together() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = tiny_config(dir.path());
+    let with_keep_best = |keep: usize, name: &str| {
+        let mut json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+        json["training"]["validate_every"] = 1.into();
+        json["training"]["keep_best"] = keep.into();
+        let path = dir.path().join(name);
+        std::fs::write(&path, serde_json::to_string_pretty(&json).unwrap()).unwrap();
+        path
+    };
+    let run = dir.path().join("run");
+    let alone = fewshot_fails(&["eval", str(&run), "--ensemble"]);
+    assert!(alone.contains("not a run directory"), "{alone}");
+    train_until(&with_keep_best(2, "keep2.json"), &run, 3);
+    // Another k is not another training: the resume goes on.
+    let keep3 = with_keep_best(3, "keep3.json");
+    fewshot(&["train", str(&keep3), "--out", str(&run), "--resume"]);
+
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    let mut validated: Vec<(f64, u64)> = metrics
+        .lines()
+        .map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap())
+        .filter(|r| !r["val_accuracy"].is_null())
+        .map(|r| {
+            (
+                r["val_accuracy"].as_f64().unwrap(),
+                r["step"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(validated.len(), 6);
+    validated.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+    let mut expected: Vec<String> = validated[..3]
+        .iter()
+        .map(|(_, step)| format!("step-{step:08}.safetensors"))
+        .collect();
+    let mut kept: Vec<String> = std::fs::read_dir(run.join("checkpoints/validated"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    expected.sort();
+    kept.sort();
+    assert_eq!(kept, expected);
+
+    let ensemble = fewshot(&["eval", str(&run), "--ensemble", "--json"]).stdout;
+    let ensemble: serde_json::Value = serde_json::from_slice(&ensemble).unwrap();
+    let members = ensemble["ensemble"].as_array().unwrap();
+    assert_eq!(members.len(), 3);
+    assert_eq!(ensemble["checkpoint"], members[0]);
+    let best_step = validated[0].1;
+    assert!(members[0]
+        .as_str()
+        .unwrap()
+        .ends_with(&format!("step-{best_step:08}.safetensors")));
+    let line = String::from_utf8(fewshot(&["eval", str(&run), "--ensemble"]).stdout).unwrap();
+    assert!(line.contains("ensemble of 3 checkpoints"), "{line}");
+
+    // Paired with the best checkpoint alone on the same episodes; a model
+    // file holds one checkpoint, so the ensemble's result is not published.
+    let ensemble_json = dir.path().join("ensemble.json");
+    std::fs::write(&ensemble_json, serde_json::to_string(&ensemble).unwrap()).unwrap();
+    let single_json = dir.path().join("single.json");
+    std::fs::write(
+        &single_json,
+        fewshot(&["eval", members[0].as_str().unwrap(), "--json"]).stdout,
+    )
+    .unwrap();
+    fewshot(&["compare", str(&ensemble_json), str(&single_json)]);
+    let model = dir.path().join("ensemble.safetensors");
+    let refused = fewshot_fails(&["publish", str(&ensemble_json), str(&model)]);
+    assert!(refused.contains("ensemble of 3 checkpoints"), "{refused}");
+
+    // A run that keeps only its best checkpoint has nothing to ensemble.
+    let plain = dir.path().join("plain");
+    train_until(&config, &plain, 3);
+    let none = fewshot_fails(&["eval", str(&plain), "--ensemble"]);
+    assert!(none.contains("keep_best"), "{none}");
+}

@@ -29,6 +29,7 @@
 //! ```
 
 pub mod curves;
+pub mod ensemble;
 pub mod error;
 mod json_float;
 mod plots;
@@ -37,6 +38,7 @@ pub mod report;
 mod special;
 pub mod stats;
 
+pub use ensemble::Ensemble;
 pub use error::{EvalError, Result};
 pub use protocol::{
     check_same_episodes, compare, evaluate, EpisodeResult, EvalProtocol, Evaluation,

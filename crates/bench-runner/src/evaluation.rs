@@ -429,6 +429,17 @@ fn data_differences(a: &serde_json::Value, b: &serde_json::Value) -> Option<Vec<
     (!differences.is_empty()).then_some(differences)
 }
 
+/// A learner's state without its optimiser's: what evaluating it needs.
+pub fn weights_only(state: &fewshot_backbone::ParamSet) -> Result<fewshot_backbone::ParamSet> {
+    let mut weights = fewshot_backbone::ParamSet::new();
+    for (name, tensor) in state.iter() {
+        if !name.starts_with(fewshot_backbone::OPTIMIZER_PREFIX) {
+            weights.insert(name, tensor.clone())?;
+        }
+    }
+    Ok(weights)
+}
+
 /// Copies a run's evaluated checkpoint without optimiser state, with the
 /// run's test result line in its metadata. Fields its evaluation changed
 /// (`fewshot eval --set`) are written into the model's config, so that
@@ -444,13 +455,7 @@ pub fn publish(run: &Path, model: &Path) -> Result<()> {
         );
     }
     let mut checkpoint = Checkpoint::load(&results.checkpoint, &Device::Cpu)?;
-    let mut weights = fewshot_backbone::ParamSet::new();
-    for (name, tensor) in checkpoint.tensors.iter() {
-        if !name.starts_with(fewshot_backbone::OPTIMIZER_PREFIX) {
-            weights.insert(name, tensor.clone())?;
-        }
-    }
-    checkpoint.tensors = weights;
+    checkpoint.tensors = weights_only(&checkpoint.tensors)?;
     checkpoint.config = changed_section(&checkpoint.config, &results.algorithm_overrides)?;
     checkpoint
         .extra

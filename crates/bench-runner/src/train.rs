@@ -390,7 +390,10 @@ fn keep_if_among_the_best(
     kept.retain(|c| c.step != progress.step);
     let rank = kept.iter().filter(|c| c.accuracy >= accuracy).count();
     let old_ones_kept = if rank < keep {
+        // For evaluation only: the weights, without the optimiser's two
+        // moments (a third of the file).
         let mut checkpoint = learner.checkpoint()?;
+        checkpoint.tensors = crate::evaluation::weights_only(&checkpoint.tensors)?;
         checkpoint.extra = progress.to_metadata(config)?;
         checkpoint
             .extra

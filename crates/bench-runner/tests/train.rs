@@ -1017,6 +1017,12 @@ fn the_best_validated_checkpoints_are_kept_and_tested_together() {
     expected.sort();
     kept.sort();
     assert_eq!(kept, expected);
+    // Kept for evaluation: weights without optimiser state.
+    let names = tensors(&run.join("checkpoints/validated").join(&kept[0]));
+    assert!(!names.is_empty());
+    assert!(names
+        .iter()
+        .all(|(name, _)| !name.starts_with(fewshot_backbone::OPTIMIZER_PREFIX)));
 
     let ensemble = fewshot(&["eval", str(&run), "--ensemble", "--json"]).stdout;
     let ensemble: serde_json::Value = serde_json::from_slice(&ensemble).unwrap();

@@ -263,29 +263,26 @@ fn prepare_run_dir(run: &RunDir, config: &ExperimentConfig, resume: bool) -> Res
                 run.last_checkpoint().display()
             );
         }
-        let saved = ExperimentConfig::from_file(&run.config())?;
-        if saved.training.keep_best != config.training.keep_best {
-            let mut same_training = saved.clone();
-            same_training.training.keep_best = config.training.keep_best;
-            if &same_training == config {
-                tracing::info!(
-                    "training.keep_best changed from {} to {}: it changes which checkpoints are kept, not the training",
-                    saved.training.keep_best,
-                    config.training.keep_best
-                );
-                fewshot_backbone::write_atomic(
-                    &run.config(),
-                    serde_json::to_string_pretty(config)?.as_bytes(),
-                )?;
-                return Ok(());
-            }
-        }
+        let mut saved = ExperimentConfig::from_file(&run.config())?;
+        // `keep_best` changes which checkpoints are kept, not the training.
+        let saved_keep_best = saved.training.keep_best;
+        saved.training.keep_best = config.training.keep_best;
         if &saved != config {
             bail!(
                 "the config differs from the one {} was started with ({}): resume with the same config",
                 run.root.display(),
                 run.config().display()
             );
+        }
+        if saved_keep_best != config.training.keep_best {
+            tracing::info!(
+                "training.keep_best changed from {saved_keep_best} to {}",
+                config.training.keep_best
+            );
+            fewshot_backbone::write_atomic(
+                &run.config(),
+                serde_json::to_string_pretty(config)?.as_bytes(),
+            )?;
         }
         return Ok(());
     }

@@ -32,14 +32,6 @@ impl Ensemble {
         Ok(Self { members })
     }
 
-    pub fn len(&self) -> usize {
-        self.members.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.members.is_empty()
-    }
-
     fn evaluation_only(what: &str) -> BackboneError {
         BackboneError::InvalidConfig {
             field: "ensemble",
@@ -133,7 +125,7 @@ mod tests {
         .unwrap();
         let logits = ensemble.predict(&episode()).unwrap();
         assert_eq!(logits.to_vec2::<f32>().unwrap(), [[2.0, 2.0]]);
-        assert_eq!(ensemble.len(), 3);
+        assert_eq!(ensemble.members.len(), 3);
     }
 
     #[test]

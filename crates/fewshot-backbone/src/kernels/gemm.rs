@@ -1,6 +1,7 @@
 //! A bounds-checked front to the `gemm` crate's matrix product.
 
 use std::mem::MaybeUninit;
+use std::sync::Once;
 
 use candle_core::WithDType;
 use gemm::Parallelism;
@@ -58,6 +59,26 @@ impl<'a, T> MatRef<'a, T> {
 /// Products smaller than this many multiply-adds run on one thread: waking
 /// the others costs more than they save.
 const MIN_PARALLEL_MULTIPLY_ADDS: usize = 1 << 22;
+
+/// The gemm crate's largest threshold for copying the left operand of its
+/// (column-major) product into packed panels: it packs whenever the product
+/// has more than `threshold x 6` columns, which for our products means the
+/// filter dimension of every 64-filter layer. Our operands are laid out so
+/// that the microkernel reads them as they are (conv.rs), and the copies cost
+/// ~5% of a MAML task step and of a ProtoNets episode (A/B in
+/// docs/RESULTS.md, "Operands left unpacked"); the products' sums run in the
+/// same order either way, so results are the same bit for bit.
+const LHS_PACKING_THRESHOLD: usize = 256;
+
+/// Sets the threshold once per process. It is the gemm crate's global, so
+/// candle's own products (a learner's linear head) follow it too.
+fn leave_operands_unpacked() {
+    static SET: Once = Once::new();
+    SET.call_once(|| {
+        gemm::set_lhs_packing_threshold_single_thread(LHS_PACKING_THRESHOLD);
+        gemm::set_lhs_packing_threshold_multi_thread(LHS_PACKING_THRESHOLD);
+    });
+}
 
 /// `dst = lhs * rhs`, or `dst += lhs * rhs` with `accumulate`; `dst` is
 /// row-major `lhs.rows` x `rhs.cols`. `parallel` lets a large product use all
@@ -131,6 +152,7 @@ unsafe fn product<T: WithDType>(
     if m == 0 || n == 0 {
         return;
     }
+    leave_operands_unpacked();
     let parallelism = match parallel && m * n * k >= MIN_PARALLEL_MULTIPLY_ADDS {
         true => Parallelism::Rayon(super::threads()),
         false => Parallelism::None,
@@ -189,6 +211,23 @@ mod tests {
             true,
         );
         assert_eq!(dst, [-4., 8., -4., 26.]);
+    }
+
+    #[test]
+    fn a_product_leaves_the_left_operand_unpacked() {
+        let a = [1f32, 2., 3., 4.];
+        let mut dst = [0f32; 4];
+        let square = MatRef::row_major(&a, 2, 2);
+        matmul(&mut dst, square, square, false, false);
+        assert_eq!(dst, [7., 10., 15., 22.]);
+        assert_eq!(
+            gemm::get_lhs_packing_threshold_single_thread(),
+            LHS_PACKING_THRESHOLD
+        );
+        assert_eq!(
+            gemm::get_lhs_packing_threshold_multi_thread(),
+            LHS_PACKING_THRESHOLD
+        );
     }
 
     #[test]

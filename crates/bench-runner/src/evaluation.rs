@@ -155,7 +155,7 @@ pub fn evaluate_checkpoint(
 ) -> Result<(Results, ExperimentConfig)> {
     let checkpoint = Checkpoint::load(path, device)?;
     let experiment = experiment_of(&checkpoint, path)?;
-    let progress = Progress::from_checkpoint(&checkpoint, path)?;
+    let progress = Progress::from_metadata(&checkpoint.extra, path)?;
     let mut learner = learner_with(&checkpoint, &overrides.algorithm, device)?;
     let mut ensemble = Vec::new();
     if !overrides.ensemble.is_empty() {
@@ -429,17 +429,6 @@ fn data_differences(a: &serde_json::Value, b: &serde_json::Value) -> Option<Vec<
     (!differences.is_empty()).then_some(differences)
 }
 
-/// A learner's state without its optimiser's: what evaluating it needs.
-pub fn weights_only(state: &fewshot_backbone::ParamSet) -> Result<fewshot_backbone::ParamSet> {
-    let mut weights = fewshot_backbone::ParamSet::new();
-    for (name, tensor) in state.iter() {
-        if !name.starts_with(fewshot_backbone::OPTIMIZER_PREFIX) {
-            weights.insert(name, tensor.clone())?;
-        }
-    }
-    Ok(weights)
-}
-
 /// Copies a run's evaluated checkpoint without optimiser state, with the
 /// run's test result line in its metadata. Fields its evaluation changed
 /// (`fewshot eval --set`) are written into the model's config, so that
@@ -454,8 +443,8 @@ pub fn publish(run: &Path, model: &Path) -> Result<()> {
             results.ensemble.len()
         );
     }
-    let mut checkpoint = Checkpoint::load(&results.checkpoint, &Device::Cpu)?;
-    checkpoint.tensors = weights_only(&checkpoint.tensors)?;
+    let mut checkpoint =
+        Checkpoint::load(&results.checkpoint, &Device::Cpu)?.without_optimizer_state()?;
     checkpoint.config = changed_section(&checkpoint.config, &results.algorithm_overrides)?;
     checkpoint
         .extra

@@ -59,10 +59,9 @@ impl RunDir {
             if path.extension().is_none_or(|e| e != "safetensors") {
                 continue;
             }
-            let checkpoint = Checkpoint::load(&path, &candle_core::Device::Cpu)?;
-            let step = Progress::from_checkpoint(&checkpoint, &path)?.step;
-            let accuracy = checkpoint
-                .extra
+            let metadata = Checkpoint::read_metadata(&path)?;
+            let step = Progress::from_metadata(&metadata, &path)?.step;
+            let accuracy = metadata
                 .get(VAL_ACCURACY)
                 .and_then(|v| v.parse::<f64>().ok())
                 .with_context(|| {
@@ -191,10 +190,9 @@ impl Progress {
         Ok(extra)
     }
 
-    pub fn from_checkpoint(checkpoint: &Checkpoint, path: &Path) -> Result<Self> {
+    pub fn from_metadata(metadata: &BTreeMap<String, String>, path: &Path) -> Result<Self> {
         let field = |key: &str| -> Result<Option<f64>> {
-            checkpoint
-                .extra
+            metadata
                 .get(key)
                 .map(|v| v.parse::<f64>())
                 .transpose()

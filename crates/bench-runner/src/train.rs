@@ -105,7 +105,7 @@ pub fn run(options: &TrainOptions) -> Result<()> {
         let path = run.last_checkpoint();
         let checkpoint = Checkpoint::load(&path, &device)?;
         learner.load_state(&checkpoint.tensors)?;
-        progress = Progress::from_checkpoint(&checkpoint, &path)?;
+        progress = Progress::from_metadata(&checkpoint.extra, &path)?;
         resumed_probe = Some(check_continuation(
             &checkpoint,
             &path,
@@ -389,8 +389,7 @@ fn keep_if_among_the_best(
     let old_ones_kept = if rank < keep {
         // For evaluation only: the weights, without the optimiser's two
         // moments (a third of the file).
-        let mut checkpoint = learner.checkpoint()?;
-        checkpoint.tensors = crate::evaluation::weights_only(&checkpoint.tensors)?;
+        let mut checkpoint = learner.checkpoint()?.without_optimizer_state()?;
         checkpoint.extra = progress.to_metadata(config)?;
         checkpoint
             .extra

@@ -2,13 +2,14 @@
 //! and its config embedded as metadata so the file alone rebuilds the learner.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
 use safetensors::SafeTensors;
 
 use crate::error::{BackboneError, Result};
+use crate::learner::OPTIMIZER_PREFIX;
 use crate::params::ParamSet;
 
 /// Version of the metadata layout below.
@@ -52,39 +53,21 @@ impl Checkpoint {
     }
 
     pub fn load(path: &Path, device: &Device) -> Result<Self> {
-        let bad = |message: String| BackboneError::Checkpoint {
-            path: path.to_path_buf(),
-            message,
-        };
         let bytes = std::fs::read(path).map_err(|error| BackboneError::Io {
             path: path.to_path_buf(),
             error,
         })?;
         let (_, header) = SafeTensors::read_metadata(&bytes)
-            .map_err(|e| bad(format!("not a safetensors file ({e})")))?;
-        let mut extra: BTreeMap<String, String> = header
-            .metadata()
-            .clone()
-            .unwrap_or_default()
-            .into_iter()
-            .collect();
-        match extra.remove(KEY_FORMAT) {
-            Some(f) if f == CHECKPOINT_FORMAT => {}
-            other => {
-                return Err(bad(format!(
-                    "metadata `{KEY_FORMAT}` is {other:?}, expected {CHECKPOINT_FORMAT:?}: \
-                     not a checkpoint written by this project"
-                )))
-            }
-        }
+            .map_err(|e| bad_file(path, format!("not a safetensors file ({e})")))?;
+        let mut extra = checked_metadata(path, header.metadata().clone().unwrap_or_default())?;
         let algorithm = extra
             .remove(KEY_ALGORITHM)
-            .ok_or_else(|| bad(format!("metadata `{KEY_ALGORITHM}` is missing")))?;
+            .ok_or_else(|| bad_file(path, format!("metadata `{KEY_ALGORITHM}` is missing")))?;
         let config_text = extra
             .remove(KEY_CONFIG)
-            .ok_or_else(|| bad(format!("metadata `{KEY_CONFIG}` is missing")))?;
+            .ok_or_else(|| bad_file(path, format!("metadata `{KEY_CONFIG}` is missing")))?;
         let config = serde_json::from_str(&config_text)
-            .map_err(|e| bad(format!("metadata `{KEY_CONFIG}` is not JSON: {e}")))?;
+            .map_err(|e| bad_file(path, format!("metadata `{KEY_CONFIG}` is not JSON: {e}")))?;
         let loaded = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)?;
         let mut names: Vec<&String> = loaded.keys().collect();
         names.sort();
@@ -105,6 +88,83 @@ impl Checkpoint {
             tensors,
             extra,
         })
+    }
+
+    /// The metadata [`Checkpoint::extra`] of the file at `path` (training
+    /// step, metrics, ...), from its header alone: for listing checkpoints
+    /// without loading their tensors.
+    pub fn read_metadata(path: &Path) -> Result<BTreeMap<String, String>> {
+        let io = |error| BackboneError::Io {
+            path: path.to_path_buf(),
+            error,
+        };
+        let mut file = std::fs::File::open(path).map_err(io)?;
+        let file_len = file.metadata().map_err(io)?.len();
+        let mut len_bytes = [0u8; 8];
+        file.read_exact(&mut len_bytes)
+            .map_err(|e| bad_file(path, format!("not a safetensors file ({e})")))?;
+        let header_len = u64::from_le_bytes(len_bytes);
+        if header_len > file_len.saturating_sub(8) {
+            return Err(bad_file(
+                path,
+                format!("not a safetensors file (a header of {header_len} bytes in a file of {file_len})"),
+            ));
+        }
+        let mut header = vec![0u8; header_len as usize];
+        file.read_exact(&mut header).map_err(io)?;
+        let header: SafetensorsHeader = serde_json::from_slice(&header)
+            .map_err(|e| bad_file(path, format!("not a safetensors file (header: {e})")))?;
+        let mut extra = checked_metadata(path, header.metadata.unwrap_or_default())?;
+        extra.remove(KEY_ALGORITHM);
+        extra.remove(KEY_CONFIG);
+        Ok(extra)
+    }
+
+    /// The same checkpoint without its optimiser's state (the Adam moments,
+    /// two thirds of a training checkpoint): what evaluating it needs.
+    pub fn without_optimizer_state(mut self) -> Result<Self> {
+        let mut weights = ParamSet::new();
+        for (name, tensor) in self.tensors.iter() {
+            if !name.starts_with(OPTIMIZER_PREFIX) {
+                weights.insert(name, tensor.clone())?;
+            }
+        }
+        self.tensors = weights;
+        Ok(self)
+    }
+}
+
+/// The part of a safetensors header this module reads: its string metadata
+/// (the tensors' entries are ignored).
+#[derive(serde::Deserialize)]
+struct SafetensorsHeader {
+    #[serde(rename = "__metadata__")]
+    metadata: Option<HashMap<String, String>>,
+}
+
+fn bad_file(path: &Path, message: String) -> BackboneError {
+    BackboneError::Checkpoint {
+        path: path.to_path_buf(),
+        message,
+    }
+}
+
+/// A file's metadata once its format is checked to be this project's, the
+/// format entry removed.
+fn checked_metadata(
+    path: &Path,
+    metadata: HashMap<String, String>,
+) -> Result<BTreeMap<String, String>> {
+    let mut extra: BTreeMap<String, String> = metadata.into_iter().collect();
+    match extra.remove(KEY_FORMAT) {
+        Some(f) if f == CHECKPOINT_FORMAT => Ok(extra),
+        other => Err(bad_file(
+            path,
+            format!(
+                "metadata `{KEY_FORMAT}` is {other:?}, expected {CHECKPOINT_FORMAT:?}: \
+                 not a checkpoint written by this project"
+            ),
+        )),
     }
 }
 
@@ -176,6 +236,40 @@ mod tests {
     }
 
     #[test]
+    fn metadata_is_read_from_the_header_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("model.safetensors");
+        let mut tensors = ParamSet::new();
+        let weight = Tensor::new(&[1f32, 2.], &Device::Cpu).unwrap();
+        tensors.insert("conv0.weight", weight.clone()).unwrap();
+        tensors
+            .insert(format!("{OPTIMIZER_PREFIX}m.conv0.weight"), weight)
+            .unwrap();
+        let ckpt = Checkpoint {
+            algorithm: "protonet".into(),
+            config: serde_json::json!({"ways": 20}),
+            tensors,
+            extra: BTreeMap::from([
+                ("step".to_string(), "7".to_string()),
+                ("val_accuracy".to_string(), "0.97".to_string()),
+            ]),
+        };
+        ckpt.save(&path).unwrap();
+        assert_eq!(Checkpoint::read_metadata(&path).unwrap(), ckpt.extra);
+        // The header is all it reads: the tensors' bytes may be cut off.
+        let bytes = std::fs::read(&path).unwrap();
+        let header_end = 8 + u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        let cut = dir.path().join("cut.safetensors");
+        std::fs::write(&cut, &bytes[..header_end]).unwrap();
+        assert_eq!(Checkpoint::read_metadata(&cut).unwrap(), ckpt.extra);
+        assert!(Checkpoint::load(&cut, &Device::Cpu).is_err());
+
+        let weights = ckpt.without_optimizer_state().unwrap();
+        let names: Vec<&str> = weights.tensors.iter().map(|(n, _)| n).collect();
+        assert_eq!(names, ["conv0.weight"]);
+    }
+
+    #[test]
     fn foreign_and_garbage_files_are_named_in_errors() {
         let dir = tempfile::tempdir().unwrap();
         let garbage = dir.path().join("garbage.safetensors");
@@ -201,5 +295,20 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("missing.safetensors"), "{err}");
+
+        for path in [&garbage, &foreign, &missing] {
+            let err = Checkpoint::read_metadata(path).unwrap_err().to_string();
+            let name = path.file_name().unwrap().to_str().unwrap();
+            assert!(err.contains(name), "{err}");
+        }
+        let huge_header = dir.path().join("huge.safetensors");
+        std::fs::write(&huge_header, u64::MAX.to_le_bytes()).unwrap();
+        let err = Checkpoint::read_metadata(&huge_header)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("huge.safetensors") && err.contains("header"),
+            "{err}"
+        );
     }
 }

@@ -387,8 +387,7 @@ fn keep_if_among_the_best(
     kept.retain(|c| c.step != progress.step);
     let rank = kept.iter().filter(|c| c.accuracy >= accuracy).count();
     let old_ones_kept = if rank < keep {
-        // For evaluation only: the weights, without the optimiser's two
-        // moments (a third of the file).
+        // Kept for evaluation only, so a third of a training checkpoint's size.
         let mut checkpoint = learner.checkpoint()?.without_optimizer_state()?;
         checkpoint.extra = progress.to_metadata(config)?;
         checkpoint

@@ -13,6 +13,8 @@ use fewshot_data::{
 };
 use serde::{Deserialize, Serialize};
 
+use crate::learners;
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ExperimentConfig {
@@ -182,6 +184,24 @@ impl DataConfig {
         self.image_size
             .unwrap_or_else(|| self.dataset.default_image_size())
     }
+
+    /// The images' channels as far as the config tells them: a folder's,
+    /// when not given, only its files can tell (`datasets::preprocess`).
+    pub fn declared_channels(&self) -> Option<usize> {
+        match (self.dataset, self.channels) {
+            (_, Some(channels)) => Some(channels),
+            (
+                DatasetKind::MiniImagenet
+                | DatasetKind::TieredImagenet
+                | DatasetKind::CifarFs
+                | DatasetKind::Fc100
+                | DatasetKind::Cub,
+                None,
+            ) => Some(3),
+            (DatasetKind::Omniglot | DatasetKind::Synthetic, None) => Some(1),
+            (DatasetKind::Folder, None) => None,
+        }
+    }
 }
 
 /// `data.normalize`: a named set of statistics or the values themselves.
@@ -339,7 +359,19 @@ impl ExperimentConfig {
             }
         })?;
         config.validate()?;
+        let mut config = config;
+        config.take_learner_input_from_data()?;
         Ok(config)
+    }
+
+    /// Fills the learner's `in_channels` and `image_size` from the data
+    /// section, or checks them against it (`learners::take_input_from_data`).
+    pub fn take_learner_input_from_data(&mut self) -> Result<()> {
+        let data = learners::DataInput {
+            channels: self.data.declared_channels(),
+            image_size: self.data.image_size(),
+        };
+        learners::take_input_from_data(&mut self.algorithm, data)
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -454,6 +486,27 @@ impl ExperimentConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_learner_reads_the_images_the_data_section_describes() {
+        let config = ExperimentConfig::from_json(
+            r#"{"data": {"dataset": "mini-imagenet"}, "algorithm": {"name": "protonet"}}"#,
+        )
+        .unwrap();
+        let embedding = &config.algorithm["embedding"];
+        assert_eq!(
+            (&embedding["in_channels"], &embedding["image_size"]),
+            (&3.into(), &84.into())
+        );
+        let err = ExperimentConfig::from_json(
+            r#"{"data": {"image_size": 105}, "algorithm": {"name": "maml", "network": {"image_size": 28}}}"#,
+        )
+        .unwrap_err();
+        assert!(
+            format!("{err:#}").contains("algorithm.network.image_size"),
+            "{err:#}"
+        );
+    }
 
     #[test]
     fn empty_config_takes_documented_defaults() {

@@ -163,18 +163,9 @@ fn folder_root(config: &DataConfig) -> Result<&std::path::Path> {
 /// grey, a folder as its config says (channels by default as the files are,
 /// no inversion).
 pub fn preprocess(config: &DataConfig) -> Result<Preprocess> {
-    let channels = match (config.dataset, config.channels) {
-        (_, Some(channels)) => channels,
-        (
-            DatasetKind::MiniImagenet
-            | DatasetKind::TieredImagenet
-            | DatasetKind::CifarFs
-            | DatasetKind::Fc100
-            | DatasetKind::Cub,
-            None,
-        ) => 3,
-        (DatasetKind::Folder, None) => folder_channels(folder_root(config)?)?,
-        (DatasetKind::Omniglot | DatasetKind::Synthetic, None) => 1,
+    let channels = match config.declared_channels() {
+        Some(channels) => channels,
+        None => folder_channels(folder_root(config)?)?,
     };
     Ok(Preprocess {
         size: config.image_size(),

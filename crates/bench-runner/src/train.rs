@@ -43,6 +43,9 @@ pub fn run(options: &TrainOptions) -> Result<()> {
     // `predict` read images as the model was trained on them.
     if config.data.dataset == DatasetKind::Folder && config.data.channels.is_none() {
         config.data.channels = Some(datasets::preprocess(&config.data)?.channels);
+        config
+            .take_learner_input_from_data()
+            .with_context(|| format!("config {}", options.config.display()))?;
     }
     if config.algorithm.is_empty() {
         bail!(

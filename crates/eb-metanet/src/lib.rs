@@ -22,3 +22,8 @@ pub use network::MetaNetwork;
 
 /// The name of this algorithm in configs and checkpoints.
 pub const ALGORITHM: &str = "eb-metanet";
+
+/// Where this algorithm's config section keeps the shape of the images it
+/// reads (`in_channels`, `image_size`): `embedding`, as a JSON pointer into
+/// the section. A runner can fill them from its data settings.
+pub const INPUT_SECTION: &str = "/embedding";

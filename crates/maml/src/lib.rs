@@ -29,3 +29,8 @@ pub use multi_step_loss::{query_loss_weights, MultiStepLoss};
 
 /// The name of this algorithm in configs and checkpoints.
 pub const ALGORITHM: &str = "maml";
+
+/// Where this algorithm's config section keeps the shape of the images it
+/// reads (`in_channels`, `image_size`): `network`, as a JSON pointer into
+/// the section. A runner can fill them from its data settings.
+pub const INPUT_SECTION: &str = "/network";

@@ -38,3 +38,8 @@ pub use network::{AugmentedNet, Fast};
 
 /// The name of this algorithm in configs and checkpoints.
 pub const ALGORITHM: &str = "metanet-original";
+
+/// Where this algorithm's config section keeps the shape of the images it
+/// reads (`in_channels`, `image_size`) as a JSON pointer into the section:
+/// empty, the section itself. A runner can fill them from its data settings.
+pub const INPUT_SECTION: &str = "";

@@ -18,3 +18,8 @@ pub use prototypes::{distance_logits, prototypes};
 
 /// The name of this algorithm in configs and checkpoints.
 pub const ALGORITHM: &str = "protonet";
+
+/// Where this algorithm's config section keeps the shape of the images it
+/// reads (`in_channels`, `image_size`): `embedding`, as a JSON pointer into
+/// the section. A runner can fill them from its data settings.
+pub const INPUT_SECTION: &str = "/embedding";

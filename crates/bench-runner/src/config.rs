@@ -360,18 +360,21 @@ impl ExperimentConfig {
         })?;
         config.validate()?;
         let mut config = config;
-        config.take_learner_input_from_data()?;
+        config.fill_learner_section()?;
         Ok(config)
     }
 
-    /// Fills the learner's `in_channels` and `image_size` from the data
-    /// section, or checks them against it (`learners::take_input_from_data`).
-    pub fn take_learner_input_from_data(&mut self) -> Result<()> {
-        let data = learners::DataInput {
+    /// Fills the learner's image shape and way counts from the data and
+    /// episode sections, or checks them against those
+    /// (`learners::take_shared_fields`).
+    pub fn fill_learner_section(&mut self) -> Result<()> {
+        let facts = learners::ExperimentFacts {
             channels: self.data.declared_channels(),
             image_size: self.data.image_size(),
+            train_ways: self.train_episodes.ways,
+            test_ways: self.test_episodes.ways,
         };
-        learners::take_input_from_data(&mut self.algorithm, data)
+        learners::take_shared_fields(&mut self.algorithm, facts)
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -488,7 +491,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_learner_reads_the_images_the_data_section_describes() {
+    fn the_learner_section_takes_what_the_data_and_episodes_say() {
         let config = ExperimentConfig::from_json(
             r#"{"data": {"dataset": "mini-imagenet"}, "algorithm": {"name": "protonet"}}"#,
         )
@@ -506,6 +509,11 @@ mod tests {
             format!("{err:#}").contains("algorithm.network.image_size"),
             "{err:#}"
         );
+        let config = ExperimentConfig::from_json(
+            r#"{"train_episodes": {"ways": 20}, "test_episodes": {"ways": 20}, "algorithm": {"name": "maml"}}"#,
+        )
+        .unwrap();
+        assert_eq!(config.algorithm["ways"], 20);
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
-use fewshot_backbone::{Checkpoint, Learner};
+use fewshot_backbone::{Checkpoint, Learner, SharedFields};
 use serde_json::{Map, Value};
 
 /// The algorithms this build knows, by config name.
@@ -42,78 +42,103 @@ pub fn build(section: &serde_json::Value, device: &Device) -> Result<Box<dyn Lea
     Ok(learner)
 }
 
-/// The JSON pointer, inside algorithm `name`'s section, of the object that
-/// holds the shape of the images it reads (`in_channels`, `image_size`).
-fn input_section(name: &str) -> Option<&'static str> {
+/// Where algorithm `name`'s section keeps what the rest of a config states.
+fn shared_fields(name: &str) -> Option<SharedFields> {
     match name {
-        eb_metanet::ALGORITHM => Some(eb_metanet::INPUT_SECTION),
-        maml::ALGORITHM => Some(maml::INPUT_SECTION),
-        metanet_original::ALGORITHM => Some(metanet_original::INPUT_SECTION),
-        protonet::ALGORITHM => Some(protonet::INPUT_SECTION),
+        eb_metanet::ALGORITHM => Some(eb_metanet::SHARED_FIELDS),
+        maml::ALGORITHM => Some(maml::SHARED_FIELDS),
+        metanet_original::ALGORITHM => Some(metanet_original::SHARED_FIELDS),
+        protonet::ALGORITHM => Some(protonet::SHARED_FIELDS),
         _ => None,
     }
 }
 
-/// The shape of the images a dataset gives, as the data section says it.
+/// What an experiment config says outside its algorithm section that a
+/// learner's section may state again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct DataInput {
-    /// `None` where only the files can tell (a folder not yet read).
+pub struct ExperimentFacts {
+    /// The images' channels; `None` where only the files can tell (a folder
+    /// not yet read).
     pub channels: Option<usize>,
     pub image_size: usize,
+    pub train_ways: usize,
+    pub test_ways: usize,
 }
 
-/// Makes an algorithm section read the images its data gives, so that a
-/// config states their shape once, in its data section: the learner's
-/// `in_channels` and `image_size`, where the section leaves them out, are the
-/// data's; where it gives them, they must be the data's (else the first step
-/// would fail on the images' shape). Running it twice changes nothing. A
-/// section without a known algorithm is left to [`build`] to refuse.
-pub fn take_input_from_data(algorithm: &mut Map<String, Value>, data: DataInput) -> Result<()> {
-    let Some(pointer) = algorithm
+/// Makes an algorithm section agree with the rest of its config, so that a
+/// config states each setting once: the learner's image shape (`in_channels`,
+/// `image_size`) and, for learners with a classifier head, its way counts,
+/// where the section leaves them out, are taken from the data and episode
+/// sections; where it gives them, they must be equal (else the first step
+/// would fail). Running it twice changes nothing. A section without a known
+/// algorithm is left to [`build`] to refuse.
+pub fn take_shared_fields(
+    algorithm: &mut Map<String, Value>,
+    facts: ExperimentFacts,
+) -> Result<()> {
+    let Some(shared) = algorithm
         .get("name")
         .and_then(Value::as_str)
-        .and_then(input_section)
+        .and_then(shared_fields)
     else {
         return Ok(());
     };
-    let mut fields = algorithm;
+    let ways = [
+        (
+            shared.train_ways,
+            facts.train_ways,
+            "the training episodes' way count (`train_episodes.ways`)",
+        ),
+        (
+            shared.test_ways,
+            facts.test_ways,
+            "the test episodes' way count (`test_episodes.ways`)",
+        ),
+    ];
+    for (field, value, source) in ways {
+        if let Some(field) = field {
+            agree(algorithm, "algorithm", field, value, source)?;
+        }
+    }
+    let mut input = algorithm;
     let mut path = String::from("algorithm");
-    for key in pointer.split('/').skip(1) {
+    for key in shared.input.split('/').skip(1) {
         path = format!("{path}.{key}");
-        match fields
+        match input
             .entry(key)
             .or_insert_with(|| Value::Object(Map::new()))
         {
-            Value::Object(inner) => fields = inner,
+            Value::Object(inner) => input = inner,
             // Not an object: the learner's parser names the field's type.
             _ => return Ok(()),
         }
     }
-    let wanted = [
-        (
-            "in_channels",
-            data.channels,
-            "channels (`data.dataset`, `data.channels`)",
-        ),
-        (
-            "image_size",
-            Some(data.image_size),
-            "pixels a side (`data.image_size`)",
-        ),
-    ];
-    for (field, value, unit) in wanted {
-        let Some(value) = value else { continue };
-        match fields.get(field) {
-            None => {
-                fields.insert(field.into(), value.into());
-            }
-            Some(given) if given.as_u64().is_some_and(|given| given != value as u64) => bail!(
-                "field `{path}.{field}`: {given}, but the data's images have {value} {unit}; \
-                 leave the field out to take the data's"
-            ),
-            // Equal, or not a count: the learner's parser names its type.
-            Some(_) => {}
+    if let Some(channels) = facts.channels {
+        let source = "the images' channels (`data.dataset`, `data.channels`)";
+        agree(input, &path, "in_channels", channels, source)?;
+    }
+    let source = "the images' side in pixels (`data.image_size`)";
+    agree(input, &path, "image_size", facts.image_size, source)
+}
+
+/// Sets `fields[field]` to `value` if it is missing; refuses another count.
+fn agree(
+    fields: &mut Map<String, Value>,
+    path: &str,
+    field: &str,
+    value: usize,
+    source: &str,
+) -> Result<()> {
+    match fields.get(field) {
+        None => {
+            fields.insert(field.into(), value.into());
         }
+        Some(given) if given.as_u64().is_some_and(|given| given != value as u64) => bail!(
+            "field `{path}.{field}`: {given}, but {source} is {value}; \
+             leave the field out to take that"
+        ),
+        // Equal, or not a count: the learner's parser names its type.
+        Some(_) => {}
     }
     Ok(())
 }
@@ -149,68 +174,94 @@ mod tests {
         assert!(checked >= 2, "no configs found in {}", dir.display());
     }
 
+    fn facts(channels: Option<usize>, image_size: usize, ways: (usize, usize)) -> ExperimentFacts {
+        ExperimentFacts {
+            channels,
+            image_size,
+            train_ways: ways.0,
+            test_ways: ways.1,
+        }
+    }
+
+    fn filled(section: serde_json::Value, facts: ExperimentFacts) -> Result<serde_json::Value> {
+        let mut section = section;
+        take_shared_fields(section.as_object_mut().unwrap(), facts)?;
+        Ok(section)
+    }
+
     #[test]
-    fn each_learner_reads_its_input_where_the_data_fills_it() {
-        let data = DataInput {
-            channels: Some(3),
-            image_size: 32,
-        };
+    fn each_learner_reads_the_fields_where_the_runner_fills_them() {
         for name in ALGORITHMS {
-            let mut section = serde_json::json!({ "name": name });
-            take_input_from_data(section.as_object_mut().unwrap(), data).unwrap();
-            let learner = build(&section, &Device::Cpu).unwrap();
+            let section = filled(
+                serde_json::json!({ "name": name }),
+                facts(Some(3), 32, (7, 7)),
+            );
+            let learner = build(&section.unwrap(), &Device::Cpu).unwrap();
             let config = learner.config();
-            let input = config.pointer(input_section(name).unwrap()).unwrap();
+            let shared = shared_fields(name).unwrap();
+            let input = config.pointer(shared.input).unwrap();
             assert_eq!(input["in_channels"], 3, "{name}: {config}");
             assert_eq!(input["image_size"], 32, "{name}: {config}");
+            for field in [shared.train_ways, shared.test_ways].into_iter().flatten() {
+                assert_eq!(config[field], 7, "{name}: {config}");
+            }
         }
     }
 
     #[test]
-    fn a_learner_input_that_contradicts_the_data_is_refused_by_name() {
-        let data = DataInput {
-            channels: Some(1),
-            image_size: 84,
-        };
-        let mut section = serde_json::json!({"name": "maml", "network": {"image_size": 28}});
-        let err = take_input_from_data(section.as_object_mut().unwrap(), data)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("algorithm.network.image_size")
-                && err.contains("28")
-                && err.contains("84"),
-            "{err}"
-        );
-        let mut section = serde_json::json!({"name": "metanet-original", "in_channels": 3});
-        let err = take_input_from_data(section.as_object_mut().unwrap(), data)
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("`algorithm.in_channels`: 3"), "{err}");
+    fn a_field_that_contradicts_the_config_is_refused_by_name() {
+        let cases = [
+            (
+                serde_json::json!({"name": "maml", "network": {"image_size": 28}}),
+                (20, 20),
+                "`algorithm.network.image_size`: 28, but the images' side in pixels",
+            ),
+            (
+                serde_json::json!({"name": "metanet-original", "in_channels": 3}),
+                (20, 5),
+                "`algorithm.in_channels`: 3, but the images' channels",
+            ),
+            (
+                serde_json::json!({"name": "maml", "ways": 5}),
+                (20, 20),
+                "`algorithm.ways`: 5, but the training episodes' way count",
+            ),
+            // Filled from the training episodes, then checked against the test ones.
+            (
+                serde_json::json!({"name": "maml"}),
+                (20, 5),
+                "`algorithm.ways`: 20, but the test episodes' way count",
+            ),
+        ];
+        for (section, ways, expected) in cases {
+            let err = filled(section, facts(Some(1), 84, ways))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(expected), "{err}");
+        }
     }
 
     #[test]
-    fn agreeing_or_unknown_inputs_are_left_as_they_are() {
-        let folder = DataInput {
-            channels: None,
-            image_size: 56,
-        };
-        let mut section = serde_json::json!({
+    fn agreeing_or_unknown_fields_are_left_as_they_are() {
+        let folder = facts(None, 56, (20, 5));
+        let section = serde_json::json!({
             "name": "protonet",
             "embedding": {"in_channels": 3, "image_size": 56, "filters": 128}
         });
-        let given = section.clone();
-        take_input_from_data(section.as_object_mut().unwrap(), folder).unwrap();
-        assert_eq!(section, given);
+        assert_eq!(filled(section.clone(), folder).unwrap(), section);
+        let section = serde_json::json!({
+            "name": "metanet-original", "in_channels": 1, "image_size": 56,
+            "n_outputs_train": 20, "n_outputs_test": 5
+        });
+        assert_eq!(filled(section.clone(), folder).unwrap(), section);
         // A section no learner claims, or a network that is not an object,
         // is for `build` to refuse.
         for odd in [
             serde_json::json!({"name": "mammal"}),
-            serde_json::json!({"name": "maml", "network": 5}),
+            serde_json::json!({"name": "maml", "ways": 20, "network": 5}),
         ] {
-            let mut section = odd.clone();
-            take_input_from_data(section.as_object_mut().unwrap(), folder).unwrap();
-            assert_eq!(section, odd);
+            let odd_test = facts(None, 56, (20, 20));
+            assert_eq!(filled(odd.clone(), odd_test).unwrap(), odd);
         }
     }
 

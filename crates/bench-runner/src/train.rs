@@ -44,7 +44,7 @@ pub fn run(options: &TrainOptions) -> Result<()> {
     if config.data.dataset == DatasetKind::Folder && config.data.channels.is_none() {
         config.data.channels = Some(datasets::preprocess(&config.data)?.channels);
         config
-            .take_learner_input_from_data()
+            .fill_learner_section()
             .with_context(|| format!("config {}", options.config.display()))?;
     }
     if config.algorithm.is_empty() {

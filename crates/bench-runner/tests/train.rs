@@ -854,9 +854,9 @@ fn metanet_original_mini_imagenet_model_trains_from_a_config() {
     );
 }
 
-/// A folder of colour images trains a 3-channel network; a 1-channel one is
-/// refused with the settings to change; the run keeps the channel count it
-/// found in the files.
+/// A folder of colour images trains a network that reads its 3 channels
+/// without being told; a 1-channel network is refused by name; the run keeps
+/// the channel count it found in the files.
 #[test]
 fn a_colour_folder_trains_a_colour_network_and_the_run_keeps_its_channels() {
     let dir = tempfile::tempdir().unwrap();
@@ -876,8 +876,12 @@ fn a_colour_folder_trains_a_colour_network_and_the_run_keeps_its_channels() {
             }
         }
     }
-    let config = |in_channels: usize| {
-        let path = dir.path().join(format!("colour-{in_channels}.json"));
+    let config = |in_channels: Option<usize>| {
+        let path = dir.path().join(format!("colour-{in_channels:?}.json"));
+        let mut embedding = serde_json::json!({ "filters": 4 });
+        if let Some(channels) = in_channels {
+            embedding["in_channels"] = channels.into();
+        }
         let config = serde_json::json!({
             "name": "colour",
             "data": { "dataset": "folder", "root": data, "image_size": 16 },
@@ -885,29 +889,31 @@ fn a_colour_folder_trains_a_colour_network_and_the_run_keeps_its_channels() {
             "test_episodes": { "ways": 5, "shots": 1, "queries": 1 },
             "training": { "steps": 2, "meta_batch": 1, "validate_every": 2, "validation_episodes": 2 },
             "evaluation": { "episodes": 2 },
-            "algorithm": {
-                "name": "protonet",
-                "embedding": { "filters": 4, "image_size": 16, "in_channels": in_channels }
-            }
+            "algorithm": { "name": "protonet", "embedding": embedding }
         });
         std::fs::write(&path, config.to_string()).unwrap();
         path
     };
     let stderr = fewshot_fails(&[
         "train",
-        str(&config(1)),
+        str(&config(Some(1))),
         "--out",
         str(&dir.path().join("grey-net")),
     ]);
     assert!(
-        stderr.contains("3x16x16") && stderr.contains("data.channels"),
+        stderr.contains("`algorithm.embedding.in_channels`: 1")
+            && stderr.contains("data.channels")
+            && stderr.contains("is 3"),
         "{stderr}"
     );
+    // Left out, the network's input is the folder's, found from its files.
     let run = dir.path().join("colour-net");
-    fewshot(&["train", str(&config(3)), "--out", str(&run)]);
+    fewshot(&["train", str(&config(None)), "--out", str(&run)]);
     let saved: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
     assert_eq!(saved["data"]["channels"], 3);
+    assert_eq!(saved["algorithm"]["embedding"]["in_channels"], 3);
+    assert_eq!(saved["algorithm"]["embedding"]["image_size"], 16);
 }
 
 /// `eval --set` tests a checkpoint with a field of its learner's section

@@ -15,6 +15,7 @@ pub mod meta_learner;
 pub mod network;
 
 pub use embedding::EmbeddingNetwork;
+use fewshot_backbone::SharedFields;
 pub use hyperparams::EbMetaNetConfig;
 pub use learner::EbMetaNet;
 pub use meta_learner::MetaLearner;
@@ -23,7 +24,11 @@ pub use network::MetaNetwork;
 /// The name of this algorithm in configs and checkpoints.
 pub const ALGORITHM: &str = "eb-metanet";
 
-/// Where this algorithm's config section keeps the shape of the images it
-/// reads (`in_channels`, `image_size`): `embedding`, as a JSON pointer into
-/// the section. A runner can fill them from its data settings.
-pub const INPUT_SECTION: &str = "/embedding";
+/// What this algorithm's section shares with the rest of an experiment
+/// config: the images' shape in `embedding`;
+/// it takes any way count.
+pub const SHARED_FIELDS: SharedFields = SharedFields {
+    input: "/embedding",
+    train_ways: None,
+    test_ways: None,
+};

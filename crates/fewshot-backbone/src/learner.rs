@@ -123,6 +123,23 @@ pub trait Learner: Send + Sync {
 /// a published model may leave out.
 pub const OPTIMIZER_PREFIX: &str = "optimizer.";
 
+/// Where an algorithm's config section keeps settings that the rest of an
+/// experiment config states too (the images' shape, the episodes' way
+/// count), so that a runner can fill them in from there, and a config says
+/// each once, or refuse a contradiction by name. Each learner crate exports
+/// its own as `SHARED_FIELDS`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SharedFields {
+    /// The object holding `in_channels` and `image_size`, as a JSON pointer
+    /// into the section (`""`: the section itself).
+    pub input: &'static str,
+    /// The field that must equal the training episodes' way count (a
+    /// classifier head as wide), if any.
+    pub train_ways: Option<&'static str>,
+    /// The field that must equal the test episodes' way count, if any.
+    pub test_ways: Option<&'static str>,
+}
+
 /// Parses a config's `algorithm` section into an algorithm's hyperparameters;
 /// the `name` field picks the algorithm and is not one of them.
 ///

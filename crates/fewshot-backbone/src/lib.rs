@@ -23,7 +23,8 @@ pub use device::DeviceChoice;
 pub use error::{BackboneError, Result};
 pub use learner::{
     algorithm_section, images_to_tensor, mean_over_episodes, mean_over_episodes_with,
-    parse_algorithm_section, EpisodeGradient, EpisodeTensors, Learner, StepStats, OPTIMIZER_PREFIX,
+    parse_algorithm_section, EpisodeGradient, EpisodeTensors, Learner, SharedFields, StepStats,
+    OPTIMIZER_PREFIX,
 };
 pub use optim::{load_training_state, training_state, Adam, AdamConfig, StepDecay};
 pub use params::{ParamSet, Probes, VarSet};

@@ -21,6 +21,7 @@ pub mod meta_gradient;
 pub mod multi_step_loss;
 
 pub use cosine_annealing::CosineAnnealing;
+use fewshot_backbone::SharedFields;
 pub use hyperparams::{Adapt, MamlConfig, Order, QueryNormalisation};
 pub use inner_loop::{adapt, InnerLoop};
 pub use learner::Maml;
@@ -30,7 +31,11 @@ pub use multi_step_loss::{query_loss_weights, MultiStepLoss};
 /// The name of this algorithm in configs and checkpoints.
 pub const ALGORITHM: &str = "maml";
 
-/// Where this algorithm's config section keeps the shape of the images it
-/// reads (`in_channels`, `image_size`): `network`, as a JSON pointer into
-/// the section. A runner can fill them from its data settings.
-pub const INPUT_SECTION: &str = "/network";
+/// What this algorithm's section shares with the rest of an experiment
+/// config: the images' shape in `network`;
+/// `ways`, the classifier's width, is the training and the test episodes' way count.
+pub const SHARED_FIELDS: SharedFields = SharedFields {
+    input: "/network",
+    train_ways: Some("ways"),
+    test_ways: Some("ways"),
+};

@@ -30,6 +30,7 @@ pub mod meta_info;
 pub mod model;
 pub mod network;
 
+use fewshot_backbone::SharedFields;
 pub use generators::{ExampleGenerator, TaskGenerator};
 pub use hyperparams::{BaseLearner, MetaNetConfig};
 pub use learner::MetaNetOriginal;
@@ -39,7 +40,12 @@ pub use network::{AugmentedNet, Fast};
 /// The name of this algorithm in configs and checkpoints.
 pub const ALGORITHM: &str = "metanet-original";
 
-/// Where this algorithm's config section keeps the shape of the images it
-/// reads (`in_channels`, `image_size`) as a JSON pointer into the section:
-/// empty, the section itself. A runner can fill them from its data settings.
-pub const INPUT_SECTION: &str = "";
+/// What this algorithm's section shares with the rest of an experiment
+/// config: the images' shape in the section
+/// itself; a softmax head as wide as the training episodes' way count and one
+/// as wide as the test episodes'.
+pub const SHARED_FIELDS: SharedFields = SharedFields {
+    input: "",
+    train_ways: Some("n_outputs_train"),
+    test_ways: Some("n_outputs_test"),
+};

@@ -12,6 +12,7 @@ pub mod hyperparams;
 pub mod learner;
 pub mod prototypes;
 
+use fewshot_backbone::SharedFields;
 pub use hyperparams::{ProtoNetConfig, TestBatchNorm};
 pub use learner::ProtoNet;
 pub use prototypes::{distance_logits, prototypes};
@@ -19,7 +20,11 @@ pub use prototypes::{distance_logits, prototypes};
 /// The name of this algorithm in configs and checkpoints.
 pub const ALGORITHM: &str = "protonet";
 
-/// Where this algorithm's config section keeps the shape of the images it
-/// reads (`in_channels`, `image_size`): `embedding`, as a JSON pointer into
-/// the section. A runner can fill them from its data settings.
-pub const INPUT_SECTION: &str = "/embedding";
+/// What this algorithm's section shares with the rest of an experiment
+/// config: the images' shape in `embedding`;
+/// it takes any way count.
+pub const SHARED_FIELDS: SharedFields = SharedFields {
+    input: "/embedding",
+    train_ways: None,
+    test_ways: None,
+};

@@ -349,17 +349,17 @@ impl ExperimentConfig {
 
     pub fn from_json(text: &str) -> Result<Self> {
         let mut deserializer = serde_json::Deserializer::from_str(text);
-        let config: Self = serde_path_to_error::deserialize(&mut deserializer).map_err(|e| {
-            let path = e.path().to_string();
-            let inner = e.into_inner();
-            if path == "." {
-                anyhow::anyhow!("{inner}")
-            } else {
-                anyhow::anyhow!("field `{path}`: {inner}")
-            }
-        })?;
+        let mut config: Self =
+            serde_path_to_error::deserialize(&mut deserializer).map_err(|e| {
+                let path = e.path().to_string();
+                let inner = e.into_inner();
+                if path == "." {
+                    anyhow::anyhow!("{inner}")
+                } else {
+                    anyhow::anyhow!("field `{path}`: {inner}")
+                }
+            })?;
         config.validate()?;
-        let mut config = config;
         config.fill_learner_section()?;
         Ok(config)
     }

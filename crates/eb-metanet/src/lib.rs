@@ -25,8 +25,7 @@ pub use network::MetaNetwork;
 pub const ALGORITHM: &str = "eb-metanet";
 
 /// What this algorithm's section shares with the rest of an experiment
-/// config: the images' shape in `embedding`;
-/// it takes any way count.
+/// config: the images' shape, in `embedding`; it takes any way count.
 pub const SHARED_FIELDS: SharedFields = SharedFields {
     input: "/embedding",
     train_ways: None,

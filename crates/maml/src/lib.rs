@@ -32,8 +32,8 @@ pub use multi_step_loss::{query_loss_weights, MultiStepLoss};
 pub const ALGORITHM: &str = "maml";
 
 /// What this algorithm's section shares with the rest of an experiment
-/// config: the images' shape in `network`;
-/// `ways`, the classifier's width, is the training and the test episodes' way count.
+/// config: the images' shape, in `network`, and `ways`, the classifier's
+/// width, which is the training and the test episodes' way count.
 pub const SHARED_FIELDS: SharedFields = SharedFields {
     input: "/network",
     train_ways: Some("ways"),

@@ -41,9 +41,8 @@ pub use network::{AugmentedNet, Fast};
 pub const ALGORITHM: &str = "metanet-original";
 
 /// What this algorithm's section shares with the rest of an experiment
-/// config: the images' shape in the section
-/// itself; a softmax head as wide as the training episodes' way count and one
-/// as wide as the test episodes'.
+/// config: the images' shape, in the section itself, and a softmax head as
+/// wide as the training episodes' way count and one as the test episodes'.
 pub const SHARED_FIELDS: SharedFields = SharedFields {
     input: "",
     train_ways: Some("n_outputs_train"),

@@ -21,8 +21,7 @@ pub use prototypes::{distance_logits, prototypes};
 pub const ALGORITHM: &str = "protonet";
 
 /// What this algorithm's section shares with the rest of an experiment
-/// config: the images' shape in `embedding`;
-/// it takes any way count.
+/// config: the images' shape, in `embedding`; it takes any way count.
 pub const SHARED_FIELDS: SharedFields = SharedFields {
     input: "/embedding",
     train_ways: None,

@@ -256,12 +256,12 @@ mod tests {
         assert_eq!(filled(section.clone(), folder).unwrap(), section);
         // A section no learner claims, or a network that is not an object,
         // is for `build` to refuse.
+        let equal_ways = facts(None, 56, (20, 20));
         for odd in [
             serde_json::json!({"name": "mammal"}),
             serde_json::json!({"name": "maml", "ways": 20, "network": 5}),
         ] {
-            let odd_test = facts(None, 56, (20, 20));
-            assert_eq!(filled(odd.clone(), odd_test).unwrap(), odd);
+            assert_eq!(filled(odd.clone(), equal_ways).unwrap(), odd);
         }
     }
 
